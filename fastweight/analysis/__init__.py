@@ -1,0 +1,1 @@
+"""Analysis tools (G-effect)."""

@@ -1,0 +1,1 @@
+"""Benchmark data loading and formatting (TOFU, MUSE, WMDP)."""

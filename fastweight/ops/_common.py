@@ -1,0 +1,155 @@
+"""Input validation, backend choice and triton-launch plumbing shared by the ops.
+
+Every user-facing check lives here once, raises ValueError/TypeError naming the argument, and never uses
+``assert`` (which vanishes under ``python -O``).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+
+from fastweight._constants import BACKENDS, IGNORE_INDEX, REDUCTIONS
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def triton_interpret() -> bool:
+    """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> str:
+    """Map ``backend`` ("auto" | "triton" | "torch" | None) to "triton" or "torch".
+
+    auto: Triton for CUDA tensors, torch otherwise. Explicit "triton" on CPU tensors is allowed only under
+    ``TRITON_INTERPRET=1`` (the kernels' CPU correctness path).
+    """
+    backend = "auto" if backend is None else backend
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    on_cuda = all(t.is_cuda for t in tensors)
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        if on_cuda and all(t.dtype in TRITON_DTYPES for t in tensors if t.is_floating_point()):
+            return "triton"
+        return "torch"
+    # explicit triton
+    if not on_cuda and not triton_interpret():
+        raise ValueError(
+            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); "
+            f"got tensors on {tensors[0].device}. Use backend='torch' or 'auto'."
+        )
+    for t in tensors:
+        if t.is_floating_point() and t.dtype not in TRITON_DTYPES:
+            raise TypeError(f"backend='triton' supports {TRITON_DTYPES}, got {t.dtype}")
+    return "triton"
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_beta(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+
+
+def check_float_tensor(name: str, x: Any, min_dim: int = 1) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor ({', '.join(map(str, FLOAT_DTYPES))}), got {x.dtype}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimension(s), got shape {tuple(x.shape)}")
+
+
+def check_labels(labels: Any, lead_shape: torch.Size, device: torch.device, V: int, ignore_index: int,
+                 name: str = "labels") -> None:
+    """labels: integer tensor of shape ``lead_shape`` on ``device``, each in [0, V) or == ignore_index."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"{name} must be an integer tensor (int64/int32), got {labels.dtype}")
+    if labels.shape != lead_shape:
+        raise ValueError(f"{name} shape {tuple(labels.shape)} does not match the leading dims {tuple(lead_shape)} of the input")
+    if labels.device != device:
+        raise ValueError(f"{name} is on {labels.device} but the input is on {device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if labels.numel() == 0:
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+    if bool(bad.any()):
+        idx = int(bad.flatten().nonzero()[0])
+        value = int(labels.flatten()[idx])
+        raise ValueError(
+            f"{name} out of range: {name}.flatten()[{idx}] = {value}, expected 0 <= label < V = {V} "
+            f"or ignore_index = {ignore_index}"
+        )
+
+
+def check_finite(name: str, x: torch.Tensor) -> None:
+    """Raise ValueError if ``x`` holds NaN or +-inf (opt-in: it costs one pass and a host sync)."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Causal shift for Hugging Face labels [..., T]: position t is scored against labels[..., t + 1].
+
+    Returns labels of the same shape with the last position set to ``ignore_index``, so the inputs need
+    no slicing (slicing [B, T, V] logits and flattening would copy them).
+    """
+    pad = torch.full_like(labels[..., :1], ignore_index)
+    return torch.cat([labels[..., 1:], pad], dim=-1)
+
+
+def flatten_rows(x: torch.Tensor, labels: torch.Tensor, name: str, ignore_index: int, shift: bool,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., D] input and [...] labels -> [N, D] rows and [N] labels (views where possible).
+
+    The last dim must be unit-stride for the kernels; other strides are kept.
+    """
+    check_float_tensor(name, x, min_dim=2)
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.shape != x.shape[:-1]:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} does not match {name} leading dims {tuple(x.shape[:-1])} "
+            f"({name} has shape {tuple(x.shape)})"
+        )
+    if shift:
+        labels = shift_labels(labels, ignore_index)
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    return rows, labels.reshape(-1)
+
+
+def signature_of(args: dict[str, Any], constexprs: dict[str, Any]) -> dict[str, str]:
+    """Triton signature for ``triton.compile(ASTSource(...))`` from concrete launch arguments."""
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+             torch.int64: "i64", torch.int32: "i32"}
+    sig: dict[str, str] = {}
+    for k, v in args.items():
+        if isinstance(v, torch.Tensor):
+            sig[k] = "*" + names[v.dtype]
+        elif isinstance(v, bool):
+            sig[k] = "i1"
+        elif isinstance(v, int):
+            sig[k] = "i64" if k.startswith("stride") or abs(v) >= 2**31 else "i32"
+        elif isinstance(v, float):
+            sig[k] = "fp32"
+        else:
+            raise TypeError(f"cannot type launch argument {k}={v!r}")
+    for k in constexprs:
+        sig[k] = "constexpr"
+    return sig

@@ -1,0 +1,343 @@
+"""Token log-likelihoods from a logits matrix, with fused detached importance weights.
+
+Two public ops share one Triton kernel pair (``fastweight.kernels.token_logprobs``) and one torch path:
+
+* ``token_logprobs(logits, labels)`` -> ``logp [N]`` float32, differentiable; backward forms
+  ``g_t * (onehot - softmax)`` row by row from the saved ``lse``.
+* ``weighted_logprobs(logits, labels, beta1, beta2, reduction)`` -> ``reduce(sg[w_t] * logp_t)`` with
+  ``w_t = p_t**beta1 * (1 - p_t)**beta2``. For "mean"/"sum" the per-row coefficient is known in the
+  forward, so the gradient is written during the forward (optionally into the logits buffer) and the
+  backward only rescales it by the upstream scalar.
+
+Neither path ever holds a full ``[N, V]`` float32 probability tensor: Triton works tile by tile, the
+torch path chunk by chunk over rows (``TORCH_CHUNK_ELEMENTS`` float32 elements at a time).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fastweight._constants import IGNORE_INDEX, Reduction
+from fastweight.ops._common import (
+    check_beta, check_finite, check_labels, check_reduction, resolve_backend, signature_of,
+)
+
+# ---------------------------------------------------------------------------------------------------------
+# Tuning. BLOCK_V: 4096 fp32 / 8192 16-bit elements per tile keeps 16 KiB of a row in registers across
+# 8 warps (16 values per thread) — large enough to saturate HBM, small enough not to spill on sm_80/sm_90.
+# TORCH_CHUNK_ELEMENTS: 4 Mi float32 (16 MiB) per row chunk on the torch path fits in L2/L3-sized working
+# sets on CPUs and bounds the extra memory to a few chunk copies whatever N * V is.
+BLOCK_V_MAX = {torch.float32: 4096, torch.bfloat16: 8192, torch.float16: 8192}
+NUM_WARPS = 8
+TORCH_CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class TokenLogprobsOptions:
+    """Every non-tensor option of the token-logprob ops.
+
+    ignore_index: label value of rows excluded everywhere (logp 0, weight 0, gradient 0).
+    beta1, beta2: exponents of the detached weight ``p**beta1 * (1 - p)**beta2``; (0, 0) means w = 1.
+    weighted: compute weights at all (False for plain ``token_logprobs``).
+    reduction: "none" | "mean" | "sum" of ``w * logp``; "mean" divides by the number of valid rows.
+    inplace_backward: allow the gradient to be written into the caller's logits buffer (the logits
+        values are destroyed; only use when nothing else reads them afterwards). Saves one [N, V] buffer.
+    backend: "auto" | "triton" | "torch".
+    check_finite: scan the logits for NaN/inf first (one extra pass and a host sync).
+    """
+
+    ignore_index: int = IGNORE_INDEX
+    beta1: float = 0.0
+    beta2: float = 0.0
+    weighted: bool = False
+    reduction: Reduction = "none"
+    inplace_backward: bool = False
+    backend: str | None = "auto"
+    check_finite: bool = False
+
+    def __post_init__(self) -> None:
+        check_beta("beta1", self.beta1)
+        check_beta("beta2", self.beta2)
+        check_reduction(self.reduction)
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
+
+
+def validate(logits: torch.Tensor, labels: torch.Tensor, opts: TokenLogprobsOptions) -> None:
+    """logits [N, V] float, labels [N] int on the same device with values in range."""
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating tensor, got {getattr(logits, 'dtype', type(logits).__name__)}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D [N, V] here, got shape {tuple(logits.shape)}")
+    if logits.shape[1] == 0:
+        raise ValueError("logits has an empty vocabulary dimension (V = 0)")
+    check_labels(labels, logits.shape[:1], logits.device, logits.shape[1], opts.ignore_index)
+    if opts.check_finite:
+        check_finite("logits", logits)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Triton path
+def _launch_args(logits: torch.Tensor, labels: torch.Tensor, opts: TokenLogprobsOptions, *,
+                 compute_grad: bool, kernel: str = "fwd") -> dict[str, Any]:
+    """Grid, kernel arguments and constexprs for one launch; the compile test calls this too.
+
+    Returns {"grid", "args", "constexprs", "num_warps", "outputs"}. ``kernel`` is "fwd" or "bwd".
+    """
+    N, V = logits.shape
+    dev = logits.device
+    block_v = min(BLOCK_V_MAX[logits.dtype], max(16, 1 << (V - 1).bit_length()))
+    if kernel == "fwd":
+        logp = torch.empty(N, dtype=torch.float32, device=dev)
+        lse = torch.empty(N, dtype=torch.float32, device=dev)
+        w = torch.empty(N, dtype=torch.float32, device=dev)
+        if compute_grad:
+            grad = logits if opts.inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
+        else:
+            grad = logits  # never written: COMPUTE_GRAD is False
+        grad_scale = torch.ones(1, dtype=torch.float32, device=dev)
+        args = dict(
+            logits_ptr=logits, stride_logits_n=logits.stride(0), labels_ptr=labels,
+            logp_ptr=logp, lse_ptr=lse, weight_ptr=w, grad_ptr=grad, stride_grad_n=grad.stride(0),
+            grad_scale_ptr=grad_scale, V=V, ignore_index=opts.ignore_index,
+            beta1=float(opts.beta1), beta2=float(opts.beta2),
+        )
+        constexprs = dict(HAS_WEIGHTS=opts.weighted, COMPUTE_GRAD=compute_grad, BLOCK_V=block_v)
+        outputs = dict(logp=logp, lse=lse, weight=w, grad=grad if compute_grad else None, grad_scale=grad_scale)
+    elif kernel == "bwd":
+        lse = torch.empty(N, dtype=torch.float32, device=dev)
+        g = torch.empty(N, dtype=torch.float32, device=dev)
+        grad = logits if opts.inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
+        args = dict(
+            logits_ptr=logits, stride_logits_n=logits.stride(0), labels_ptr=labels, lse_ptr=lse, g_ptr=g,
+            grad_ptr=grad, stride_grad_n=grad.stride(0), V=V, ignore_index=opts.ignore_index,
+        )
+        constexprs = dict(BLOCK_V=block_v)
+        outputs = dict(lse=lse, g=g, grad=grad)
+    else:
+        raise ValueError(f"kernel must be 'fwd' or 'bwd', got {kernel!r}")
+    return dict(grid=(N,), args=args, constexprs=constexprs, num_warps=NUM_WARPS, outputs=outputs,
+                signature=signature_of(args, constexprs))
+
+
+def token_logprobs_forward_triton(logits, labels, opts, *, grad_scale=None):
+    """Triton forward. Returns (logp [N] f32, lse [N] f32, w [N] f32, grad [N, V] or None).
+
+    ``grad_scale``: 0-d/1-element float32 tensor; when given, the gradient of ``sum_t grad_scale * w_t *
+    logp_t`` is written during the forward.
+    """
+    from fastweight.kernels.token_logprobs import _token_logprobs_fwd
+
+    compute_grad = grad_scale is not None
+    la = _launch_args(logits, labels, opts, compute_grad=compute_grad, kernel="fwd")
+    out = la["outputs"]
+    if compute_grad:
+        out["grad_scale"].copy_(grad_scale.reshape(1))
+    if logits.shape[0] > 0:
+        _token_logprobs_fwd[la["grid"]](**la["args"], **la["constexprs"], num_warps=la["num_warps"])
+    return out["logp"], out["lse"], out["weight"], out["grad"]
+
+
+def token_logprobs_backward_triton(logits, labels, lse, g, opts):
+    """Triton backward: grad [N, V] (logits dtype) = g_t * (onehot - softmax) with g [N] float32."""
+    from fastweight.kernels.token_logprobs import _token_logprobs_bwd
+
+    la = _launch_args(logits, labels, opts, compute_grad=True, kernel="bwd")
+    args = dict(la["args"], lse_ptr=lse.contiguous(), g_ptr=g.float().contiguous())
+    if logits.shape[0] > 0:
+        _token_logprobs_bwd[la["grid"]](**args, **la["constexprs"], num_warps=la["num_warps"])
+    return la["outputs"]["grad"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Torch path (CPU and anything without Triton): chunks of rows, float32 (float64 for float64 input).
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunks(N: int, V: int):
+    step = max(1, TORCH_CHUNK_ELEMENTS // max(V, 1))
+    for s in range(0, N, step):
+        yield s, min(N, s + step)
+
+
+def importance_weight_torch(logp: torch.Tensor, beta1: float, beta2: float) -> torch.Tensor:
+    """w = p**beta1 * (1 - p)**beta2 from log p, 0**0 == 1, (1 - p) = -expm1(log p)."""
+    w = torch.ones_like(logp)
+    if beta1 != 0:
+        w = w * torch.exp(beta1 * logp)
+    if beta2 != 0:
+        w = w * torch.exp(beta2 * torch.log(-torch.expm1(logp)))
+    return w
+
+
+def _row_grad_(z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+               g: torch.Tensor) -> torch.Tensor:
+    """g * (onehot - softmax) for a chunk; z is a float32 copy that is overwritten."""
+    p = z.sub_(lse[:, None]).exp_()
+    p.mul_(-g[:, None])
+    idx = torch.where(valid, labels, 0)[:, None]
+    p.scatter_add_(1, idx, torch.where(valid, g, 0)[:, None].to(p.dtype))
+    return p
+
+
+def token_logprobs_forward_torch(logits, labels, opts, *, grad_scale=None):
+    """Same contract as ``token_logprobs_forward_triton`` (float64 outputs for float64 logits)."""
+    N, V = logits.shape
+    acc = _acc_dtype(logits.dtype)
+    logp = torch.empty(N, dtype=acc, device=logits.device)
+    lse = torch.empty(N, dtype=acc, device=logits.device)
+    grad = None
+    if grad_scale is not None:
+        grad = logits if opts.inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
+    w_all = torch.empty(N, dtype=acc, device=logits.device)
+    for s, e in _chunks(N, V):
+        z = logits[s:e].to(acc, copy=True)
+        y = labels[s:e]
+        valid = y != opts.ignore_index
+        lse_c = torch.logsumexp(z, dim=-1)
+        z_y = z.gather(1, torch.where(valid, y, 0)[:, None]).squeeze(1)
+        logp_c = torch.where(valid, z_y - lse_c, 0.0)
+        if opts.weighted:
+            w = torch.where(valid, importance_weight_torch(logp_c, opts.beta1, opts.beta2), 0.0)
+        else:
+            w = valid.to(acc)
+        logp[s:e], lse[s:e], w_all[s:e] = logp_c, lse_c, w
+        if grad is not None:
+            g = (grad_scale.to(acc) * w)
+            grad[s:e] = _row_grad_(z, lse_c, y, valid, g).to(grad.dtype)
+    return logp, lse, w_all, grad
+
+
+def token_logprobs_backward_torch(logits, labels, lse, g, opts):
+    """Same contract as ``token_logprobs_backward_triton``."""
+    N, V = logits.shape
+    acc = _acc_dtype(logits.dtype)
+    grad = logits if opts.inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
+    for s, e in _chunks(N, V):
+        y = labels[s:e]
+        valid = y != opts.ignore_index
+        z = logits[s:e].to(acc, copy=True)
+        gc = torch.where(valid, g[s:e].to(acc), 0.0)
+        grad[s:e] = _row_grad_(z, lse[s:e].to(acc), y, valid, gc).to(grad.dtype)
+    return grad
+
+
+_FORWARD = {"triton": token_logprobs_forward_triton, "torch": token_logprobs_forward_torch}
+_BACKWARD = {"triton": token_logprobs_backward_triton, "torch": token_logprobs_backward_torch}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autograd
+class TokenLogprobsFunction(torch.autograd.Function):
+    """logits [N, V], labels [N] -> (logp [N] f32, lse [N] f32); lse is not differentiable."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, opts: TokenLogprobsOptions, backend: str):
+        logp, lse, _, _ = _FORWARD[backend](logits, labels, opts)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.opts, ctx.backend = opts, backend
+        ctx.mark_non_differentiable(lse)
+        return logp, lse
+
+    @staticmethod
+    def backward(ctx, g_logp, _g_lse):
+        logits, labels, lse = ctx.saved_tensors
+        if g_logp is None or not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        grad = _BACKWARD[ctx.backend](logits, labels, lse, g_logp.float(), ctx.opts)
+        return grad, None, None, None
+
+
+class WeightedLogprobsFunction(torch.autograd.Function):
+    """logits [N, V], labels [N] -> (reduce(sg[w] * logp), w [N] f32 non-differentiable)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, opts: TokenLogprobsOptions, backend: str):
+        ctx.opts, ctx.backend = opts, backend
+        fused = opts.reduction != "none" and ctx.needs_input_grad[0]
+        grad_scale = None
+        if fused:
+            n_valid = (labels != opts.ignore_index).sum()
+            if opts.reduction == "mean":
+                grad_scale = 1.0 / n_valid.clamp(min=1).to(torch.float32)
+            else:
+                grad_scale = torch.ones((), dtype=torch.float32, device=logits.device)
+        logp, lse, w, grad = _FORWARD[backend](logits, labels, opts, grad_scale=grad_scale)
+        per_token = w * logp
+        if opts.reduction == "none":
+            out = per_token
+            ctx.save_for_backward(logits, labels, lse, w)
+        else:
+            out = per_token.sum()
+            if opts.reduction == "mean":
+                out = out / (labels != opts.ignore_index).sum().clamp(min=1)
+            ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(w)
+        return out, w
+
+    @staticmethod
+    def backward(ctx, g_out, _g_w):
+        opts = ctx.opts
+        if g_out is None or not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        if opts.reduction == "none":
+            logits, labels, lse, w = ctx.saved_tensors
+            grad = _BACKWARD[ctx.backend](logits, labels, lse, g_out.float() * w, opts)
+            return grad, None, None, None
+        (grad,) = ctx.saved_tensors
+        if not (g_out.numel() == 1 and torch.equal(g_out, torch.ones_like(g_out))):
+            grad = grad * g_out.to(grad.dtype)
+        return grad, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public functions (2-D inputs; the loss layer flattens [B, T, V] and applies the causal shift).
+def token_logprobs_2d(logits: torch.Tensor, labels: torch.Tensor, opts: TokenLogprobsOptions,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [N, V] (fp32/bf16/fp16/fp64), labels [N] int -> (logp [N] f32, lse [N] f32).
+
+    ``logp`` is differentiable w.r.t. ``logits``; ignored rows give logp = 0 and zero gradient.
+    """
+    validate(logits, labels, opts)
+    backend = resolve_backend(opts.backend, logits)
+    return TokenLogprobsFunction.apply(logits, labels, opts, backend)
+
+
+def weighted_logprobs_2d(logits: torch.Tensor, labels: torch.Tensor, opts: TokenLogprobsOptions,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """reduce(sg[w_t] * logp_t) and the detached weights w [N] (0 on ignored rows).
+
+    Returns a 0-d float32 tensor for "mean"/"sum" ("mean" over valid rows, 0 when none is valid) or
+    [N] float32 for "none". The gradient flows to ``logits`` only through ``logp``.
+    """
+    validate(logits, labels, opts)
+    backend = resolve_backend(opts.backend, logits)
+    return WeightedLogprobsFunction.apply(logits, labels, opts, backend)
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = IGNORE_INDEX,
+                   shift: bool = False, backend: str | None = "auto", check_finite: bool = False,
+                   ) -> torch.Tensor:
+    """Per-token log-likelihood ``log p_t = z[t, y_t] - logsumexp(z[t])``, differentiable.
+
+    Args:
+        logits: [..., V] float32/bfloat16/float16 (float64 on the torch backend). Any strides; the last
+            dim is made unit-stride if it is not.
+        labels: [...] int64/int32, values in [0, V) or ``ignore_index``.
+        shift: causal shift for Hugging Face labels (position t scored against labels[..., t + 1]; the
+            last position of each sequence is ignored).
+        backend: "auto" (Triton on CUDA, torch otherwise), "triton" or "torch".
+        check_finite: raise ValueError if the logits hold NaN/inf.
+    Returns:
+        float32 tensor shaped like ``labels`` (float64 for float64 logits); 0 at ignored positions, whose
+        gradient is 0. Probabilities are never materialised: memory is O(N) plus one chunk/tile.
+    """
+    from fastweight.ops._common import flatten_rows
+
+    opts = TokenLogprobsOptions(ignore_index=ignore_index, backend=backend, check_finite=check_finite)
+    rows, flat_labels = flatten_rows(logits, labels, "logits", ignore_index, shift)
+    logp, _ = token_logprobs_2d(rows, flat_labels, opts)
+    return logp.reshape(labels.shape)

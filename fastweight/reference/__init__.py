@@ -1,0 +1,1 @@
+"""Naive full-softmax references written from the spec (float64-capable, autograd only), for tests and benchmarks."""

@@ -1,0 +1,1 @@
+"""Unlearning trainer (accelerate) and method wiring."""

@@ -1,0 +1,85 @@
+"""Token log-likelihood kernels over a logits matrix.
+
+Math (spec symbols, ``shared/spec/LOSSES.md``): for row t with label y_t,
+    lse_t  = logsumexp_v z[t, v]
+    logp_t = z[t, y_t] - lse_t                      (0 for ignored rows)
+    w_t    = p_t**beta1 * (1 - p_t)**beta2          (detached importance weight, 1 - p = -expm1(logp))
+    dz[t, v] = g_t * (onehot(y_t)[v] - softmax(z[t])[v])
+
+Grid: one program per row, ``(N,)``. Row offsets are int64 (N * V can exceed 2**31).
+Constexprs:
+    BLOCK_V       tile width over the vocabulary (power of two).
+    HAS_WEIGHTS   compute w_t (else w_t = 1).
+    COMPUTE_GRAD  forward also writes dz with g_t = grad_scale * w_t (weights detached, so the upstream
+                  coefficient is known in the forward and the backward needs no second kernel).
+Accumulation is float32 for every storage dtype (fp32, bf16, fp16).
+Bytes moved per row: forward reads V elements once (twice with COMPUTE_GRAD, plus V written);
+backward reads V and writes V.
+"""
+import triton
+import triton.language as tl
+
+from fastweight.kernels._tl import tl_importance_weight, tl_row_lse, tl_write_row_grad
+
+
+@triton.jit
+def _token_logprobs_fwd(
+    logits_ptr, stride_logits_n,
+    labels_ptr,
+    logp_ptr, lse_ptr, weight_ptr,
+    grad_ptr, stride_grad_n,
+    grad_scale_ptr,
+    V, ignore_index,
+    beta1, beta2,
+    HAS_WEIGHTS: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_logits_n
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    valid = label != ignore_index
+    safe_label = tl.where(valid, label, 0)
+
+    # 1. lse_t with one online pass over the row.
+    lse = tl_row_lse(row_ptr, V, BLOCK_V)
+
+    # 2. logp_t = z[t, y_t] - lse_t; ignored rows give 0.
+    z_y = tl.load(row_ptr + safe_label).to(tl.float32)
+    logp = tl.where(valid, z_y - lse, 0.0)
+
+    # 3. Detached weight w_t (1 for ignored rows so that w * logp stays 0, never NaN).
+    if HAS_WEIGHTS:
+        w = tl.where(valid, tl_importance_weight(logp, beta1, beta2), 0.0)
+    else:
+        w = tl.where(valid, 1.0, 0.0)
+
+    tl.store(logp_ptr + row, logp)
+    tl.store(lse_ptr + row, lse)
+    tl.store(weight_ptr + row, w)
+
+    # 4. d loss / d z[t] = g_t * (onehot - softmax), g_t = grad_scale * w_t; ignored rows write zeros.
+    if COMPUTE_GRAD:
+        g = tl.load(grad_scale_ptr).to(tl.float32) * w
+        tl_write_row_grad(row_ptr, grad_ptr + row * stride_grad_n, safe_label, lse, g, V, BLOCK_V)
+
+
+@triton.jit
+def _token_logprobs_bwd(
+    logits_ptr, stride_logits_n,
+    labels_ptr,
+    lse_ptr, g_ptr,
+    grad_ptr, stride_grad_n,
+    V, ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    valid = label != ignore_index
+    # Ignored rows get g = 0, hence an all-zero gradient row (the upstream value is not trusted).
+    g = tl.where(valid, tl.load(g_ptr + row).to(tl.float32), 0.0)
+    lse = tl.load(lse_ptr + row)
+    tl_write_row_grad(
+        logits_ptr + row * stride_logits_n, grad_ptr + row * stride_grad_n,
+        tl.where(valid, label, 0), lse, g, V, BLOCK_V,
+    )
