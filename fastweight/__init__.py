@@ -3,11 +3,13 @@
 Public API::
 
     from fastweight import token_logprobs, satimp_loss, wga_loss, simimp_loss, ga_loss
+
+Every loss takes logits [..., V] (or hidden states [..., H] with ``lm_head=``) and labels [...].
 """
+from fastweight import losses as _losses
 from fastweight._constants import IGNORE_INDEX
-from fastweight.losses import ga_loss, satimp_loss, simimp_loss, wga_loss
-from fastweight.ops import token_logprobs
+from fastweight.losses import *  # noqa: F401,F403  (the loss functions; ``fastweight.losses.__all__``)
 
 __version__ = "0.1.0"
 
-__all__ = ["IGNORE_INDEX", "ga_loss", "satimp_loss", "simimp_loss", "token_logprobs", "wga_loss", "__version__"]
+__all__ = ["IGNORE_INDEX", "__version__", *_losses.__all__]

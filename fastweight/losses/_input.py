@@ -1,31 +1,76 @@
-"""Turn a loss's user input (logits or hidden states, any leading shape) into the token-logprob ops.
+"""Turn a loss's user input (logits, or hidden states + lm_head, any leading shape) into the token-logprob ops.
 
 The one place where losses meet the ops: every loss calls ``weighted_logprobs`` or ``token_logprobs``
-from here, so shapes, the causal shift and backend choice are handled identically everywhere.
+from here, so shapes, the causal shift, the two input forms and backend choice are handled identically.
+
+Input forms:
+    logits path:       ``x`` = logits [..., V], ``lm_head`` None.
+    fused-linear path: ``x`` = hidden [..., H], ``lm_head`` = W [V, H], optional ``bias`` [V] and
+                       ``softcap`` (logits = softcap * tanh((x @ W.T + b) / softcap), as in Gemma-2).
 """
 from __future__ import annotations
 
 import torch
 
 from fastweight._constants import IGNORE_INDEX
-from fastweight.ops._common import flatten_rows
-from fastweight.ops.token_logprobs import TokenLogprobsOptions, weighted_logprobs_2d
+from fastweight.ops._common import check_float_tensor, flatten_rows
+from fastweight.ops.token_logprobs import TokenLogprobsOptions, token_logprobs_2d, weighted_logprobs_2d
 
 
-def weighted_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, beta1: float = 0.0, beta2: float = 0.0,
-                      weighted: bool = True, reduction: str = "mean", shift: bool = False,
-                      ignore_index: int = IGNORE_INDEX, backend: str | None = "auto",
+def _logits_from_hidden(hidden: torch.Tensor, lm_head: torch.Tensor, bias: torch.Tensor | None,
+                        softcap: float | None) -> torch.Tensor:
+    """Reference composition used until the fused-linear op handles the input: hidden [N, H] -> logits [N, V]."""
+    check_float_tensor("lm_head", lm_head, min_dim=2)
+    if lm_head.dim() != 2 or lm_head.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"lm_head must be [V, H] with H = {hidden.shape[-1]}, got shape {tuple(lm_head.shape)}")
+    logits = torch.nn.functional.linear(hidden, lm_head, bias)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
+def _check_linear_args(lm_head, bias, softcap) -> None:
+    if lm_head is None and (bias is not None or softcap is not None):
+        raise ValueError("bias and softcap are only meaningful with lm_head (hidden-state input)")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+
+
+def weighted_logprobs(x: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.Tensor | None = None,
+                      bias: torch.Tensor | None = None, softcap: float | None = None,
+                      beta1: float = 0.0, beta2: float = 0.0, weighted: bool = True, reduction: str = "mean",
+                      shift: bool = False, ignore_index: int = IGNORE_INDEX, backend: str | None = "auto",
                       inplace_backward: bool = False, check_finite: bool = False,
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """reduce(sg[p**beta1 (1-p)**beta2] * log p) over valid tokens, and the weights shaped like labels.
 
     With reduction "none" the first output is shaped like ``labels``.
     """
+    _check_linear_args(lm_head, bias, softcap)
     opts = TokenLogprobsOptions(ignore_index=ignore_index, beta1=beta1, beta2=beta2, weighted=weighted,
                                 reduction=reduction, inplace_backward=inplace_backward, backend=backend,
                                 check_finite=check_finite)
-    rows, flat_labels = flatten_rows(logits, labels, "logits", ignore_index, shift)
+    name = "logits" if lm_head is None else "hidden"
+    rows, flat_labels = flatten_rows(x, labels, name, ignore_index, shift)
+    if lm_head is not None:
+        rows = _logits_from_hidden(rows, lm_head, bias, softcap)
+        opts = TokenLogprobsOptions(**{**opts.__dict__, "inplace_backward": True})  # logits are our own
     out, w = weighted_logprobs_2d(rows, flat_labels, opts)
     if reduction == "none":
         out = out.reshape(labels.shape)
     return out, w.reshape(labels.shape)
+
+
+def token_logprobs(x: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None, softcap: float | None = None, shift: bool = False,
+                   ignore_index: int = IGNORE_INDEX, backend: str | None = "auto", check_finite: bool = False,
+                   ) -> torch.Tensor:
+    """log p_t shaped like ``labels`` (float32; float64 for float64 input), differentiable; 0 where ignored."""
+    _check_linear_args(lm_head, bias, softcap)
+    opts = TokenLogprobsOptions(ignore_index=ignore_index, backend=backend, check_finite=check_finite)
+    name = "logits" if lm_head is None else "hidden"
+    rows, flat_labels = flatten_rows(x, labels, name, ignore_index, shift)
+    if lm_head is not None:
+        rows = _logits_from_hidden(rows, lm_head, bias, softcap)
+    logp, _ = token_logprobs_2d(rows, flat_labels, opts)
+    return logp.reshape(labels.shape)

@@ -26,8 +26,13 @@ from fastweight.losses._input import weighted_logprobs
 
 _ARGS_DOC = """
     Args:
-        logits: [N, V] or [B, T, V], float32/bfloat16/float16 (float64 on the torch backend).
+        logits: [N, V] or [B, T, V] logits, float32/bfloat16/float16 (float64 on the torch backend);
+            or hidden states [N, H] / [B, T, H] when ``lm_head`` is given.
         labels: [N] or [B, T] int64/int32, values in [0, V) or ``ignore_index``.
+        lm_head: optional [V, H] output-projection weight: the loss is computed from hidden states
+            (fused-linear path), same dtype as the hidden states.
+        bias: optional [V] output bias (with ``lm_head``).
+        softcap: optional final-logit soft-capping ``c * tanh(z / c)`` (Gemma-2), with ``lm_head``.
         reduction: "mean" (over valid tokens; 0 with zero gradient when none is valid), "sum" or
             "none" (per-token ``sg[w_t] * log p_t`` shaped like labels, 0 at ignored positions).
         shift: apply the causal shift of Hugging Face labels (token t is scored against labels[t + 1]).
@@ -41,46 +46,55 @@ _ARGS_DOC = """
 """
 
 
-def _reweighted(logits, labels, beta1, beta2, weighted, reduction, shift, ignore_index, backend,
-                inplace_backward, check_finite) -> torch.Tensor:
-    loss, _ = weighted_logprobs(logits, labels, beta1=beta1, beta2=beta2, weighted=weighted,
-                                reduction=reduction, shift=shift, ignore_index=ignore_index,
-                                backend=backend, inplace_backward=inplace_backward,
-                                check_finite=check_finite)
+def _reweighted(logits, labels, beta1, beta2, weighted, **kw) -> torch.Tensor:
+    loss, _ = weighted_logprobs(logits, labels, beta1=beta1, beta2=beta2, weighted=weighted, **kw)
     return loss
 
 
+
+
+
 def satimp_loss(logits: torch.Tensor, labels: torch.Tensor, *, beta1: float = 5.0, beta2: float = 0.1,
-                reduction: str = "mean", shift: bool = False, ignore_index: int = IGNORE_INDEX,
-                backend: str | None = "auto", inplace_backward: bool = False,
+                lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                softcap: float | None = None, reduction: str = "mean", shift: bool = False,
+                ignore_index: int = IGNORE_INDEX, backend: str | None = "auto", inplace_backward: bool = False,
                 check_finite: bool = False) -> torch.Tensor:
     """SatImp forget loss ``-tokmean(sg[p**beta1 * (1 - p)**beta2] * ell)`` (Yang et al., ICML 2025)."""
-    return _reweighted(logits, labels, beta1, beta2, True, reduction, shift, ignore_index, backend,
-                       inplace_backward, check_finite)
+    return _reweighted(logits, labels, beta1, beta2, True, lm_head=lm_head, bias=bias, softcap=softcap,
+                       reduction=reduction, shift=shift, ignore_index=ignore_index, backend=backend,
+                       inplace_backward=inplace_backward, check_finite=check_finite)
 
 
-def wga_loss(logits: torch.Tensor, labels: torch.Tensor, *, beta: float = 5.0, reduction: str = "mean",
-             shift: bool = False, ignore_index: int = IGNORE_INDEX, backend: str | None = "auto",
-             inplace_backward: bool = False, check_finite: bool = False) -> torch.Tensor:
+def wga_loss(logits: torch.Tensor, labels: torch.Tensor, *, beta: float = 5.0,
+             lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None, softcap: float | None = None,
+             reduction: str = "mean", shift: bool = False, ignore_index: int = IGNORE_INDEX,
+             backend: str | None = "auto", inplace_backward: bool = False, check_finite: bool = False,
+             ) -> torch.Tensor:
     """Weighted gradient ascent ``-tokmean(sg[p**beta] * ell)`` (G-effect, Wang et al., ICLR 2025)."""
-    return _reweighted(logits, labels, beta, 0.0, True, reduction, shift, ignore_index, backend,
-                       inplace_backward, check_finite)
+    return _reweighted(logits, labels, beta, 0.0, True, lm_head=lm_head, bias=bias, softcap=softcap,
+                       reduction=reduction, shift=shift, ignore_index=ignore_index, backend=backend,
+                       inplace_backward=inplace_backward, check_finite=check_finite)
 
 
-def simimp_loss(logits: torch.Tensor, labels: torch.Tensor, *, beta: float = 1.0, reduction: str = "mean",
-                shift: bool = False, ignore_index: int = IGNORE_INDEX, backend: str | None = "auto",
-                inplace_backward: bool = False, check_finite: bool = False) -> torch.Tensor:
+def simimp_loss(logits: torch.Tensor, labels: torch.Tensor, *, beta: float = 1.0,
+                lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                softcap: float | None = None, reduction: str = "mean", shift: bool = False,
+                ignore_index: int = IGNORE_INDEX, backend: str | None = "auto", inplace_backward: bool = False,
+                check_finite: bool = False) -> torch.Tensor:
     """Importance-only reweighting ``-tokmean(sg[(1 - p)**beta] * ell)`` (SatImp paper)."""
-    return _reweighted(logits, labels, 0.0, beta, True, reduction, shift, ignore_index, backend,
-                       inplace_backward, check_finite)
+    return _reweighted(logits, labels, 0.0, beta, True, lm_head=lm_head, bias=bias, softcap=softcap,
+                       reduction=reduction, shift=shift, ignore_index=ignore_index, backend=backend,
+                       inplace_backward=inplace_backward, check_finite=check_finite)
 
 
-def ga_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean", shift: bool = False,
-            ignore_index: int = IGNORE_INDEX, backend: str | None = "auto", inplace_backward: bool = False,
-            check_finite: bool = False) -> torch.Tensor:
+def ga_loss(logits: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.Tensor | None = None,
+            bias: torch.Tensor | None = None, softcap: float | None = None, reduction: str = "mean",
+            shift: bool = False, ignore_index: int = IGNORE_INDEX, backend: str | None = "auto",
+            inplace_backward: bool = False, check_finite: bool = False) -> torch.Tensor:
     """Gradient ascent ``-tokmean(ell)``: the forget NLL, negated."""
-    return _reweighted(logits, labels, 0.0, 0.0, False, reduction, shift, ignore_index, backend,
-                       inplace_backward, check_finite)
+    return _reweighted(logits, labels, 0.0, 0.0, False, lm_head=lm_head, bias=bias, softcap=softcap,
+                       reduction=reduction, shift=shift, ignore_index=ignore_index, backend=backend,
+                       inplace_backward=inplace_backward, check_finite=check_finite)
 
 
 for _f in (satimp_loss, wga_loss, simimp_loss, ga_loss):

@@ -317,27 +317,3 @@ def weighted_logprobs_2d(logits: torch.Tensor, labels: torch.Tensor, opts: Token
     backend = resolve_backend(opts.backend, logits)
     return WeightedLogprobsFunction.apply(logits, labels, opts, backend)
 
-
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = IGNORE_INDEX,
-                   shift: bool = False, backend: str | None = "auto", check_finite: bool = False,
-                   ) -> torch.Tensor:
-    """Per-token log-likelihood ``log p_t = z[t, y_t] - logsumexp(z[t])``, differentiable.
-
-    Args:
-        logits: [..., V] float32/bfloat16/float16 (float64 on the torch backend). Any strides; the last
-            dim is made unit-stride if it is not.
-        labels: [...] int64/int32, values in [0, V) or ``ignore_index``.
-        shift: causal shift for Hugging Face labels (position t scored against labels[..., t + 1]; the
-            last position of each sequence is ignored).
-        backend: "auto" (Triton on CUDA, torch otherwise), "triton" or "torch".
-        check_finite: raise ValueError if the logits hold NaN/inf.
-    Returns:
-        float32 tensor shaped like ``labels`` (float64 for float64 logits); 0 at ignored positions, whose
-        gradient is 0. Probabilities are never materialised: memory is O(N) plus one chunk/tile.
-    """
-    from fastweight.ops._common import flatten_rows
-
-    opts = TokenLogprobsOptions(ignore_index=ignore_index, backend=backend, check_finite=check_finite)
-    rows, flat_labels = flatten_rows(logits, labels, "logits", ignore_index, shift)
-    logp, _ = token_logprobs_2d(rows, flat_labels, opts)
-    return logp.reshape(labels.shape)
