@@ -1,8 +1,140 @@
 """Unlearning losses: O(tokens) heads over the fused token log-likelihood ops.
 
-Every public loss accepts logits [..., V], or hidden states [..., H] with ``lm_head=`` [V, H].
-"""
-from fastweight.losses._input import token_logprobs
-from fastweight.losses.reweighted import ga_loss, satimp_loss, simimp_loss, wga_loss
+Every public loss accepts logits [..., V], or hidden states [..., H] with ``lm_head=`` [V, H] (plus
+``bias``/``softcap``). Formulas: ``shared/spec/LOSSES.md``; the table of methods: ``docs/readme/losses.md``.
 
-__all__ = ["ga_loss", "satimp_loss", "simimp_loss", "token_logprobs", "wga_loss"]
+``LOSSES`` is the one registry: name -> ``LossSpec`` (function, defaults, needs_ref, needs_retain, source).
+It is the only source of defaults: a spec's hyper-parameter defaults are read from its function's
+signature (so they cannot drift from it) and its method-level defaults (forget/retain coefficients, the
+retain regulariser, RMU's layers) live only here. ``fastweight.train.methods.build_method`` and every CLI
+read it. Where sources disagree the *proposing paper's* value is the default:
+
+* WGA beta = 5 (G-effect paper; open-unlearning uses 1).
+* SatImp beta1 = 5, beta2 = 0.1 (SatImp code README; the open-unlearning port uses beta2 = 1 with forget
+  coefficient 0.1 and a retain NLL term — build it with ``beta2=1.0, forget_coef=0.1, retain_loss="nll"``).
+* NPO beta = 0.1 (NPO paper and open-unlearning; the G-effect code uses 0.5).
+* KL retain term masked (open-unlearning); the original code averages over every position (masked=False).
+Every method's retain regulariser defaults to the one its paper defines ("nll" for GD, RMU's own retain
+MSE) and to "none" otherwise; ``retain_loss="nll"|"kl"`` adds one with ``retain_coef``.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Literal, Mapping, get_args
+
+from fastweight.losses._input import token_logprobs
+from fastweight.losses.flat import DIVERGENCES, flat_loss, mean_token_prob
+from fastweight.losses.preference import (
+    dpo_loss, idk_dpo_loss, npo_loss, sequence_nll, simnpo_loss, tnpo_loss, wtnpo_loss,
+)
+from fastweight.losses.retain import kl_loss, nll_loss, undial_loss
+from fastweight.losses.reweighted import (
+    GRANULARITIES, SAMPLINGS, ga_loss, hard_sampling_loss, satimp_loss, simimp_loss, wga_loss,
+)
+from fastweight.losses.rmu import rmu_control_vector, rmu_loss
+
+RetainLoss = Literal["none", "nll", "kl"]
+RETAIN_LOSSES: tuple[str, ...] = get_args(RetainLoss)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One registry entry.
+
+    name: registry key. fn: the plain loss function. defaults: read-only mapping of every default
+    (hyper-parameters from ``fn``'s signature, then method-level ones). needs_ref / needs_retain: whether
+    the method needs a frozen reference model / a retain batch with its default configuration. source:
+    paper (and code) the formula and defaults come from. formula: one line, spec notation.
+    is_method: trainable as an unlearning method (False for the pure regularisers "nll" and "kl").
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    defaults: Mapping[str, Any]
+    needs_ref: bool
+    needs_retain: bool
+    source: str
+    formula: str
+    is_method: bool = True
+    hparams: tuple[str, ...] = field(default=())
+
+
+# Method-level defaults shared by every method except RMU (which has its own retain term).
+_COEFS = {"forget_coef": 1.0, "retain_coef": 1.0, "retain_loss": "none",
+          "kl_masked": inspect.signature(kl_loss).parameters["masked"].default}
+
+
+def _spec(name, fn, hparams, *, source, formula, needs_ref=False, needs_retain=False, overrides=None,
+          method=None, is_method=True, coefs=True) -> LossSpec:
+    sig = inspect.signature(fn).parameters
+    defaults = {h: sig[h].default for h in hparams}
+    defaults.update(overrides or {})
+    if is_method:
+        defaults.update(_COEFS if coefs else {})
+        defaults.update(method or {})
+    return LossSpec(name, fn, MappingProxyType(defaults), needs_ref, needs_retain, source, formula, is_method,
+                    tuple(hparams))
+
+
+_SATIMP = "Yang et al., ICML 2025 (SatImp); code tmlr-group/SatImp"
+_GEFFECT = "Wang et al., ICLR 2025 (G-effect); code tmlr-group/G-effect"
+_SATIMP_H = ("beta1", "beta2", "granularity", "group_size")
+
+LOSSES: Mapping[str, LossSpec] = MappingProxyType({s.name: s for s in (
+    _spec("ga", ga_loss, (), source="Jang et al., 2023; Maini et al., 2024 (TOFU)", formula="-tokmean(ell_f)"),
+    _spec("gd", ga_loss, (), source="Liu et al., 2022; Maini et al., 2024 (TOFU)",
+          formula="-tokmean(ell_f) + c * tokmean(ell_r)", needs_retain=True, method={"retain_loss": "nll"}),
+    _spec("wga", wga_loss, ("beta",), source=_GEFFECT, formula="-tokmean(sg[p^beta] * ell_f)"),
+    _spec("simimp", simimp_loss, ("beta",), source=_SATIMP, formula="-tokmean(sg[(1-p)^beta] * ell_f)"),
+    _spec("satimp", satimp_loss, _SATIMP_H, source=_SATIMP,
+          formula="-tokmean(sg[p^beta1 (1-p)^beta2] * ell_f)"),
+    _spec("satimp_instance", satimp_loss, _SATIMP_H, source=_SATIMP, overrides={"granularity": "instance"},
+          formula="-mean_b(sg[q_b^beta1 (1-q_b)^beta2] * S_b), q_b = exp(-S_b)"),
+    _spec("satimp_group", satimp_loss, _SATIMP_H, source=_SATIMP, overrides={"granularity": "group"},
+          formula="-tokmean(groupmean_G(sorted w) * ell_f)"),
+    _spec("satimp_batch", satimp_loss, _SATIMP_H, source=_SATIMP, overrides={"granularity": "batch"},
+          formula="-tokmean(mean(w) * ell_f)"),
+    _spec("satimp_hard", hard_sampling_loss, ("k", "sampling", "seed"), source=_SATIMP + " (Algorithm 1)",
+          formula="-mean over ceil(k n_b) chosen tokens of ell_f"),
+    _spec("npo", npo_loss, ("beta",), source="Zhang et al., 2024 (NPO)", needs_ref=True,
+          formula="-(2/beta) mean_b log sigmoid(beta (S_b - S_b^ref))"),
+    _spec("simnpo", simnpo_loss, ("beta", "gamma"), source="Fan et al., 2024 (SimNPO)",
+          formula="-(2/beta) mean_b log sigmoid(beta (S_b / n_b - gamma))"),
+    _spec("tnpo", tnpo_loss, ("beta",), source=_GEFFECT, needs_ref=True,
+          formula="-tokmean(sg[2 p^beta / (p^beta + p_ref^beta + 1e-5)] * ell_f)"),
+    _spec("wtnpo", wtnpo_loss, ("alpha", "beta"), source=_GEFFECT, needs_ref=True,
+          formula="-tokmean(sg[p^alpha * 2 p^beta / (p^beta + p_ref^beta + 1e-5)] * ell_f)"),
+    _spec("idkdpo", idk_dpo_loss, ("beta",), source="Rafailov et al., 2023 (DPO); Maini et al., 2024 (IdkDPO)",
+          needs_ref=True, formula="-(2/beta) mean log sigmoid(beta ((S_f - S_f^ref) - (S_idk - S_idk^ref)))"),
+    _spec("flat", flat_loss, ("divergence",), source="Wang et al., ICLR 2025 (FLAT); code UCSC-REAL/FLAT",
+          formula="mean_b[-g(P_idk) + f*(g(P_f))], P = mean token probability"),
+    _spec("undial", undial_loss, ("beta",), source="Dong et al., 2024 (UNDIAL)", needs_ref=True,
+          formula="tokmean(KL(softmax(z_ref - beta onehot(y)) || p_theta))"),
+    _spec("rmu", rmu_loss, ("alpha",), source="Li et al., 2024 (WMDP / RMU)", needs_ref=True, needs_retain=True,
+          formula="MSE(h_l(x_f), c u) + alpha MSE(h_l(x_r), h_l^ref(x_r))",
+          method={"steering_coef": inspect.signature(rmu_control_vector).parameters["steering_coef"].default,
+                  "layer": 7, "trainable_layers": (5, 6, 7), "param_keys": ("mlp.down_proj", "mlp.up_proj"),
+                  "seed": 0, "mask_padding": True}, coefs=False),
+    _spec("nll", nll_loss, (), source="cross-entropy (retain term)", formula="tokmean(ell_r)", is_method=False),
+    _spec("kl", kl_loss, ("masked",), source="Maini et al., 2024 (TOFU KL); open-unlearning",
+          needs_ref=True, formula="batchmean_t KL(p_ref || p_theta)", is_method=False),
+)})
+
+METHOD_NAMES: tuple[str, ...] = tuple(n for n, s in LOSSES.items() if s.is_method)
+
+
+def get(name: str) -> LossSpec:
+    """The registry entry for ``name``; ValueError naming the known names otherwise."""
+    if not isinstance(name, str) or name not in LOSSES:
+        raise ValueError(f"unknown loss name {name!r}; known names: {', '.join(LOSSES)}")
+    return LOSSES[name]
+
+
+__all__ = [
+    "DIVERGENCES", "GRANULARITIES", "LOSSES", "LossSpec", "METHOD_NAMES", "RETAIN_LOSSES", "SAMPLINGS",
+    "dpo_loss", "flat_loss", "ga_loss", "hard_sampling_loss", "idk_dpo_loss", "kl_loss", "mean_token_prob",
+    "nll_loss", "npo_loss", "rmu_control_vector", "rmu_loss", "satimp_loss", "sequence_nll", "simimp_loss",
+    "simnpo_loss", "tnpo_loss", "token_logprobs", "undial_loss", "wga_loss", "wtnpo_loss",
+]

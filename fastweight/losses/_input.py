@@ -6,7 +6,8 @@ from here, so shapes, the causal shift, the two input forms and backend choice a
 Input forms:
     logits path:       ``x`` = logits [..., V], ``lm_head`` None.
     fused-linear path: ``x`` = hidden [..., H], ``lm_head`` = W [V, H], optional ``bias`` [V] and
-                       ``softcap`` (logits = softcap * tanh((x @ W.T + b) / softcap), as in Gemma-2).
+                       ``softcap`` (logits = softcap * tanh((x @ W.T + b) / softcap), as in Gemma-2);
+                       ``fastweight.ops.linear_logprobs`` computes it without building the logits.
 """
 from __future__ import annotations
 
@@ -14,19 +15,16 @@ import torch
 
 from fastweight._constants import IGNORE_INDEX
 from fastweight.ops._common import check_float_tensor, flatten_rows
+from fastweight.ops.linear_logprobs import (
+    LinearLogprobsOptions, linear_token_logprobs_2d, linear_weighted_logprobs_2d,
+)
 from fastweight.ops.token_logprobs import TokenLogprobsOptions, token_logprobs_2d, weighted_logprobs_2d
 
 
-def _logits_from_hidden(hidden: torch.Tensor, lm_head: torch.Tensor, bias: torch.Tensor | None,
-                        softcap: float | None) -> torch.Tensor:
-    """Reference composition used until the fused-linear op handles the input: hidden [N, H] -> logits [N, V]."""
+def _check_lm_head(hidden: torch.Tensor, lm_head: torch.Tensor) -> None:
     check_float_tensor("lm_head", lm_head, min_dim=2)
     if lm_head.dim() != 2 or lm_head.shape[1] != hidden.shape[-1]:
         raise ValueError(f"lm_head must be [V, H] with H = {hidden.shape[-1]}, got shape {tuple(lm_head.shape)}")
-    logits = torch.nn.functional.linear(hidden, lm_head, bias)
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    return logits
 
 
 def _check_linear_args(lm_head, bias, softcap) -> None:
@@ -41,21 +39,32 @@ def weighted_logprobs(x: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.T
                       beta1: float = 0.0, beta2: float = 0.0, weighted: bool = True, reduction: str = "mean",
                       shift: bool = False, ignore_index: int = IGNORE_INDEX, backend: str | None = "auto",
                       inplace_backward: bool = False, check_finite: bool = False,
+                      num_items: torch.Tensor | float | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """reduce(sg[p**beta1 (1-p)**beta2] * log p) over valid tokens, and the weights shaped like labels.
 
-    With reduction "none" the first output is shaped like ``labels``.
+    With reduction "none" the first output is shaped like ``labels``. ``num_items`` (Hugging Face
+    ``num_items_in_batch``, needs reduction "sum") divides the summed value: ``sum / num_items``.
+    ``inplace_backward`` only concerns the logits path (the fused-linear path never has logits).
     """
     _check_linear_args(lm_head, bias, softcap)
-    opts = TokenLogprobsOptions(ignore_index=ignore_index, beta1=beta1, beta2=beta2, weighted=weighted,
-                                reduction=reduction, inplace_backward=inplace_backward, backend=backend,
-                                check_finite=check_finite)
+    if num_items is not None and reduction != "sum":
+        raise ValueError(f"num_items needs reduction='sum', got reduction={reduction!r}")
     name = "logits" if lm_head is None else "hidden"
     rows, flat_labels = flatten_rows(x, labels, name, ignore_index, shift)
     if lm_head is not None:
-        rows = _logits_from_hidden(rows, lm_head, bias, softcap)
-        opts = TokenLogprobsOptions(**{**opts.__dict__, "inplace_backward": True})  # logits are our own
-    out, w = weighted_logprobs_2d(rows, flat_labels, opts)
+        _check_lm_head(rows, lm_head)
+        lopts = LinearLogprobsOptions(ignore_index=ignore_index, beta1=beta1, beta2=beta2, weighted=weighted,
+                                      reduction=reduction, softcap=softcap, backend=backend,
+                                      check_finite=check_finite)
+        out, w = linear_weighted_logprobs_2d(rows, lm_head, bias, flat_labels, lopts, divisor=num_items)
+    else:
+        opts = TokenLogprobsOptions(ignore_index=ignore_index, beta1=beta1, beta2=beta2, weighted=weighted,
+                                    reduction=reduction, inplace_backward=inplace_backward, backend=backend,
+                                    check_finite=check_finite)
+        out, w = weighted_logprobs_2d(rows, flat_labels, opts)
+        if num_items is not None:
+            out = out / torch.as_tensor(num_items, device=out.device).to(out.dtype)
     if reduction == "none":
         out = out.reshape(labels.shape)
     return out, w.reshape(labels.shape)
@@ -67,10 +76,14 @@ def token_logprobs(x: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.Tens
                    ) -> torch.Tensor:
     """log p_t shaped like ``labels`` (float32; float64 for float64 input), differentiable; 0 where ignored."""
     _check_linear_args(lm_head, bias, softcap)
-    opts = TokenLogprobsOptions(ignore_index=ignore_index, backend=backend, check_finite=check_finite)
     name = "logits" if lm_head is None else "hidden"
     rows, flat_labels = flatten_rows(x, labels, name, ignore_index, shift)
     if lm_head is not None:
-        rows = _logits_from_hidden(rows, lm_head, bias, softcap)
-    logp, _ = token_logprobs_2d(rows, flat_labels, opts)
+        _check_lm_head(rows, lm_head)
+        lopts = LinearLogprobsOptions(ignore_index=ignore_index, softcap=softcap, backend=backend,
+                                      check_finite=check_finite)
+        logp, _ = linear_token_logprobs_2d(rows, lm_head, bias, flat_labels, lopts)
+    else:
+        opts = TokenLogprobsOptions(ignore_index=ignore_index, backend=backend, check_finite=check_finite)
+        logp, _ = token_logprobs_2d(rows, flat_labels, opts)
     return logp.reshape(labels.shape)

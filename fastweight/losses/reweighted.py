@@ -21,8 +21,20 @@ from __future__ import annotations
 
 import torch
 
+from typing import Literal, get_args
+
 from fastweight._constants import IGNORE_INDEX
-from fastweight.losses._input import weighted_logprobs
+from fastweight.losses._input import token_logprobs, weighted_logprobs
+from fastweight.losses._seq import (
+    as_sequences, check_choice, check_int, check_number, reduce_rows, reduce_tokens, valid_mask,
+)
+from fastweight.ops._common import check_beta, check_reduction
+from fastweight.ops.token_logprobs import importance_weight_torch
+
+Granularity = Literal["token", "instance", "group", "batch"]
+Sampling = Literal["topk", "bottomk", "random"]
+GRANULARITIES: tuple[str, ...] = get_args(Granularity)
+SAMPLINGS: tuple[str, ...] = get_args(Sampling)
 
 _ARGS_DOC = """
     Args:
@@ -35,6 +47,7 @@ _ARGS_DOC = """
         softcap: optional final-logit soft-capping ``c * tanh(z / c)`` (Gemma-2), with ``lm_head``.
         reduction: "mean" (over valid tokens; 0 with zero gradient when none is valid), "sum" or
             "none" (per-token ``sg[w_t] * log p_t`` shaped like labels, 0 at ignored positions).
+        return_weights: also return the detached weights (shaped like labels): ``(loss, weights)``.
         shift: apply the causal shift of Hugging Face labels (token t is scored against labels[t + 1]).
         ignore_index: label value excluded everywhere.
         backend: "auto" (Triton on CUDA, torch otherwise), "triton" or "torch".
@@ -46,56 +59,178 @@ _ARGS_DOC = """
 """
 
 
-def _reweighted(logits, labels, beta1, beta2, weighted, **kw) -> torch.Tensor:
-    loss, _ = weighted_logprobs(logits, labels, beta1=beta1, beta2=beta2, weighted=weighted, **kw)
-    return loss
+def _reweighted(logits, labels, beta1, beta2, weighted, return_weights=False, **kw):
+    loss, w = weighted_logprobs(logits, labels, beta1=beta1, beta2=beta2, weighted=weighted, **kw)
+    return (loss, w) if return_weights else loss
 
 
+def _sequence_weights(logp: torch.Tensor, valid: torch.Tensor, beta1: float, beta2: float,
+                      granularity: str, group_size: int) -> torch.Tensor:
+    """Detached SatImp weights at the requested granularity, per token [B, T] (instance: per sequence [B])."""
+    logp = logp.detach()
+    if granularity == "instance":
+        # w_b = q_b**beta1 * (1 - q_b)**beta2 with q_b = exp(-S_b), the sequence likelihood (spec, instance level).
+        log_q = torch.where(valid, logp, 0.0).sum(-1)
+        return importance_weight_torch(log_q, beta1, beta2)
+    w = torch.where(valid, importance_weight_torch(logp, beta1, beta2), 0.0)
+    if granularity == "batch":
+        return torch.where(valid, w.sum() / valid.sum().clamp(min=1), 0.0)
+    return torch.where(valid, group_mean(w, valid, group_size), 0.0)
 
+
+def group_mean(w: torch.Tensor, valid: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Sort each row's valid weights ascending, replace each by the mean of its group of ``group_size``.
+
+    w, valid: [B, T]. Groups are consecutive in sorted order starting from the smallest weight; the last
+    group of a row may be smaller. Ignored positions sort last and never enter a group mean. O(N log T).
+    """
+    B, T = w.shape
+    key = torch.where(valid, w, torch.full_like(w, float("inf")))
+    order = key.argsort(dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(T, device=w.device).expand(B, T))
+    n_groups = -(-T // group_size)
+    gid = (ranks // group_size) + torch.arange(B, device=w.device)[:, None] * n_groups
+    wv = torch.where(valid, w, 0.0)
+    sums = torch.zeros(B * n_groups, dtype=w.dtype, device=w.device).index_add_(0, gid.flatten(), wv.flatten())
+    counts = torch.zeros(B * n_groups, dtype=w.dtype, device=w.device).index_add_(
+        0, gid.flatten(), valid.flatten().to(w.dtype))
+    return (sums / counts.clamp(min=1))[gid]
 
 
 def satimp_loss(logits: torch.Tensor, labels: torch.Tensor, *, beta1: float = 5.0, beta2: float = 0.1,
+                granularity: Granularity = "token", group_size: int = 4,
                 lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                 softcap: float | None = None, reduction: str = "mean", shift: bool = False,
                 ignore_index: int = IGNORE_INDEX, backend: str | None = "auto", inplace_backward: bool = False,
-                check_finite: bool = False) -> torch.Tensor:
-    """SatImp forget loss ``-tokmean(sg[p**beta1 * (1 - p)**beta2] * ell)`` (Yang et al., ICML 2025)."""
-    return _reweighted(logits, labels, beta1, beta2, True, lm_head=lm_head, bias=bias, softcap=softcap,
-                       reduction=reduction, shift=shift, ignore_index=ignore_index, backend=backend,
-                       inplace_backward=inplace_backward, check_finite=check_finite)
+                check_finite: bool = False, return_weights: bool = False):
+    """SatImp forget loss ``-tokmean(sg[p**beta1 * (1 - p)**beta2] * ell)`` (Yang et al., ICML 2025).
+
+    Defaults: beta1 = 5, beta2 = 0.1 from the SatImp code README (the paper's recommended setting); the
+    open-unlearning port uses beta2 = 1 (pass ``beta2=1.0`` to reproduce it).
+
+    granularity (SatImp paper, "smoothness and granularity"; spec ``LOSSES.md``):
+        "token"    the weights above, per token (one fused pass computes logp, weights and the gradient).
+        "instance" one weight per sequence ``w_b = sg[q_b**beta1 (1 - q_b)**beta2]`` with ``q_b = exp(-S_b)``
+                   the sequence likelihood (S_b the sequence NLL); ``L = -mean_b(w_b * S_b)`` over sequences
+                   with at least one valid token. reduction "none" returns [B] per-sequence values.
+        "group"    token weights sorted within each sequence, each replaced by the mean of its group of
+                   ``group_size`` sorted neighbours (groups start from the smallest weight; the last one may
+                   be smaller); then ``-tokmean(w' * ell)``. group_size = 1 is exactly token level.
+                   group_size has no source default: 4 is fastweight's choice.
+        "batch"    one scalar weight, the mean token weight of the batch; ``-tokmean(w_bar * ell)``.
+    Non-token granularities need the sequence structure: labels [B, T] ([T] is one sequence).
+    ``return_weights=True`` returns ``(loss, weights)`` with the detached weights shaped like labels
+    (instance: [B]).
+    """
+    check_choice("granularity", granularity, GRANULARITIES)
+    check_int("group_size", group_size, low=1)
+    kw = dict(lm_head=lm_head, bias=bias, softcap=softcap, shift=shift, ignore_index=ignore_index,
+              backend=backend, check_finite=check_finite)
+    if granularity == "token":
+        return _reweighted(logits, labels, beta1, beta2, True, return_weights=return_weights,
+                           reduction=reduction, inplace_backward=inplace_backward, **kw)
+    check_beta("beta1", beta1)
+    check_beta("beta2", beta2)
+    check_reduction(reduction)
+    logp = as_sequences(token_logprobs(logits, labels, **kw))
+    valid = as_sequences(valid_mask(labels, shift, ignore_index))
+    w = _sequence_weights(logp, valid, beta1, beta2, granularity, group_size)
+    if granularity == "instance":
+        seq_logp = torch.where(valid, logp, 0.0).sum(-1)
+        loss = reduce_rows(w * seq_logp, valid.any(-1), reduction)
+    else:
+        loss = reduce_tokens(w * logp, valid, reduction).reshape(labels.shape if reduction == "none" else ())
+        w = w.reshape(labels.shape)
+    return (loss, w) if return_weights else loss
+
+
+def hard_sampling_loss(logits: torch.Tensor, labels: torch.Tensor, *, k: float = 0.3,
+                       sampling: Sampling = "topk", seed: int = 0, generator: torch.Generator | None = None,
+                       lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                       softcap: float | None = None, reduction: str = "mean", shift: bool = False,
+                       ignore_index: int = IGNORE_INDEX, backend: str | None = "auto",
+                       check_finite: bool = False, return_weights: bool = False):
+    """SatImp hard sampling (Yang et al., ICML 2025, Algorithm 1): gradient ascent on a subset of tokens.
+
+    Per sequence with n_b valid tokens keep ``s_b = ceil(k * n_b)`` of them (ceil, so every non-empty
+    sequence keeps at least one token) with weight 1, the others 0, chosen on detached log-likelihoods:
+        "topk"    the s_b lowest-likelihood tokens;
+        "bottomk" the s_b highest-likelihood tokens;
+        "random"  s_b tokens uniformly at random, from ``generator`` (a torch.Generator on the input's
+                  device or the CPU; advanced by each call) or, when None, a fresh one seeded with ``seed``.
+    Ties are broken by position (stable sort). ``L = -reduce(w_t * ell_t)`` with reduction "mean" over the
+    kept tokens (fastweight's default, so the scale matches the other losses), "sum" (what the released
+    code does) or "none". k must be in (0, 1]; k = 0.15 and 0.3 are the paper's values, 0.3 the default.
+    Labels [B, T] ([T] is one sequence). ``return_weights=True`` also returns the 0/1 mask like labels.
+    """
+    check_number("k", k, low=0.0, high=1.0, low_open=True)
+    check_choice("sampling", sampling, SAMPLINGS)
+    check_reduction(reduction)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    logp = as_sequences(token_logprobs(logits, labels, lm_head=lm_head, bias=bias, softcap=softcap, shift=shift,
+                                       ignore_index=ignore_index, backend=backend, check_finite=check_finite))
+    valid = as_sequences(valid_mask(labels, shift, ignore_index))
+    w = hard_sampling_mask(logp.detach(), valid, k, sampling, seed=seed, generator=generator).to(logp.dtype)
+    loss = reduce_tokens(w * logp, w.bool(), reduction)
+    if reduction == "none":
+        loss = loss.reshape(labels.shape)
+    w = w.reshape(labels.shape)
+    return (loss, w) if return_weights else loss
+
+
+def hard_sampling_mask(logp: torch.Tensor, valid: torch.Tensor, k: float, sampling: str, *, seed: int = 0,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """Bool [B, T]: the ``ceil(k * n_b)`` tokens of each row chosen by ``sampling`` (see hard_sampling_loss)."""
+    B, T = logp.shape
+    n = valid.sum(-1)
+    s = torch.ceil(k * n.double()).long().clamp(max=n)
+    if sampling == "topk":
+        key = logp
+    elif sampling == "bottomk":
+        key = -logp
+    else:
+        gen = generator if generator is not None else torch.Generator().manual_seed(seed)
+        key = torch.rand((B, T), generator=gen, device=gen.device, dtype=torch.float64).to(logp.device)
+    key = torch.where(valid, key.to(torch.float64), torch.full_like(key, float("inf"), dtype=torch.float64))
+    order = key.argsort(dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(T, device=logp.device).expand(B, T))
+    return (ranks < s[:, None]) & valid
 
 
 def wga_loss(logits: torch.Tensor, labels: torch.Tensor, *, beta: float = 5.0,
              lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None, softcap: float | None = None,
              reduction: str = "mean", shift: bool = False, ignore_index: int = IGNORE_INDEX,
              backend: str | None = "auto", inplace_backward: bool = False, check_finite: bool = False,
-             ) -> torch.Tensor:
+             return_weights: bool = False):
     """Weighted gradient ascent ``-tokmean(sg[p**beta] * ell)`` (G-effect, Wang et al., ICLR 2025)."""
     return _reweighted(logits, labels, beta, 0.0, True, lm_head=lm_head, bias=bias, softcap=softcap,
                        reduction=reduction, shift=shift, ignore_index=ignore_index, backend=backend,
-                       inplace_backward=inplace_backward, check_finite=check_finite)
+                       inplace_backward=inplace_backward, check_finite=check_finite, return_weights=return_weights)
 
 
 def simimp_loss(logits: torch.Tensor, labels: torch.Tensor, *, beta: float = 1.0,
                 lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                 softcap: float | None = None, reduction: str = "mean", shift: bool = False,
                 ignore_index: int = IGNORE_INDEX, backend: str | None = "auto", inplace_backward: bool = False,
-                check_finite: bool = False) -> torch.Tensor:
+                check_finite: bool = False, return_weights: bool = False):
     """Importance-only reweighting ``-tokmean(sg[(1 - p)**beta] * ell)`` (SatImp paper)."""
     return _reweighted(logits, labels, 0.0, beta, True, lm_head=lm_head, bias=bias, softcap=softcap,
                        reduction=reduction, shift=shift, ignore_index=ignore_index, backend=backend,
-                       inplace_backward=inplace_backward, check_finite=check_finite)
+                       inplace_backward=inplace_backward, check_finite=check_finite, return_weights=return_weights)
 
 
 def ga_loss(logits: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.Tensor | None = None,
             bias: torch.Tensor | None = None, softcap: float | None = None, reduction: str = "mean",
             shift: bool = False, ignore_index: int = IGNORE_INDEX, backend: str | None = "auto",
-            inplace_backward: bool = False, check_finite: bool = False) -> torch.Tensor:
+            inplace_backward: bool = False, check_finite: bool = False, return_weights: bool = False):
     """Gradient ascent ``-tokmean(ell)``: the forget NLL, negated."""
     return _reweighted(logits, labels, 0.0, 0.0, False, lm_head=lm_head, bias=bias, softcap=softcap,
                        reduction=reduction, shift=shift, ignore_index=ignore_index, backend=backend,
-                       inplace_backward=inplace_backward, check_finite=check_finite)
+                       inplace_backward=inplace_backward, check_finite=check_finite, return_weights=return_weights)
 
 
-for _f in (satimp_loss, wga_loss, simimp_loss, ga_loss):
+for _f in (satimp_loss, hard_sampling_loss, wga_loss, simimp_loss, ga_loss):
     _f.__doc__ = (_f.__doc__ or "") + "\n" + _ARGS_DOC

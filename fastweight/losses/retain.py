@@ -1,0 +1,127 @@
+"""Retain-side regularisers and distillation losses (``shared/spec/LOSSES.md``): NLL, KL to reference, UNDIAL.
+
+``nll_loss`` is one fused token-logprob pass. ``kl_loss`` and ``undial_loss`` run the fused row-wise KL
+op (``fastweight.ops.kl_div``) over the trained model's logits and the frozen reference's logits: one
+online pass over both rows, never a softmax tensor. With hidden-state input the logits of each side are
+formed by ``x @ lm_head.T`` (+ bias, softcap) first — the KL head itself has no fused-linear kernel yet.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastweight._constants import IGNORE_INDEX
+from fastweight.losses._input import weighted_logprobs
+from fastweight.losses._seq import check_number, reduce_tokens
+from fastweight.ops._common import check_float_tensor, check_reduction, flatten_rows
+from fastweight.ops.kl_div import kl_div
+
+
+def nll_loss(x: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.Tensor | None = None,
+             bias: torch.Tensor | None = None, softcap: float | None = None, reduction: str = "mean",
+             shift: bool = False, ignore_index: int = IGNORE_INDEX, backend: str | None = "auto",
+             check_finite: bool = False) -> torch.Tensor:
+    """Retain NLL ``tokmean(ell_r)`` (the GD retain term; Hugging Face cross-entropy on valid tokens).
+
+    x: logits [..., V] or hidden [..., H] with ``lm_head`` [V, H]; labels [...] int. reduction "mean" (over
+    valid tokens; 0 when none), "sum" or "none" (per-token ell shaped like labels, 0 where ignored).
+    Returns float32.
+    """
+    out, _ = weighted_logprobs(x, labels, weighted=False, lm_head=lm_head, bias=bias, softcap=softcap,
+                               reduction=reduction, shift=shift, ignore_index=ignore_index, backend=backend,
+                               check_finite=check_finite)
+    return -out
+
+
+def _logit_rows(name: str, x: torch.Tensor, lm_head, bias, softcap) -> torch.Tensor:
+    """[..., V] logits or [..., H] hidden (+ lm_head [V, H]) -> [N, V] logit rows."""
+    check_float_tensor(name, x, min_dim=2)
+    if lm_head is None:
+        if bias is not None or softcap is not None:
+            raise ValueError(f"bias and softcap for {name} are only meaningful with its lm_head")
+        rows = x.reshape(-1, x.shape[-1])
+    else:
+        check_float_tensor(f"{name} lm_head", lm_head, min_dim=2)
+        if lm_head.dim() != 2 or lm_head.shape[1] != x.shape[-1]:
+            raise ValueError(f"lm_head for {name} must be [V, H] with H = {x.shape[-1]}, got {tuple(lm_head.shape)}")
+        if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+            raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+        rows = F.linear(x.reshape(-1, x.shape[-1]), lm_head, bias)
+        if softcap is not None:
+            rows = softcap * torch.tanh(rows / softcap)
+    return rows
+
+
+def _kl_rows(x, ref, labels, *, lm_head, bias, softcap, ref_lm_head, ref_bias, ref_softcap, shift,
+             ignore_index, masked, ref_shift, backend, check_finite):
+    """Per-position KL [...] (like x's leading dims) and the mask of counted positions."""
+    if not isinstance(ref, torch.Tensor):
+        raise TypeError(f"ref must be a torch.Tensor, got {type(ref).__name__}")
+    if ref.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"ref leading dims {tuple(ref.shape[:-1])} must equal the input's {tuple(x.shape[:-1])}")
+    if lm_head is not None and ref_lm_head is None:
+        raise ValueError("hidden-state input (lm_head given) needs ref_lm_head for the reference hidden states")
+    z = _logit_rows("x", x, lm_head, bias, softcap)
+    r = _logit_rows("ref", ref.detach(), ref_lm_head, ref_bias, ref_softcap).detach()
+    if masked:
+        if labels is None:
+            raise ValueError("labels are required when masked=True (pass masked=False to count every position)")
+        _, flat_labels = flatten_rows(x, labels, "x", ignore_index, shift)
+    else:
+        flat_labels = None
+    kl = kl_div(z, r, flat_labels, ref_shift=ref_shift, ignore_index=ignore_index, backend=backend,
+                check_finite=check_finite)
+    counted = (flat_labels != ignore_index) if masked else torch.ones_like(kl, dtype=torch.bool)
+    return kl.reshape(x.shape[:-1]), counted.reshape(x.shape[:-1])
+
+
+def kl_loss(x: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor | None = None, *, masked: bool = True,
+            lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None, softcap: float | None = None,
+            ref_lm_head: torch.Tensor | None = None, ref_bias: torch.Tensor | None = None,
+            ref_softcap: float | None = None, reduction: str = "mean", shift: bool = False,
+            ignore_index: int = IGNORE_INDEX, backend: str | None = "auto", check_finite: bool = False,
+            ) -> torch.Tensor:
+    """KL retain regulariser ``KL(p_ref || p_theta)``, "batchmean" over positions (spec, KL retain).
+
+    x: logits [..., V] of the trained model, or hidden [..., H] with ``lm_head`` [V, H].
+    ref: the frozen reference's logits [..., V] (or hidden [..., H] with ``ref_lm_head``); detached.
+    labels: [...] int, needed when ``masked``.
+    masked: True (default) averages over positions with a valid (shifted) label — open-unlearning's choice,
+        so padding and prompt tokens do not dilute the term; False averages over every position, as the
+        original G-effect/TOFU code does (labels then unused).
+    reduction: "mean" (over counted positions; 0 when none), "sum", or "none" (per-position KL like
+        x's leading dims, 0 at uncounted positions). Returns float32.
+    """
+    if not isinstance(masked, bool):
+        raise TypeError(f"masked must be a bool, got {type(masked).__name__}")
+    check_reduction(reduction)
+    kl, counted = _kl_rows(x, ref, labels, lm_head=lm_head, bias=bias, softcap=softcap, ref_lm_head=ref_lm_head,
+                           ref_bias=ref_bias, ref_softcap=ref_softcap, shift=shift, ignore_index=ignore_index,
+                           masked=masked, ref_shift=0.0, backend=backend, check_finite=check_finite)
+    return reduce_tokens(kl, counted, reduction)
+
+
+def undial_loss(x: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, *, beta: float = 10.0,
+                lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None, softcap: float | None = None,
+                ref_lm_head: torch.Tensor | None = None, ref_bias: torch.Tensor | None = None,
+                ref_softcap: float | None = None, reduction: str = "mean", shift: bool = False,
+                ignore_index: int = IGNORE_INDEX, backend: str | None = "auto", check_finite: bool = False,
+                ) -> torch.Tensor:
+    """UNDIAL self-distillation (Dong et al., 2024): match the reference with the forget token's logit lowered.
+
+    Target ``q_t = softmax(z_ref[t] - beta * onehot(y_t))``; loss ``tokmean(KL(q_t || p_theta,t))`` over
+    valid tokens. This differs from the paper's soft-label cross-entropy ``-sum q log p`` only by the
+    entropy of q, a constant of the frozen reference: same gradient, and the value is 0 when the model
+    already matches the target. beta = 10 (the UNDIAL paper's and open-unlearning's default).
+    Arguments as in ``kl_loss`` (labels required; always masked).
+    """
+    check_number("beta", beta, low=0.0)
+    check_reduction(reduction)
+    if labels is None:
+        raise ValueError("labels are required by undial_loss (the shifted logit is the label's)")
+    kl, counted = _kl_rows(x, ref, labels, lm_head=lm_head, bias=bias, softcap=softcap, ref_lm_head=ref_lm_head,
+                           ref_bias=ref_bias, ref_softcap=ref_softcap, shift=shift, ignore_index=ignore_index,
+                           masked=True, ref_shift=float(beta), backend=backend, check_finite=check_finite)
+    return reduce_tokens(kl, counted, reduction)
+
+

@@ -1,0 +1,51 @@
+"""Naive references for ``fastweight.losses.retain``: NLL, KL to reference, UNDIAL (``shared/spec/LOSSES.md``).
+
+    nll    = tokmean(ell_r)
+    kl     = batchmean over positions of KL(p_ref || p_theta); masked: positions with a valid (shifted)
+             label, unmasked: every position
+    undial = tokmean(KL(softmax(z_ref - beta onehot(y)) || p_theta))
+Full softmax, autograd only.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastweight._constants import IGNORE_INDEX
+from fastweight.reference.token_logprobs import logits_from_hidden, shift_labels, token_logprobs
+
+
+def nll_loss(x, labels, *, lm_head=None, bias=None, softcap=None, shift=False, ignore_index=IGNORE_INDEX):
+    logp = token_logprobs(x, labels, lm_head=lm_head, bias=bias, softcap=softcap, shift=shift,
+                          ignore_index=ignore_index)
+    valid = (shift_labels(labels, ignore_index) if shift else labels) != ignore_index
+    return -logp.sum() / valid.sum().clamp(min=1)
+
+
+def _per_position_kl(x, ref, labels, beta, lm_head, ref_lm_head, shift, ignore_index):
+    z = x if lm_head is None else logits_from_hidden(x, lm_head)
+    r = (ref if ref_lm_head is None else logits_from_hidden(ref, ref_lm_head)).detach().to(z.dtype)
+    valid = None
+    if labels is not None:
+        y = shift_labels(labels, ignore_index) if shift else labels
+        valid = y != ignore_index
+        if beta:
+            onehot = torch.nn.functional.one_hot(torch.where(valid, y, 0).long(), r.shape[-1]).to(r.dtype)
+            r = r - beta * onehot * valid[..., None].to(r.dtype)
+    log_q = torch.log_softmax(r, -1)
+    kl = (log_q.exp() * (log_q - torch.log_softmax(z, -1))).sum(-1)
+    return kl, valid
+
+
+def kl_loss(x, ref, labels=None, *, masked=True, lm_head=None, ref_lm_head=None, shift=False,
+            ignore_index=IGNORE_INDEX):
+    kl, valid = _per_position_kl(x, ref, labels if masked else None, 0.0, lm_head, ref_lm_head, shift,
+                                 ignore_index)
+    if not masked:
+        return kl.mean()
+    return torch.where(valid, kl, torch.zeros_like(kl)).sum() / valid.sum().clamp(min=1)
+
+
+def undial_loss(x, ref, labels, *, beta=10.0, lm_head=None, ref_lm_head=None, shift=False,
+                ignore_index=IGNORE_INDEX):
+    kl, valid = _per_position_kl(x, ref, labels, beta, lm_head, ref_lm_head, shift, ignore_index)
+    return torch.where(valid, kl, torch.zeros_like(kl)).sum() / valid.sum().clamp(min=1)

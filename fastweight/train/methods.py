@@ -1,0 +1,474 @@
+"""Unlearning methods for the trainer: one small class per method, each with a config dataclass.
+
+Defaults come only from ``fastweight.losses.LOSSES`` (``build_method(name, **overrides)``); config
+dataclasses have no defaults of their own. Every method gets its tensors from one shared forward helper,
+``lm_forward``: the last decoder layer's hidden states plus the output-embedding weight (bias, Gemma-2
+soft-capping), handed to the fused losses with ``lm_head=`` so [B, T, V] logits are never built by the model.
+
+Batches are dicts of tensors in Hugging Face form: ``input_ids`` [B, T], ``attention_mask`` [B, T] (optional),
+``labels`` [B, T] unshifted with ``IGNORE_INDEX`` on prompt and padding (the losses apply the causal shift).
+FLAT and IdkDPO forget batches also carry ``idk_input_ids``, ``idk_attention_mask``, ``idk_labels``: a refusal
+answer to the same question. The reference model runs under ``torch.no_grad`` and only for methods whose
+``needs_ref`` is true (their loss needs it, or ``retain_loss="kl"``); a missing one is a ValueError.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from fastweight.losses import (
+    DIVERGENCES, GRANULARITIES, LOSSES, METHOD_NAMES, RETAIN_LOSSES, SAMPLINGS, flat_loss, get, idk_dpo_loss,
+    kl_loss, nll_loss, npo_loss, rmu_control_vector, rmu_loss, sequence_nll, simnpo_loss, token_logprobs,
+    undial_loss,
+)
+from fastweight._constants import IGNORE_INDEX
+from fastweight.losses._seq import check_choice, check_int, check_number, valid_mask
+
+METHODS: tuple[str, ...] = METHOD_NAMES
+
+
+@dataclass
+class MethodOutput:
+    loss: torch.Tensor            # scalar to minimise
+    stats: dict[str, float]       # forget_loss, retain_loss, mean_weight, ...
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The one forward helper
+@dataclass
+class LMHidden:
+    """Last-layer hidden states [B, T, H] and what turns them into logits (never applied here)."""
+
+    hidden: torch.Tensor
+    lm_head: torch.Tensor
+    bias: torch.Tensor | None
+    softcap: float | None
+
+    def head(self) -> dict[str, Any]:
+        return dict(lm_head=self.lm_head, bias=self.bias, softcap=self.softcap)
+
+    def ref_head(self) -> dict[str, Any]:
+        return dict(ref_lm_head=self.lm_head, ref_bias=self.bias, ref_softcap=self.softcap)
+
+
+def _batch_get(batch: dict, key: str, prefix: str = "") -> torch.Tensor:
+    if not isinstance(batch, dict):
+        raise TypeError(f"batches must be dicts of tensors, got {type(batch).__name__}")
+    if prefix + key not in batch:
+        raise ValueError(f"batch is missing {prefix + key!r} (has {sorted(batch)})")
+    return batch[prefix + key]
+
+
+def lm_forward(model: torch.nn.Module, batch: dict, prefix: str = "") -> LMHidden:
+    """Run the decoder of a Hugging Face causal LM on ``batch[prefix + 'input_ids']`` (and attention mask).
+
+    Uses ``model.get_decoder()`` so the LM head is not applied; falls back to
+    ``model(..., output_hidden_states=True).hidden_states[-1]`` for models without a separate decoder.
+    """
+    input_ids = _batch_get(batch, "input_ids", prefix)
+    attention_mask = batch.get(prefix + "attention_mask")
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise ValueError(f"{type(model).__name__} has no output embedding with a weight (get_output_embeddings())")
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is not None and decoder is not model:
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    else:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+        hidden = out.hidden_states[-1]
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    return LMHidden(hidden, head.weight, getattr(head, "bias", None), softcap)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configs (no defaults here: build_method fills them from LOSSES)
+@dataclass
+class MethodConfig:
+    """forget_coef * forget term + retain_coef * retain term ("none" | "nll" | "kl"; kl_masked: KL mode)."""
+
+    forget_coef: float
+    retain_coef: float
+    retain_loss: str
+    kl_masked: bool
+
+    def __post_init__(self) -> None:
+        check_number("forget_coef", self.forget_coef, low=0.0)
+        check_number("retain_coef", self.retain_coef, low=0.0)
+        check_choice("retain_loss", self.retain_loss, RETAIN_LOSSES)
+        if not isinstance(self.kl_masked, bool):
+            raise ValueError(f"kl_masked must be a bool, got {self.kl_masked!r}")
+
+
+@dataclass
+class BetaConfig(MethodConfig):
+    """WGA (p**beta), SimImp ((1-p)**beta), NPO, TNPO, IdkDPO (beta), UNDIAL (logit shift beta)."""
+
+    beta: float
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number("beta", self.beta, low=0.0)
+
+
+@dataclass
+class SatImpConfig(MethodConfig):
+    beta1: float
+    beta2: float
+    granularity: str
+    group_size: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number("beta1", self.beta1, low=0.0)
+        check_number("beta2", self.beta2, low=0.0)
+        check_choice("granularity", self.granularity, GRANULARITIES)
+        check_int("group_size", self.group_size, low=1)
+
+
+@dataclass
+class HardSamplingConfig(MethodConfig):
+    k: float
+    sampling: str
+    seed: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number("k", self.k, low=0.0, high=1.0, low_open=True)
+        check_choice("sampling", self.sampling, SAMPLINGS)
+        check_int("seed", self.seed, low=0)
+
+
+@dataclass
+class SimNPOConfig(BetaConfig):
+    gamma: float
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number("gamma", self.gamma)
+
+
+@dataclass
+class WTNPOConfig(BetaConfig):
+    alpha: float
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number("alpha", self.alpha, low=0.0)
+
+
+@dataclass
+class FLATConfig(MethodConfig):
+    divergence: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("divergence", self.divergence, DIVERGENCES)
+
+
+@dataclass
+class RMUConfig:
+    """alpha: retain MSE weight; steering_coef: c; layer: decoder layer whose output is steered;
+    trainable_layers / param_keys: only parameters of those layers whose name contains a key are trained;
+    seed: of the random direction u; mask_padding: average the MSEs over attention-mask positions only."""
+
+    alpha: float
+    steering_coef: float
+    layer: int
+    trainable_layers: tuple[int, ...]
+    param_keys: tuple[str, ...]
+    seed: int
+    mask_padding: bool
+
+    def __post_init__(self) -> None:
+        check_number("alpha", self.alpha, low=0.0)
+        check_number("steering_coef", self.steering_coef, low=0.0)
+        check_int("layer", self.layer, low=0)
+        self.trainable_layers = tuple(self.trainable_layers)
+        if not self.trainable_layers:
+            raise ValueError("trainable_layers must name at least one layer")
+        for i in self.trainable_layers:
+            check_int("trainable_layers[i]", i, low=0)
+        self.param_keys = tuple(self.param_keys)
+        if not self.param_keys or not all(isinstance(k, str) and k for k in self.param_keys):
+            raise ValueError(f"param_keys must be non-empty strings, got {self.param_keys!r}")
+        check_int("seed", self.seed, low=0)
+        if not isinstance(self.mask_padding, bool):
+            raise ValueError(f"mask_padding must be a bool, got {self.mask_padding!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Methods
+def _f(t: torch.Tensor) -> float:
+    return float(t.detach())
+
+
+class UnlearnMethod:
+    """Base: ``forget_coef * forget_term + retain_coef * retain_term``; subclasses define ``forget_term``."""
+
+    needs_idk: bool = False  # forget batches must carry idk_input_ids / idk_attention_mask / idk_labels
+
+    def __init__(self, name: str, config: Any) -> None:
+        spec = LOSSES[name]
+        self.name, self.config, self.spec = name, config, spec
+        retain_loss = getattr(config, "retain_loss", "none")
+        self.needs_ref: bool = spec.needs_ref or retain_loss == "kl"
+        self.needs_retain: bool = spec.needs_retain or retain_loss != "none"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, config={self.config})"
+
+    def trainable(self, param_name: str) -> bool:
+        return True
+
+    def _check(self, retain, ref_model) -> None:
+        if self.needs_ref and ref_model is None:
+            raise ValueError(f"method {self.name!r} needs a reference model (ref_model=None given)")
+        if self.needs_retain and retain is None:
+            raise ValueError(f"method {self.name!r} needs a retain batch (retain=None given)")
+
+    def forget_term(self, model, forget: dict, ref_model) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def retain_term(self, model, retain: dict, ref_model) -> torch.Tensor:
+        cfg = self.config
+        labels = _batch_get(retain, "labels")
+        out = lm_forward(model, retain)
+        if cfg.retain_loss == "nll":
+            return nll_loss(out.hidden, labels, shift=True, **out.head())
+        with torch.no_grad():
+            ref = lm_forward(ref_model, retain)
+        return kl_loss(out.hidden, ref.hidden, labels, masked=cfg.kl_masked, shift=True, **out.head(),
+                       **ref.ref_head())
+
+    def __call__(self, model, forget: dict, retain: dict | None = None, ref_model=None) -> MethodOutput:
+        self._check(retain, ref_model)
+        cfg = self.config
+        forget_loss, stats = self.forget_term(model, forget, ref_model)
+        loss = cfg.forget_coef * forget_loss
+        stats["forget_loss"] = _f(forget_loss)
+        if cfg.retain_loss != "none":
+            retain_loss = self.retain_term(model, retain, ref_model)
+            loss = loss + cfg.retain_coef * retain_loss
+            stats["retain_loss"] = _f(retain_loss)
+        stats["loss"] = _f(loss)
+        return MethodOutput(loss, stats)
+
+
+def _mean_weight(w: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean detached weight over valid (shifted) tokens; per-sequence weights (instance level): plain mean."""
+    if w.shape == labels.shape:
+        valid = valid_mask(labels, True, IGNORE_INDEX)
+        return _f(torch.where(valid, w, 0.0).sum() / valid.sum().clamp(min=1))
+    return _f(w.float().mean())
+
+
+class TokenLossMethod(UnlearnMethod):
+    """GA, GD, WGA, SimImp, SatImp (all granularities): ``spec.fn(hidden, labels, **hparams)`` on the forget batch."""
+
+    def forget_term(self, model, forget, ref_model):
+        labels = _batch_get(forget, "labels")
+        out = lm_forward(model, forget)
+        hp = {h: getattr(self.config, h) for h in self.spec.hparams}
+        loss, w = self.spec.fn(out.hidden, labels, shift=True, return_weights=True, **hp, **out.head())
+        return loss, {"mean_weight": _mean_weight(w, labels)}
+
+
+class HardSamplingMethod(TokenLossMethod):
+    """SatImp hard sampling; Random draws from one generator per method, seeded once, advanced per step."""
+
+
+    def __init__(self, name, config):
+        super().__init__(name, config)
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+    def forget_term(self, model, forget, ref_model):
+        labels = _batch_get(forget, "labels")
+        out = lm_forward(model, forget)
+        cfg = self.config
+        loss, w = self.spec.fn(out.hidden, labels, k=cfg.k, sampling=cfg.sampling, generator=self.generator,
+                               shift=True, return_weights=True, **out.head())
+        return loss, {"kept_tokens": _f(w.sum())}
+
+
+class NPOMethod(UnlearnMethod):
+    """NPO (``LOSSES['npo']``)."""
+
+    def forget_term(self, model, forget, ref_model):
+        labels = _batch_get(forget, "labels")
+        with torch.no_grad():
+            ref = lm_forward(ref_model, forget)
+            ref_nll, _ = sequence_nll(ref.hidden, labels, shift=True, **ref.head())
+        out = lm_forward(model, forget)
+        return npo_loss(out.hidden, labels, ref_nll, beta=self.config.beta, shift=True, **out.head()), {}
+
+
+class SimNPOMethod(UnlearnMethod):
+    """SimNPO (``LOSSES['simnpo']``)."""
+
+    def forget_term(self, model, forget, ref_model):
+        labels = _batch_get(forget, "labels")
+        out = lm_forward(model, forget)
+        cfg = self.config
+        return simnpo_loss(out.hidden, labels, beta=cfg.beta, gamma=cfg.gamma, shift=True, **out.head()), {}
+
+
+class TNPOMethod(UnlearnMethod):
+    """TNPO and WTNPO: per-token reference log-probabilities from the frozen model."""
+
+
+    def forget_term(self, model, forget, ref_model):
+        labels = _batch_get(forget, "labels")
+        with torch.no_grad():
+            ref = lm_forward(ref_model, forget)
+            ref_logp = token_logprobs(ref.hidden, labels, shift=True, **ref.head())
+        out = lm_forward(model, forget)
+        hp = {h: getattr(self.config, h) for h in self.spec.hparams}
+        loss, w = self.spec.fn(out.hidden, labels, ref_logp, shift=True, return_weights=True, **hp, **out.head())
+        return loss, {"mean_weight": _mean_weight(w, labels)}
+
+
+class WTNPOMethod(TNPOMethod):
+    """WTNPO (``LOSSES['wtnpo']``)."""
+
+
+class IdkDPOMethod(UnlearnMethod):
+    needs_idk = True
+
+    def forget_term(self, model, forget, ref_model):
+        labels = _batch_get(forget, "labels")
+        idk_labels = _batch_get(forget, "labels", "idk_")
+        with torch.no_grad():
+            ref_f = lm_forward(ref_model, forget)
+            ref_e = lm_forward(ref_model, forget, "idk_")
+            ref_f_nll, _ = sequence_nll(ref_f.hidden, labels, shift=True, **ref_f.head())
+            ref_e_nll, _ = sequence_nll(ref_e.hidden, idk_labels, shift=True, **ref_e.head())
+        out_f = lm_forward(model, forget)
+        out_e = lm_forward(model, forget, "idk_")
+        loss = idk_dpo_loss(out_f.hidden, labels, out_e.hidden, idk_labels, ref_f_nll, ref_e_nll,
+                            beta=self.config.beta, shift=True, **out_f.head())
+        return loss, {}
+
+
+class FLATMethod(UnlearnMethod):
+    needs_idk = True
+
+    def forget_term(self, model, forget, ref_model):
+        labels = _batch_get(forget, "labels")
+        idk_labels = _batch_get(forget, "labels", "idk_")
+        out_f = lm_forward(model, forget)
+        out_e = lm_forward(model, forget, "idk_")
+        loss = flat_loss(out_f.hidden, labels, out_e.hidden, idk_labels, divergence=self.config.divergence,
+                         shift=True, **out_f.head())
+        return loss, {}
+
+
+class UNDIALMethod(UnlearnMethod):
+    """UNDIAL (``LOSSES['undial']``)."""
+
+    def forget_term(self, model, forget, ref_model):
+        labels = _batch_get(forget, "labels")
+        with torch.no_grad():
+            ref = lm_forward(ref_model, forget)
+        out = lm_forward(model, forget)
+        loss = undial_loss(out.hidden, ref.hidden, labels, beta=self.config.beta, shift=True, **out.head(),
+                           **ref.ref_head())
+        return loss, {}
+
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder's list of layers (``get_decoder().layers``, the Hugging Face convention)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (expected get_decoder().layers)")
+    return layers
+
+
+def layer_output(model: torch.nn.Module, batch: dict, layer: int) -> torch.Tensor:
+    """Hidden states [B, T, H] output by decoder layer ``layer`` (a forward hook; the LM head is not run)."""
+    layers = decoder_layers(model)
+    if layer >= len(layers):
+        raise ValueError(f"layer={layer} but the model has {len(layers)} decoder layers")
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = layers[layer].register_forward_hook(hook)
+    try:
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+        decoder(input_ids=_batch_get(batch, "input_ids"), attention_mask=batch.get("attention_mask"), use_cache=False)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+class RMUMethod(UnlearnMethod):
+    """RMU: steer layer ``layer`` on forget data to ``c * u``, hold it at the reference on retain data."""
+
+
+    def __init__(self, name, config):
+        super().__init__(name, config)
+        self.control: torch.Tensor | None = None
+
+    def trainable(self, param_name: str) -> bool:
+        m = _LAYER_RE.search(param_name)
+        return (m is not None and int(m.group(1)) in self.config.trainable_layers
+                and any(k in param_name for k in self.config.param_keys))
+
+    def __call__(self, model, forget: dict, retain: dict | None = None, ref_model=None) -> MethodOutput:
+        self._check(retain, ref_model)
+        cfg = self.config
+        h_f = layer_output(model, forget, cfg.layer)
+        if self.control is None or self.control.shape[-1] != h_f.shape[-1]:
+            self.control = rmu_control_vector(h_f.shape[-1], steering_coef=cfg.steering_coef, seed=cfg.seed)
+        h_r = layer_output(model, retain, cfg.layer)
+        with torch.no_grad():
+            h_ref = layer_output(ref_model, retain, cfg.layer)
+        masks = {}
+        if cfg.mask_padding:
+            masks = dict(forget_mask=forget.get("attention_mask"), retain_mask=retain.get("attention_mask"))
+        total, f_term, r_term = rmu_loss(h_f, self.control.to(h_f.device), h_r, h_ref, alpha=cfg.alpha,
+                                         return_terms=True, **masks)
+        return MethodOutput(total, {"forget_loss": _f(f_term), "retain_loss": _f(r_term), "loss": _f(total)})
+
+
+_CLASSES: dict[str, tuple[type, type]] = {
+    "ga": (TokenLossMethod, MethodConfig), "gd": (TokenLossMethod, MethodConfig),
+    "wga": (TokenLossMethod, BetaConfig), "simimp": (TokenLossMethod, BetaConfig),
+    "satimp": (TokenLossMethod, SatImpConfig), "satimp_instance": (TokenLossMethod, SatImpConfig),
+    "satimp_group": (TokenLossMethod, SatImpConfig), "satimp_batch": (TokenLossMethod, SatImpConfig),
+    "satimp_hard": (HardSamplingMethod, HardSamplingConfig),
+    "npo": (NPOMethod, BetaConfig), "simnpo": (SimNPOMethod, SimNPOConfig),
+    "tnpo": (TNPOMethod, BetaConfig), "wtnpo": (WTNPOMethod, WTNPOConfig),
+    "idkdpo": (IdkDPOMethod, BetaConfig), "flat": (FLATMethod, FLATConfig),
+    "undial": (UNDIALMethod, BetaConfig), "rmu": (RMUMethod, RMUConfig),
+}
+
+
+def build_method(name: str, **overrides: Any) -> UnlearnMethod:
+    """The method ``name`` (one of ``METHODS``) with defaults from ``LOSSES[name]`` updated by ``overrides``.
+
+    Unknown names, unknown override keys and invalid values raise ValueError naming the argument.
+    """
+    spec = get(name)
+    if name not in _CLASSES:
+        raise ValueError(f"{name!r} is a regulariser, not an unlearning method; methods: {', '.join(METHODS)}")
+    cls, cfg_cls = _CLASSES[name]
+    known = {f.name for f in fields(cfg_cls)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method {name!r}; options: {sorted(known)}")
+    values = {**spec.defaults, **overrides}
+    try:
+        config = cfg_cls(**values)
+    except TypeError as e:  # a wrongly typed value: same contract as any other bad config
+        raise ValueError(f"bad config for method {name!r}: {e}") from e
+    return cls(name, config)
