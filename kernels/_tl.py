@@ -34,6 +34,14 @@ def tl_importance_weight(logp, beta1, beta2):
 
 
 @triton.jit
+def tl_log1p(x):
+    """log(1 + x) without cancellation for |x| << 1 (Kahan: log(u) * x / (u - 1), u = 1 + x); x > -1."""
+    u = 1.0 + x
+    safe_um1 = tl.where(u == 1.0, 1.0, u - 1.0)
+    return tl.where(u == 1.0, x, tl.log(u) * (x / safe_um1))
+
+
+@triton.jit
 def tl_row_lse(row_ptr, V, BLOCK_V: tl.constexpr):
     """Online log-sum-exp of one row of V logits, read in BLOCK_V tiles; returns a float32 scalar."""
     m = tl.full([], float("-inf"), tl.float32)
@@ -49,6 +57,34 @@ def tl_row_lse(row_ptr, V, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
+def tl_row_lse_logp(row_ptr, label, V, BLOCK_V: tl.constexpr):
+    """One online pass over a row: (lse, log p_label), float32 scalars.
+
+    Besides the running max m and s = sum_v exp(z[v] - m) it keeps s_rest = sum_{v != label} exp(z[v] - m),
+    so that for p > 1/2 log p = -log1p(s_rest / exp(z_y - m)) = -log1p((1 - p) / p) with ~eps *relative*
+    error. z_y - lse (or even (z_y - m) - log s) has ~eps absolute error, which is all of log p on
+    confident rows (log p -> 0) and would spoil the weight (1 - p) = -expm1(log p).
+    """
+    m = tl.full([], float("-inf"), tl.float32)
+    s = tl.full([], 0.0, tl.float32)
+    s_rest = tl.full([], 0.0, tl.float32)
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, 0))
+        alpha = tl.exp(m - m_new)  # 0 on the first tile (m = -inf)
+        e = tl.exp(z - m_new)
+        s = s * alpha + tl.sum(e, 0)
+        s_rest = s_rest * alpha + tl.sum(tl.where(offs == label, 0.0, e), 0)
+        m = m_new
+    log_s = tl.log(s)
+    zy_m = tl.load(row_ptr + label).to(tl.float32) - m
+    ratio = s_rest / tl.exp(zy_m)  # (1 - p) / p; inf when exp underflows, then the other branch is used
+    logp = tl.where(ratio < 1.0, -tl_log1p(ratio), zy_m - log_s)
+    return m + log_s, logp
+
+
+@triton.jit
 def tl_write_row_grad(row_ptr, grad_row_ptr, label, lse, g, V, BLOCK_V: tl.constexpr):
     """grad[v] = g * (onehot(label)[v] - softmax[v]) for one row, tile by tile, cast to the grad dtype.
 
@@ -61,3 +97,43 @@ def tl_write_row_grad(row_ptr, grad_row_ptr, label, lse, g, V, BLOCK_V: tl.const
         p = tl.exp(z - lse)
         d = g * (tl.where(offs == label, 1.0, 0.0) - p)
         tl.store(grad_row_ptr + offs, d.to(grad_row_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def tl_tanh(x):
+    """tanh(x) in float32 through expm1 of a non-positive argument: no overflow, no cancellation near 0."""
+    e = tl_expm1(-2.0 * tl.abs(x))  # in (-1, 0]
+    t = -e / (2.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def tl_linear_logits_tile(hidden_ptr, stride_hidden_n, lm_head_ptr, stride_lm_head_v, bias_ptr, softcap,
+                          offs_n, offs_v, mask_n, mask_v, H,
+                          HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                          UPCAST_DOT: tl.constexpr):
+    """Logits tile z[offs_n, offs_v] = cap(hidden[offs_n] @ lm_head[offs_v].T + bias[offs_v]), float32.
+
+    The H loop feeds tl.dot with the storage dtype (tensor cores for bf16/fp16) and accumulates in float32;
+    masked rows/columns read zeros. ``cap(x) = softcap * tanh(x / softcap)`` when HAS_SOFTCAP.
+    UPCAST_DOT casts both operands to float32 first (the interpreter's numpy dot has no bfloat16).
+    Offsets must be int64 (row offsets times strides can exceed 2**31).
+    """
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < H
+        h = tl.load(hidden_ptr + offs_n[:, None] * stride_hidden_n + offs_h[None, :],
+                    mask=mask_n[:, None] & mask_h[None, :], other=0.0)
+        w = tl.load(lm_head_ptr + offs_v[:, None] * stride_lm_head_v + offs_h[None, :],
+                    mask=mask_v[:, None] & mask_h[None, :], other=0.0)
+        if UPCAST_DOT:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        acc = softcap * tl_tanh(acc / softcap)
+    return acc

@@ -2,7 +2,8 @@
 
 Math (spec symbols, ``shared/spec/LOSSES.md``): for row t with label y_t,
     lse_t  = logsumexp_v z[t, v]
-    logp_t = z[t, y_t] - lse_t                      (0 for ignored rows)
+    logp_t = z[t, y_t] - lse_t                      (0 for ignored rows; for p_t > 1/2 computed as
+             -log1p(sum_{v != y_t} exp(z[t, v] - z[t, y_t])), exact in relative terms as p_t -> 1)
     w_t    = p_t**beta1 * (1 - p_t)**beta2          (detached importance weight, 1 - p = -expm1(logp))
     dz[t, v] = g_t * (onehot(y_t)[v] - softmax(z[t])[v])
 
@@ -19,7 +20,7 @@ backward reads V and writes V.
 import triton
 import triton.language as tl
 
-from fastweight.kernels._tl import tl_importance_weight, tl_row_lse, tl_write_row_grad
+from fastweight.kernels._tl import tl_importance_weight, tl_row_lse_logp, tl_write_row_grad
 
 
 @triton.jit
@@ -41,14 +42,13 @@ def _token_logprobs_fwd(
     valid = label != ignore_index
     safe_label = tl.where(valid, label, 0)
 
-    # 1. lse_t with one online pass over the row.
-    lse = tl_row_lse(row_ptr, V, BLOCK_V)
+    # 1.-2. lse_t and logp_t = z[t, y_t] - lse_t in one online pass; for p_t > 1/2 log p is formed as
+    #    -log1p((1 - p) / p) from the sum over v != y_t, so confident rows keep relative precision (see
+    #    tl_row_lse_logp). Ignored rows give logp = 0.
+    lse, logp = tl_row_lse_logp(row_ptr, safe_label, V, BLOCK_V)
+    logp = tl.where(valid, logp, 0.0)
 
-    # 2. logp_t = z[t, y_t] - lse_t; ignored rows give 0.
-    z_y = tl.load(row_ptr + safe_label).to(tl.float32)
-    logp = tl.where(valid, z_y - lse, 0.0)
-
-    # 3. Detached weight w_t (1 for ignored rows so that w * logp stays 0, never NaN).
+    # 3. Detached weight w_t (0 for ignored rows, where logp is 0 too: w * logp stays 0, never NaN).
     if HAS_WEIGHTS:
         w = tl.where(valid, tl_importance_weight(logp, beta1, beta2), 0.0)
     else:

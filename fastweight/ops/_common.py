@@ -119,6 +119,8 @@ def flatten_rows(x: torch.Tensor, labels: torch.Tensor, name: str, ignore_index:
     The last dim must be unit-stride for the kernels; other strides are kept.
     """
     check_float_tensor(name, x, min_dim=2)
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name} has an empty last dimension (shape {tuple(x.shape)}); expected V >= 1 (or H >= 1)")
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.shape != x.shape[:-1]:

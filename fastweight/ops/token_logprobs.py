@@ -151,6 +151,43 @@ def token_logprobs_backward_triton(logits, labels, lse, g, opts):
     return la["outputs"]["grad"]
 
 
+def aot_cases() -> list[dict[str, Any]]:
+    """Every kernel x dtype x constexpr combination ``_launch_args`` emits, for tests/test_compile_aot.py.
+
+    Built from ``_launch_args`` on 'meta' tensors (no memory, no device), so the signature is the one the
+    launchers use. fwd: HAS_WEIGHTS x COMPUTE_GRAD at the dtype's largest BLOCK_V; bwd at the largest
+    BLOCK_V; plus a small BLOCK_V (V = 1000) with int32 labels, the other values a launch can see.
+    """
+    from fastweight.kernels import token_logprobs as k
+
+    def case(name, fn, logits, labels, opts, **kw):
+        la = _launch_args(logits, labels, opts, **kw)
+        return dict(name=name, fn=fn, signature=la["signature"], constexprs=la["constexprs"],
+                    num_warps=la["num_warps"])
+
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        tag = str(dtype).replace("torch.", "")
+        V = BLOCK_V_MAX[dtype] * 4 + 1  # several tiles and a ragged last one: BLOCK_V = BLOCK_V_MAX
+        logits = torch.empty(2, V, dtype=dtype, device="meta")
+        labels = torch.empty(2, dtype=torch.int64, device="meta")
+        for weighted in (False, True):
+            for compute_grad in (False, True):
+                opts = TokenLogprobsOptions(weighted=weighted, reduction="mean" if compute_grad else "none")
+                cases.append(case(f"token_logprobs_fwd_{tag}_w{int(weighted)}_g{int(compute_grad)}",
+                                  k._token_logprobs_fwd, logits, labels, opts, compute_grad=compute_grad))
+        cases.append(case(f"token_logprobs_bwd_{tag}", k._token_logprobs_bwd, logits, labels,
+                          TokenLogprobsOptions(), compute_grad=True, kernel="bwd"))
+    # The small-tile / int32-label variants differ only in BLOCK_V and the label pointer type: one dtype.
+    small = torch.empty(3, 1000, dtype=torch.bfloat16, device="meta")
+    labels32 = torch.empty(3, dtype=torch.int32, device="meta")
+    cases.append(case("token_logprobs_fwd_bfloat16_V1000_i32", k._token_logprobs_fwd, small, labels32,
+                      TokenLogprobsOptions(weighted=True, reduction="sum"), compute_grad=True))
+    cases.append(case("token_logprobs_bwd_bfloat16_V1000_i32", k._token_logprobs_bwd, small, labels32,
+                      TokenLogprobsOptions(), compute_grad=True, kernel="bwd"))
+    return cases
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Torch path (CPU and anything without Triton): chunks of rows, float32 (float64 for float64 input).
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -197,9 +234,23 @@ def token_logprobs_forward_torch(logits, labels, opts, *, grad_scale=None):
         z = logits[s:e].to(acc, copy=True)
         y = labels[s:e]
         valid = y != opts.ignore_index
-        lse_c = torch.logsumexp(z, dim=-1)
-        z_y = z.gather(1, torch.where(valid, y, 0)[:, None]).squeeze(1)
-        logp_c = torch.where(valid, z_y - lse_c, 0.0)
+        idx = torch.where(valid, y, 0)[:, None]
+        # Same numerics as the kernel (tl_row_lse_logp): shift by the row max, and for p > 1/2 form
+        # log p = -log1p(sum_{v != y} exp(z_v - z_y)) so confident rows keep relative precision
+        # (z_y - lse has eps * |lse| absolute error, all of log p when p -> 1).
+        m = z.amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # all -inf row: lse = -inf, not NaN
+        z.sub_(m)
+        z_y = z.gather(1, idx)
+        z.scatter_(1, idx, float("-inf"))
+        log_s_rest = torch.logsumexp(z, dim=-1)
+        z.scatter_(1, idx, z_y)  # restore: z is reused for the gradient below
+        z_y = z_y.squeeze(1)
+        log_s = torch.logaddexp(log_s_rest, z_y)
+        lse_c = m.squeeze(1) + log_s
+        log_ratio = log_s_rest - z_y  # log((1 - p) / p)
+        logp_c = torch.where(log_ratio < 0, -torch.log1p(torch.exp(log_ratio.clamp(max=0))), z_y - log_s)
+        logp_c = torch.where(valid, logp_c, 0.0)
         if opts.weighted:
             w = torch.where(valid, importance_weight_torch(logp_c, opts.beta1, opts.beta2), 0.0)
         else:
@@ -207,7 +258,7 @@ def token_logprobs_forward_torch(logits, labels, opts, *, grad_scale=None):
         logp[s:e], lse[s:e], w_all[s:e] = logp_c, lse_c, w
         if grad is not None:
             g = (grad_scale.to(acc) * w)
-            grad[s:e] = _row_grad_(z, lse_c, y, valid, g).to(grad.dtype)
+            grad[s:e] = _row_grad_(z, log_s, y, valid, g).to(grad.dtype)  # z is already z - m
     return logp, lse, w_all, grad
 
 
@@ -247,7 +298,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
         logits, labels, lse = ctx.saved_tensors
         if g_logp is None or not ctx.needs_input_grad[0]:
             return None, None, None, None
-        grad = _BACKWARD[ctx.backend](logits, labels, lse, g_logp.float(), ctx.opts)
+        grad = _BACKWARD[ctx.backend](logits, labels, lse, g_logp.to(lse.dtype), ctx.opts)
         return grad, None, None, None
 
 
@@ -255,16 +306,20 @@ class WeightedLogprobsFunction(torch.autograd.Function):
     """logits [N, V], labels [N] -> (reduce(sg[w] * logp), w [N] f32 non-differentiable)."""
 
     @staticmethod
-    def forward(ctx, logits, labels, opts: TokenLogprobsOptions, backend: str):
+    def forward(ctx, logits, labels, opts: TokenLogprobsOptions, backend: str, want_grad: bool):
+        # want_grad comes from the caller: inside forward grad mode is always off and needs_input_grad is
+        # True under torch.no_grad() too, which would compute (and, in place, write) a gradient nobody uses.
         ctx.opts, ctx.backend = opts, backend
-        fused = opts.reduction != "none" and ctx.needs_input_grad[0]
+        fused = opts.reduction != "none" and want_grad
         grad_scale = None
         if fused:
             n_valid = (labels != opts.ignore_index).sum()
+            # float64 logits (torch path) keep a float64 coefficient; the kernels read float32.
+            coef_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
             if opts.reduction == "mean":
-                grad_scale = 1.0 / n_valid.clamp(min=1).to(torch.float32)
+                grad_scale = 1.0 / n_valid.clamp(min=1).to(coef_dtype)
             else:
-                grad_scale = torch.ones((), dtype=torch.float32, device=logits.device)
+                grad_scale = torch.ones((), dtype=coef_dtype, device=logits.device)
         logp, lse, w, grad = _FORWARD[backend](logits, labels, opts, grad_scale=grad_scale)
         per_token = w * logp
         if opts.reduction == "none":
@@ -282,19 +337,34 @@ class WeightedLogprobsFunction(torch.autograd.Function):
     def backward(ctx, g_out, _g_w):
         opts = ctx.opts
         if g_out is None or not ctx.needs_input_grad[0]:
-            return None, None, None, None
+            return None, None, None, None, None
         if opts.reduction == "none":
             logits, labels, lse, w = ctx.saved_tensors
-            grad = _BACKWARD[ctx.backend](logits, labels, lse, g_out.float() * w, opts)
-            return grad, None, None, None
+            grad = _BACKWARD[ctx.backend](logits, labels, lse, g_out.to(w.dtype) * w, opts)
+            return grad, None, None, None, None
         (grad,) = ctx.saved_tensors
+        if grad is None:
+            raise RuntimeError("weighted_logprobs: the gradient was not formed in the forward (grad mode was off "
+                               "or logits did not require grad then); recompute the loss with grad enabled")
         if not (g_out.numel() == 1 and torch.equal(g_out, torch.ones_like(g_out))):
             grad = grad * g_out.to(grad.dtype)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Public functions (2-D inputs; the loss layer flattens [B, T, V] and applies the causal shift).
+def _kernel_layout(logits: torch.Tensor, labels: torch.Tensor, backend: str):
+    """The kernels index ``labels_ptr + row`` and ``row_ptr + v``: labels and each logits row must be
+    unit-stride (a strided label view such as ``labels[::2]`` would otherwise be read wrongly). Row strides
+    of logits are free. A copy is made only for such views; with ``inplace_backward`` the gradient then
+    goes to the copy, never to unrelated memory."""
+    if backend != "triton":
+        return logits, labels
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    return logits, labels.contiguous()
+
+
 def token_logprobs_2d(logits: torch.Tensor, labels: torch.Tensor, opts: TokenLogprobsOptions,
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [N, V] (fp32/bf16/fp16/fp64), labels [N] int -> (logp [N] f32, lse [N] f32).
@@ -303,6 +373,7 @@ def token_logprobs_2d(logits: torch.Tensor, labels: torch.Tensor, opts: TokenLog
     """
     validate(logits, labels, opts)
     backend = resolve_backend(opts.backend, logits)
+    logits, labels = _kernel_layout(logits, labels, backend)
     return TokenLogprobsFunction.apply(logits, labels, opts, backend)
 
 
@@ -315,5 +386,7 @@ def weighted_logprobs_2d(logits: torch.Tensor, labels: torch.Tensor, opts: Token
     """
     validate(logits, labels, opts)
     backend = resolve_backend(opts.backend, logits)
-    return WeightedLogprobsFunction.apply(logits, labels, opts, backend)
+    logits, labels = _kernel_layout(logits, labels, backend)
+    want_grad = torch.is_grad_enabled() and logits.requires_grad
+    return WeightedLogprobsFunction.apply(logits, labels, opts, backend, want_grad)
 

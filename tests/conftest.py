@@ -1,0 +1,38 @@
+"""Marker rules (markers themselves are registered in pyproject.toml, except ``interpret`` below).
+
+* ``interpret``: runs Triton kernels on CPU through the interpreter; skipped unless TRITON_INTERPRET=1
+  (the interpreter is chosen when kernels are decorated, so tests/test_interpret.py runs these in a
+  subprocess with the variable set).
+* ``cuda``: skipped when no CUDA device is present.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # `import helpers` from any working directory
+
+
+def _interpret_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "interpret: Triton kernels under TRITON_INTERPRET=1 (run by test_interpret.py)")
+
+
+def pytest_collection_modifyitems(config, items):
+    interpret = _interpret_on()
+    cuda = None
+    for item in items:
+        if "interpret" in item.keywords and not interpret:
+            item.add_marker(pytest.mark.skip(reason="needs TRITON_INTERPRET=1 (run by tests/test_interpret.py)"))
+        if "cuda" in item.keywords:
+            if cuda is None:
+                import torch
+
+                cuda = torch.cuda.is_available()
+            if not cuda:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
