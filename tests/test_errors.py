@@ -114,7 +114,7 @@ def test_bad_satimp_betas(kw, arg):
 @pytest.mark.parametrize("value", [-1.0, math.nan, -math.inf])
 def test_bad_one_sided_beta(name, value):
     z, y = inputs()
-    with pytest.raises(ValueError, match=r"beta\d? must be finite and >= 0"):
+    with pytest.raises(ValueError, match=r"^beta must be finite and >= 0"):
         call(name, z, y, beta=value)
 
 
@@ -129,7 +129,7 @@ def test_non_number_satimp_betas(kw, arg):
 @pytest.mark.parametrize("name", ["wga_loss", "simimp_loss"])
 def test_bool_one_sided_beta(name):
     z, y = inputs()
-    with pytest.raises(TypeError, match=r"beta\d? must be a real number, got bool"):
+    with pytest.raises(TypeError, match=r"^beta must be a real number, got bool"):
         call(name, z, y, beta=False)
 
 

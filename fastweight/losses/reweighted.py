@@ -206,6 +206,7 @@ def wga_loss(logits: torch.Tensor, labels: torch.Tensor, *, beta: float = 5.0,
              backend: str | None = "auto", inplace_backward: bool = False, check_finite: bool = False,
              return_weights: bool = False):
     """Weighted gradient ascent ``-tokmean(sg[p**beta] * ell)`` (G-effect, Wang et al., ICLR 2025)."""
+    check_beta("beta", beta)
     return _reweighted(logits, labels, beta, 0.0, True, lm_head=lm_head, bias=bias, softcap=softcap,
                        reduction=reduction, shift=shift, ignore_index=ignore_index, backend=backend,
                        inplace_backward=inplace_backward, check_finite=check_finite, return_weights=return_weights)
@@ -217,6 +218,7 @@ def simimp_loss(logits: torch.Tensor, labels: torch.Tensor, *, beta: float = 1.0
                 ignore_index: int = IGNORE_INDEX, backend: str | None = "auto", inplace_backward: bool = False,
                 check_finite: bool = False, return_weights: bool = False):
     """Importance-only reweighting ``-tokmean(sg[(1 - p)**beta] * ell)`` (SatImp paper)."""
+    check_beta("beta", beta)
     return _reweighted(logits, labels, 0.0, beta, True, lm_head=lm_head, bias=bias, softcap=softcap,
                        reduction=reduction, shift=shift, ignore_index=ignore_index, backend=backend,
                        inplace_backward=inplace_backward, check_finite=check_finite, return_weights=return_weights)
