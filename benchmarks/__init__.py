@@ -1,0 +1,1 @@
+"""fastweight benchmarks: ``pytest benchmarks/`` and ``python -m benchmarks.report run.json``."""
