@@ -1,0 +1,562 @@
+"""Token log-likelihoods straight from hidden states and the output projection (fused linear; no logits).
+
+Twin of ``fastweight.ops.token_logprobs`` for the input ``hidden [N, H]``, ``lm_head [V, H]`` (optional
+``bias [V]`` and Gemma-2 ``softcap``): ``z = softcap * tanh((hidden @ lm_head.T + bias) / softcap)``.
+
+* ``linear_token_logprobs_2d`` -> ``(logp [N], lse [N])``; backward recomputes the logits block by block.
+* ``linear_weighted_logprobs_2d`` -> ``(reduce(sg[w_t] * logp_t), w [N])``. For "mean"/"sum" the per-row
+  coefficient ``g_t = scale * w_t`` is known in the forward (weights are detached), so the forward also
+  produces d hidden / d lm_head / d bias and the backward only rescales them by the upstream scalar.
+
+Torch path (CPU, and anything without Triton): rows are taken in chunks of ``c`` valid rows; per chunk one
+GEMM writes float32 logits into a reused ``[c, V]`` buffer, the buffer is exponentiated in place and summed
+(``lse``), and in the fused case two more GEMMs give ``dh_c = da_c @ W`` and ``dW += da_c^T @ h_c``. The
+softmax normalisation and ``g_t`` are per-row scalars, so they are applied to the ``[c, H]`` operands instead of
+the ``[c, V]`` buffer, and the one-hot term is written into the target column of the buffer (``c`` elements):
+no ``[N, V]`` tensor and no extra pass over the buffer. Ignored rows are skipped entirely (no GEMM work, ``lse`` = 0 there).
+Inputs in bf16/fp16 are computed in float32 (the torch path holds a float32 copy of ``lm_head``).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fastweight._constants import IGNORE_INDEX, Reduction
+from fastweight.ops._common import (
+    check_beta, check_finite, check_float_tensor, check_labels, check_reduction, resolve_backend, signature_of,
+    triton_interpret,
+)
+
+# ---------------------------------------------------------------------------------------------------------
+# Tuning (Triton): tl.dot tiles. 64 x 128 logits tile in float32 registers (32 values per thread at 8 warps),
+# BLOCK_H 32 fp32 / 64 16-bit keeps each operand tile at 8-16 KiB of shared memory; FWD_PROGRAMS ~ 4 waves on
+# a 132-SM GPU decides how many vocabulary splits the forward uses when N / BLOCK_N is small.
+BLOCK_N = 64
+BLOCK_V = 128
+BLOCK_H = {torch.float32: 32, torch.bfloat16: 64, torch.float16: 64}
+NUM_WARPS = 8
+FWD_PROGRAMS = 512
+FINALIZE_BLOCK_N = 128
+# Tuning (torch): 8 Mi float32 (32 MiB) per [c, V] chunk buffer, c = 170 rows at V = 49152. The buffer is
+# written by the GEMM and read by exp_/sum and the two gradient GEMMs while it is still (mostly) cached.
+# c is also the inner dimension K of the dW += da_c^T @ h_c update, which reads and writes the whole [V, H]
+# float32 accumulator once per chunk: small chunks make that update and the M = c logits GEMM inefficient
+# (measured on the 2-core CI CPU at N=1024, H=576, V=49152: c = 64 / 128 / 256 / 512 gave 1.71 / 1.57 /
+# 1.34 / 1.08 x the 3-GEMM floor under load), large ones raise peak memory by c * V * 4 bytes; 32 MiB keeps
+# hidden-size 576 / vocabulary 49152 SatImp under 200 MB of extra memory including d lm_head itself.
+TORCH_CHUNK_ELEMENTS = 1 << 23
+# exp(z) without max-subtraction is exact to fp32 rounding while the row sum stays in [2**-60, 2**100]
+# (the largest logit then lies in [-42 - log V, 69]); chunks outside fall back to the max-shifted pass.
+_SUM_LO, _SUM_HI = 2.0 ** -60, 2.0 ** 100
+
+
+@dataclass(frozen=True)
+class LinearLogprobsOptions:
+    """Every non-tensor option of the fused-linear ops.
+
+    ignore_index: label value of rows excluded everywhere (logp 0, weight 0, gradient 0, lse 0 on torch).
+    beta1, beta2: exponents of the detached weight ``p**beta1 * (1 - p)**beta2``; (0, 0) means w = 1.
+    weighted: compute weights at all (False for plain token log-probs / GA).
+    reduction: "none" | "mean" | "sum" of ``w * logp``; "mean" divides by the number of valid rows.
+    softcap: final-logit soft-capping constant (> 0) or None.
+    backend: "auto" | "triton" | "torch".
+    check_finite: scan hidden / lm_head / bias for NaN/inf first (one extra pass and a host sync).
+    chunk_elements: torch path, float32 elements of the [c, V] chunk buffer (c = chunk_elements // V, >= 1).
+    """
+
+    ignore_index: int = IGNORE_INDEX
+    beta1: float = 0.0
+    beta2: float = 0.0
+    weighted: bool = False
+    reduction: Reduction = "none"
+    softcap: float | None = None
+    backend: str | None = "auto"
+    check_finite: bool = False
+    chunk_elements: int = TORCH_CHUNK_ELEMENTS
+
+    def __post_init__(self) -> None:
+        check_beta("beta1", self.beta1)
+        check_beta("beta2", self.beta2)
+        check_reduction(self.reduction)
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
+        if self.softcap is not None and (isinstance(self.softcap, bool) or not isinstance(self.softcap, (int, float))
+                                         or not math.isfinite(self.softcap) or self.softcap <= 0):
+            raise ValueError(f"softcap must be a positive finite number or None, got {self.softcap!r}")
+        if isinstance(self.chunk_elements, bool) or not isinstance(self.chunk_elements, int) or self.chunk_elements < 1:
+            raise ValueError(f"chunk_elements must be a positive int, got {self.chunk_elements!r}")
+
+
+def validate(hidden, lm_head, bias, labels, opts: LinearLogprobsOptions) -> None:
+    """hidden [N, H], lm_head [V, H] of the same float dtype, bias [V] or None, labels [N] in range."""
+    check_float_tensor("hidden", hidden, min_dim=2)
+    check_float_tensor("lm_head", lm_head, min_dim=2)
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be 2-D [N, H] here, got shape {tuple(hidden.shape)}")
+    if lm_head.dim() != 2 or lm_head.shape[1] != hidden.shape[1]:
+        raise ValueError(f"lm_head must be [V, H] with H = {hidden.shape[1]}, got shape {tuple(lm_head.shape)}")
+    if lm_head.shape[0] == 0:
+        raise ValueError("lm_head has an empty vocabulary dimension (V = 0)")
+    if lm_head.dtype != hidden.dtype:
+        raise TypeError(f"lm_head dtype {lm_head.dtype} must match hidden dtype {hidden.dtype}")
+    if lm_head.device != hidden.device:
+        raise ValueError(f"lm_head is on {lm_head.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        check_float_tensor("bias", bias)
+        if bias.shape != lm_head.shape[:1]:
+            raise ValueError(f"bias must be [V] = [{lm_head.shape[0]}], got shape {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype or bias.device != hidden.device:
+            raise TypeError(f"bias must have the dtype and device of hidden ({hidden.dtype}, {hidden.device}), "
+                            f"got {bias.dtype} on {bias.device}")
+    check_labels(labels, hidden.shape[:1], hidden.device, lm_head.shape[0], opts.ignore_index)
+    if opts.check_finite:
+        for name, t in (("hidden", hidden), ("lm_head", lm_head), ("bias", bias)):
+            if t is not None:
+                check_finite(name, t)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Triton path
+def _launch_args(hidden, lm_head, bias, labels, opts: LinearLogprobsOptions, *, kernel: str = "fwd",
+                 compute_dh: bool = True, compute_dw: bool = True) -> dict[str, Any]:
+    """Grid, kernel arguments and constexprs for one launch; the compile test calls this too.
+
+    ``kernel``: "fwd" | "finalize" | "bwd". Returns {"grid", "args", "constexprs", "num_warps", "outputs",
+    "signature"}; "outputs" holds the buffers the launch writes (float32).
+    """
+    N, H = hidden.shape
+    V = lm_head.shape[0]
+    dev = hidden.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    block_h = BLOCK_H[hidden.dtype]
+    common = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None, BLOCK_N=BLOCK_N,
+                  BLOCK_V=BLOCK_V, BLOCK_H=block_h,
+                  DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
+                  UPCAST_DOT=hidden.dtype == torch.bfloat16 and triton_interpret())
+    softcap = float(opts.softcap) if opts.softcap is not None else 1.0
+    bias_arg = bias if bias is not None else lm_head  # never read when HAS_BIAS is False
+    n_blocks = triton_cdiv(N, BLOCK_N)
+    if kernel == "fwd":
+        v_tiles = triton_cdiv(V, BLOCK_V)
+        splits = max(1, min(v_tiles, FWD_PROGRAMS // max(n_blocks, 1)))
+        v_per_split = triton_cdiv(v_tiles, splits) * BLOCK_V
+        splits = triton_cdiv(V, v_per_split)  # every split owns >= 1 real column
+        part_max = torch.empty(splits, N, **f32)
+        part_sum = torch.empty(splits, N, **f32)
+        z_y = torch.zeros(N, **f32)
+        args = dict(hidden_ptr=hidden, stride_hidden_n=hidden.stride(0), lm_head_ptr=lm_head,
+                    stride_lm_head_v=lm_head.stride(0), bias_ptr=bias_arg, labels_ptr=labels,
+                    part_max_ptr=part_max, part_sum_ptr=part_sum, z_y_ptr=z_y, N=N, V=V, H=H,
+                    ignore_index=opts.ignore_index, softcap=softcap, v_per_split=v_per_split)
+        grid, constexprs = (n_blocks, splits), common
+        outputs = dict(part_max=part_max, part_sum=part_sum, z_y=z_y, splits=splits)
+    elif kernel == "finalize":
+        splits = 1
+        part = torch.empty(splits, N, **f32)
+        logp, lse, w = (torch.empty(N, **f32) for _ in range(3))
+        args = dict(part_max_ptr=part, part_sum_ptr=part, stride_part_k=N, z_y_ptr=lse, labels_ptr=labels,
+                    logp_ptr=logp, lse_ptr=lse, weight_ptr=w, N=N, num_splits=splits,
+                    ignore_index=opts.ignore_index, beta1=float(opts.beta1), beta2=float(opts.beta2))
+        grid = (triton_cdiv(N, FINALIZE_BLOCK_N),)
+        constexprs = dict(HAS_WEIGHTS=opts.weighted, BLOCK_N=FINALIZE_BLOCK_N)
+        outputs = dict(logp=logp, lse=lse, weight=w)
+    elif kernel == "bwd":
+        lse, logp, g = torch.empty(N, **f32), torch.empty(N, **f32), torch.empty(N, **f32)
+        dh = torch.zeros(N, H, **f32) if compute_dh else None
+        dw = torch.zeros(V, H, **f32) if compute_dw else None
+        db = torch.zeros(V, **f32) if compute_dw and bias is not None else None
+        args = dict(hidden_ptr=hidden, stride_hidden_n=hidden.stride(0), lm_head_ptr=lm_head,
+                    stride_lm_head_v=lm_head.stride(0), bias_ptr=bias_arg, labels_ptr=labels, lse_ptr=lse,
+                    logp_ptr=logp, g_ptr=g, dh_ptr=dh if dh is not None else lse, stride_dh_n=H,
+                    dw_ptr=dw if dw is not None else lse, stride_dw_v=H, db_ptr=db if db is not None else lse,
+                    N=N, V=V, H=H, ignore_index=opts.ignore_index, softcap=softcap,
+                    compute_dh=int(compute_dh), compute_dw=int(compute_dw))
+        grid = (n_blocks, triton_cdiv(V, BLOCK_V))
+        constexprs = common
+        outputs = dict(lse=lse, logp=logp, g=g, dh=dh, dw=dw, db=db)
+    else:
+        raise ValueError(f"kernel must be 'fwd', 'finalize' or 'bwd', got {kernel!r}")
+    return dict(grid=grid, args=args, constexprs=constexprs, num_warps=NUM_WARPS, outputs=outputs,
+                signature=signature_of(args, constexprs))
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def aot_cases() -> list[dict[str, Any]]:
+    """One compile case per kernel x dtype x constexpr combination ``_launch_args`` can emit."""
+    from fastweight.kernels import linear_logprobs as k
+
+    cases = []
+    labels = torch.zeros(3, dtype=torch.int64)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        hidden, lm_head = torch.zeros(3, 5, dtype=dtype), torch.zeros(7, 5, dtype=dtype)
+        for has_bias in (False, True):
+            bias = torch.zeros(7, dtype=dtype) if has_bias else None
+            for softcap in (None, 30.0):
+                opts = LinearLogprobsOptions(softcap=softcap)
+                tag = f"{dtype}".replace("torch.", "") + f"_bias{int(has_bias)}_cap{int(softcap is not None)}"
+                la = _launch_args(hidden, lm_head, bias, labels, opts, kernel="fwd")
+                cases.append(dict(name=f"linear_fwd_{tag}", fn=k._linear_logprobs_fwd, signature=la["signature"],
+                                  constexprs=la["constexprs"], num_warps=la["num_warps"]))
+                la = _launch_args(hidden, lm_head, bias, labels, opts, kernel="bwd")
+                cases.append(dict(name=f"linear_bwd_{tag}", fn=k._linear_logprobs_bwd, signature=la["signature"],
+                                  constexprs=la["constexprs"], num_warps=la["num_warps"]))
+    for weighted in (False, True):  # float32 partials whatever the input dtype
+        la = _launch_args(torch.zeros(3, 5), torch.zeros(7, 5), None, labels,
+                          LinearLogprobsOptions(weighted=weighted), kernel="finalize")
+        cases.append(dict(name=f"linear_finalize_w{int(weighted)}", fn=k._linear_logprobs_finalize,
+                          signature=la["signature"], constexprs=la["constexprs"], num_warps=la["num_warps"]))
+    return cases
+
+
+def linear_logprobs_forward_triton(hidden, lm_head, bias, labels, opts, *, grad_scale=None,
+                                   needs=(True, True, True)):
+    """Triton forward. Returns (logp [N] f32, lse [N] f32, w [N] f32, grads).
+
+    ``grad_scale``: 0-d float32 tensor or None. When given, ``grads`` = (d hidden, d lm_head, d bias) of
+    ``sum_t grad_scale * w_t * logp_t`` (None where ``needs`` is False) in float32 (float64 for float64
+    inputs; the caller scales by the upstream gradient and casts once), else ``grads`` is None.
+    """
+    from fastweight.kernels.linear_logprobs import _linear_logprobs_finalize, _linear_logprobs_fwd
+
+    N = hidden.shape[0]
+    la = _launch_args(hidden, lm_head, bias, labels, opts, kernel="fwd")
+    fo = _launch_args(hidden, lm_head, bias, labels, opts, kernel="finalize")
+    out = fo["outputs"]
+    if N > 0:
+        _linear_logprobs_fwd[la["grid"]](**la["args"], **la["constexprs"], num_warps=la["num_warps"])
+        p = la["outputs"]
+        args = dict(fo["args"], part_max_ptr=p["part_max"], part_sum_ptr=p["part_sum"], z_y_ptr=p["z_y"],
+                    num_splits=p["splits"])
+        _linear_logprobs_finalize[fo["grid"]](**args, **fo["constexprs"], num_warps=4)
+    grads = None
+    if grad_scale is not None:
+        g = grad_scale.to(torch.float32) * out["weight"]
+        grads = linear_logprobs_backward_triton(hidden, lm_head, bias, labels, out["lse"], out["logp"], g, opts,
+                                                needs=needs, cast=False)
+    return out["logp"], out["lse"], out["weight"], grads
+
+
+def linear_logprobs_backward_triton(hidden, lm_head, bias, labels, lse, logp, g, opts, *, needs=(True, True, True),
+                                    cast=True):
+    """(d hidden, d lm_head, d bias) in the input dtypes (None where not needed) for per-row coefficient g [N].
+
+    ``lse`` gives the off-target probabilities exp(z - lse); the target column uses 1 - p_y = -expm1(logp)
+    from the forward's ``logp`` (rounding lse = z_y - logp to float32 would cost p_y / (1 - p_y) ulps there).
+    """
+    from fastweight.kernels.linear_logprobs import _linear_logprobs_bwd
+
+    need_dw = bool(needs[1] or (bias is not None and needs[2]))
+    la = _launch_args(hidden, lm_head, bias, labels, opts, kernel="bwd", compute_dh=bool(needs[0]),
+                      compute_dw=need_dw)
+    out = la["outputs"]
+    if hidden.shape[0] > 0 and (needs[0] or need_dw):
+        args = dict(la["args"], lse_ptr=lse.float().contiguous(), logp_ptr=logp.float().contiguous(),
+                    g_ptr=g.float().contiguous())
+        _linear_logprobs_bwd[la["grid"]](**args, **la["constexprs"], num_warps=la["num_warps"])
+    grads = (out["dh"] if needs[0] else None, out["dw"] if needs[1] else None,
+             out["db"] if bias is not None and needs[2] else None)
+    return _cast_grads(grads, hidden, lm_head, bias) if cast else grads
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Torch path: chunks of valid rows, float32 accumulation (float64 for float64 inputs).
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def importance_weight_torch(logp: torch.Tensor, beta1: float, beta2: float) -> torch.Tensor:
+    """w = p**beta1 * (1 - p)**beta2 from log p, 0**0 == 1, (1 - p) = -expm1(log p)."""
+    w = torch.ones_like(logp)
+    if beta1 != 0:
+        w = w * torch.exp(beta1 * logp)
+    if beta2 != 0:
+        w = w * torch.exp(beta2 * torch.log(-torch.expm1(logp)))
+    return w
+
+
+class _Chunker:
+    """Valid rows of hidden in chunks, a reused [c, V] float32 buffer and the float32 operands."""
+
+    def __init__(self, hidden, lm_head, bias, labels, opts):
+        self.acc = _acc_dtype(hidden.dtype)
+        self.W = lm_head.to(self.acc)  # no copy for float32 / float64
+        self.b = None if bias is None else bias.to(self.acc)
+        self.hidden, self.labels, self.cap = hidden, labels.long(), opts.softcap  # gather needs int64
+        valid = labels != opts.ignore_index
+        self.rows = valid.nonzero().squeeze(1)
+        self.all_valid = self.rows.numel() == labels.numel()
+        V = lm_head.shape[0]
+        self.step = max(1, opts.chunk_elements // V)
+        c = min(self.step, self.rows.numel())
+        self.buf = torch.empty(c, V, dtype=self.acc, device=hidden.device)
+        self.aux = None  # 1 - tanh^2 for the softcap derivative, allocated when a gradient needs it
+
+    def __iter__(self):
+        n = self.rows.numel()
+        for s in range(0, n, self.step):
+            e = min(n, s + self.step)
+            if self.all_valid:
+                idx = slice(s, e)
+                h, y = self.hidden[s:e], self.labels[s:e]
+            else:
+                idx = self.rows[s:e]
+                h, y = self.hidden.index_select(0, idx), self.labels.index_select(0, idx)
+            yield idx, h.to(self.acc), y
+
+    def logits_(self, h, y, *, want_deriv: bool):
+        """Write logits of the chunk into the buffer; returns (z view, z[., y] [c], (1 - t^2) view or None)."""
+        z = self.buf[: h.shape[0]]
+        if self.b is None:
+            torch.mm(h, self.W.t(), out=z)
+        else:
+            torch.addmm(self.b, h, self.W.t(), out=z)
+        deriv = None
+        if self.cap is not None:
+            z.mul_(1.0 / self.cap).tanh_()
+            if want_deriv:
+                if self.aux is None:
+                    self.aux = torch.empty_like(self.buf)
+                deriv = torch.mul(z, z, out=self.aux[: h.shape[0]]).neg_().add_(1.0)
+            z.mul_(self.cap)
+        z_y = z.gather(1, y[:, None]).squeeze(1)
+        return z, z_y, deriv
+
+    def exp_sum_(self, h, y, *, want_deriv: bool):
+        """Logits, then buffer <- exp(z - shift) in place with the target column zeroed.
+
+        Returns (E, z_y, shift [c], E_y [c], rest [c], deriv) where E_y = exp(z_y - shift) and rest is the
+        sum of the other columns: 1 - p_y = rest / (rest + E_y) without cancellation for confident rows.
+        """
+        z, z_y, deriv = self.logits_(h, y, want_deriv=want_deriv)
+        z.exp_()
+        shift = torch.zeros_like(z_y)
+        E_y = z.gather(1, y[:, None]).squeeze(1)
+        z.scatter_(1, y[:, None], 0.0)
+        rest = z.sum(1)
+        ssum = rest + E_y
+        if not bool(((ssum >= _SUM_LO) & (ssum <= _SUM_HI)).all()):
+            # Rare (logits beyond ~ +-40): redo the chunk with the row max subtracted.
+            z, z_y, deriv = self.logits_(h, y, want_deriv=want_deriv)
+            shift = z.amax(1)
+            z.sub_(shift[:, None]).exp_()
+            E_y = z.gather(1, y[:, None]).squeeze(1)
+            z.scatter_(1, y[:, None], 0.0)
+            rest = z.sum(1)
+        return z, z_y, shift, E_y, rest, deriv
+
+    def grads_(self, E, h, idx, coef, deriv, dh, dW, db):
+        """Accumulate the gradients of a chunk whose buffer holds E with da = -coef * E (* deriv).
+
+        The caller has already put the one-hot term into E's target column (E[t, y_t] = -(1 - p_t) / p-scale),
+        so one GEMM each gives every term; coef [c] is a per-row scalar applied to the [c, H] side:
+            dh_c = -coef * (E @ W),   dW += E^T @ (-coef * h_c),   db += E^T @ (-coef).
+        """
+        if deriv is not None:
+            E.mul_(deriv)
+        if dh is not None:
+            dh[idx] = torch.mm(E, self.W).mul_(-coef[:, None])
+        if dW is not None:
+            dW.addmm_(E.t(), h * (-coef)[:, None])
+        if db is not None:
+            db.addmv_(E.t(), -coef)
+
+
+def _grad_buffers(hidden, lm_head, bias, needs, acc):
+    N, H = hidden.shape
+    V = lm_head.shape[0]
+    dh = torch.zeros(N, H, dtype=acc, device=hidden.device) if needs[0] else None
+    dW = torch.zeros(V, H, dtype=acc, device=hidden.device) if needs[1] else None
+    db = torch.zeros(V, dtype=acc, device=hidden.device) if bias is not None and needs[2] else None
+    return dh, dW, db
+
+
+def _cast_grads(grads, *like):
+    """Cast (d hidden, d lm_head, d bias) to the dtypes of ``like`` (tensors or dtypes); no copy if equal."""
+    return tuple(None if t is None else t.to(getattr(ref, "dtype", ref)) for t, ref in zip(grads, like))
+
+
+def linear_logprobs_forward_torch(hidden, lm_head, bias, labels, opts, *, grad_scale=None,
+                                  needs=(True, True, True)):
+    """Same contract as ``linear_logprobs_forward_triton`` (float64 outputs for float64 inputs)."""
+    ch = _Chunker(hidden, lm_head, bias, labels, opts)
+    N, acc, dev = hidden.shape[0], ch.acc, hidden.device
+    logp, lse, w = (torch.zeros(N, dtype=acc, device=dev) for _ in range(3))
+    fused = grad_scale is not None
+    grads = _grad_buffers(hidden, lm_head, bias, needs, acc) if fused else (None, None, None)
+    any_grad = fused and any(t is not None for t in grads)
+    for idx, h, y in ch:
+        E, z_y, shift, E_y, rest, deriv = ch.exp_sum_(h, y, want_deriv=any_grad)
+        ssum = rest + E_y
+        # log p = -log1p(rest / E_y): exact 0 for V = 1, no cancellation for confident rows; z_y - lse only
+        # where E_y is tiny (p below ~ 1e-18).
+        logp_c = torch.where(E_y >= _SUM_LO, -torch.log1p(rest / E_y.clamp(min=_SUM_LO)),
+                             z_y - shift - torch.log(ssum))
+        lse_c = z_y - logp_c
+        w_c = importance_weight_torch(logp_c, opts.beta1, opts.beta2) if opts.weighted else torch.ones_like(logp_c)
+        lse[idx], logp[idx], w[idx] = lse_c, logp_c, w_c
+        if any_grad:
+            g = grad_scale.to(acc) * w_c
+            # da = g * (onehot - p) (* (1 - t^2)) = -(g / sum) * E' with E' = E off the target and
+            # E'[t, y_t] = -rest_t, since g * (1 - p_y) = g * rest / sum: no separate one-hot pass or index_add_.
+            E.scatter_(1, y[:, None], -rest[:, None])
+            ch.grads_(E, h, idx, g / ssum, deriv, *grads)
+    return logp, lse, w, (grads if fused else None)
+
+
+def linear_logprobs_backward_torch(hidden, lm_head, bias, labels, lse, logp, g, opts, *, needs=(True, True, True)):
+    """Same contract as ``linear_logprobs_backward_triton``: recompute each chunk's logits, p = exp(z - lse)."""
+    ch = _Chunker(hidden, lm_head, bias, labels, opts)
+    grads = _grad_buffers(hidden, lm_head, bias, needs, ch.acc)
+    if all(t is None for t in grads):
+        return grads
+    for idx, h, y in ch:
+        z, _, deriv = ch.logits_(h, y, want_deriv=True)
+        lse_c = lse[idx].to(ch.acc)
+        z.sub_(lse_c[:, None]).exp_()
+        # da = -g * p', p' = p off the target and p'_y = -(1 - p_y) = expm1(log p) from the forward's log p
+        # (exp(z_y - lse) would carry lse's float32 rounding times p_y / (1 - p_y)).
+        z.scatter_(1, y[:, None], torch.expm1(logp[idx].to(ch.acc))[:, None])
+        ch.grads_(z, h, idx, g[idx].to(ch.acc), deriv, *grads)
+    return _cast_grads(grads, hidden, lm_head, bias)
+
+
+_FORWARD = {"triton": linear_logprobs_forward_triton, "torch": linear_logprobs_forward_torch}
+_BACKWARD = {"triton": linear_logprobs_backward_triton, "torch": linear_logprobs_backward_torch}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autograd
+class LinearTokenLogprobsFunction(torch.autograd.Function):
+    """hidden [N, H], lm_head [V, H], bias [V] | None, labels [N] -> (logp [N], lse [N] non-differentiable)."""
+
+    @staticmethod
+    def forward(ctx, hidden, lm_head, bias, labels, opts: LinearLogprobsOptions, backend: str):
+        logp, lse, _, _ = _FORWARD[backend](hidden, lm_head, bias, labels, opts)
+        ctx.save_for_backward(hidden, lm_head, bias, labels, lse, logp)
+        ctx.opts, ctx.backend = opts, backend
+        ctx.mark_non_differentiable(lse)
+        return logp, lse
+
+    @staticmethod
+    def backward(ctx, g_logp, _g_lse):
+        hidden, lm_head, bias, labels, lse, logp = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if g_logp is None or not any(needs):
+            return None, None, None, None, None, None
+        dh, dW, db = _BACKWARD[ctx.backend](hidden, lm_head, bias, labels, lse, logp, g_logp, ctx.opts,
+                                            needs=needs)
+        return dh, dW, db, None, None, None
+
+
+class LinearWeightedLogprobsFunction(torch.autograd.Function):
+    """hidden, lm_head, bias, labels -> (reduce(sg[w] * logp) / divisor, w [N] non-differentiable)."""
+
+    @staticmethod
+    def forward(ctx, hidden, lm_head, bias, labels, divisor, opts: LinearLogprobsOptions, backend: str,
+                grad_enabled: bool):
+        ctx.opts, ctx.backend = opts, backend
+        # needs_input_grad is True under torch.no_grad() too; do not pay 2 GEMMs for a graph never built.
+        needs = tuple(bool(n and grad_enabled) for n in ctx.needs_input_grad[:3])
+        valid = labels != opts.ignore_index
+        acc = _acc_dtype(hidden.dtype)
+        scale = torch.ones((), dtype=acc, device=hidden.device)
+        if opts.reduction == "mean":
+            scale = scale / valid.sum().clamp(min=1).to(acc)
+        if divisor is not None:
+            scale = scale / divisor.to(acc)
+        fused = opts.reduction != "none" and any(needs)
+        logp, lse, w, grads = _FORWARD[backend](hidden, lm_head, bias, labels, opts,
+                                                grad_scale=scale if fused else None, needs=needs)
+        per_token = w * logp
+        if opts.reduction == "none":
+            out = per_token
+            ctx.save_for_backward(hidden, lm_head, bias, labels, lse, logp, w)
+        else:
+            out = per_token.sum() * scale.to(per_token.dtype)
+            ctx.grads = grads  # float32 (float64) accumulators, scaled and cast once in backward
+            ctx.dtypes = tuple(None if t is None else t.dtype for t in (hidden, lm_head, bias))
+        ctx.mark_non_differentiable(w)
+        return out, w
+
+    @staticmethod
+    def backward(ctx, g_out, _g_w):
+        needs = ctx.needs_input_grad[:3]
+        if g_out is None or not any(needs):
+            return None, None, None, None, None, None, None, None
+        if ctx.opts.reduction == "none":
+            hidden, lm_head, bias, labels, lse, logp, w = ctx.saved_tensors
+            grads = _BACKWARD[ctx.backend](hidden, lm_head, bias, labels, lse, logp, g_out.to(w.dtype) * w,
+                                           ctx.opts, needs=needs)
+        else:
+            if ctx.grads is None:
+                raise RuntimeError("fused-linear loss: backward called twice on a graph whose gradients were "
+                                   "computed in the forward and already handed out; recompute the loss instead")
+            grads, ctx.grads = ctx.grads, None  # hand ownership to autograd (no copy, no second reference)
+            if not (g_out.numel() == 1 and bool(g_out == 1)):
+                grads = tuple(None if t is None else t.mul_(g_out.to(t.dtype)) for t in grads)
+            grads = _cast_grads(grads, *ctx.dtypes)
+        return (*grads, None, None, None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public 2-D entry points (the loss layer flattens [B, T, H] and applies the causal shift).
+def _opaque_to_dynamo(fn):
+    """Run ``fn`` outside torch.compile graphs (data-dependent chunking and host syncs).
+
+    ``torch.compiler.disable`` at import would import torch._dynamo (and Triton) for every user, so the
+    disabled twin is made on the first call that finds Dynamo loaded; without Dynamo nothing compiles.
+    """
+    disabled = []
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    return wrapper
+
+
+@_opaque_to_dynamo
+def linear_token_logprobs_2d(hidden: torch.Tensor, lm_head: torch.Tensor, bias: torch.Tensor | None,
+                             labels: torch.Tensor, opts: LinearLogprobsOptions,
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [N, H], lm_head [V, H] (fp32/bf16/fp16; fp64 on torch), bias [V] | None, labels [N] int.
+
+    Returns (logp [N], lse [N]), float32 (float64 for float64 input). ``logp`` is differentiable w.r.t.
+    hidden, lm_head and bias; ignored rows give logp = 0 and zero gradient (and lse = 0 on the torch path).
+    """
+    validate(hidden, lm_head, bias, labels, opts)
+    backend = resolve_backend(opts.backend, *(t for t in (hidden, lm_head, bias) if t is not None))
+    return LinearTokenLogprobsFunction.apply(hidden, lm_head, bias, labels, opts, backend)
+
+
+@_opaque_to_dynamo
+def linear_weighted_logprobs_2d(hidden: torch.Tensor, lm_head: torch.Tensor, bias: torch.Tensor | None,
+                                labels: torch.Tensor, opts: LinearLogprobsOptions, *,
+                                divisor: torch.Tensor | float | None = None,
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """reduce(sg[w_t] * logp_t) [/ divisor] and the detached weights w [N] (0 on ignored rows).
+
+    Returns a 0-d float32 tensor for "mean"/"sum" ("mean" over valid rows, 0 when none is valid) or [N]
+    float32 for "none". ``divisor`` (e.g. Hugging Face ``num_items_in_batch``) divides the reduced value;
+    it is folded into the gradient computed in the forward, so the backward does no extra work.
+    """
+    validate(hidden, lm_head, bias, labels, opts)
+    backend = resolve_backend(opts.backend, *(t for t in (hidden, lm_head, bias) if t is not None))
+    if divisor is not None:
+        if opts.reduction == "none":
+            raise ValueError("divisor is only meaningful with reduction 'mean' or 'sum'")
+        divisor = torch.as_tensor(divisor, device=hidden.device).detach()
+    return LinearWeightedLogprobsFunction.apply(hidden, lm_head, bias, labels, divisor, opts, backend,
+                                                torch.is_grad_enabled())
