@@ -1,0 +1,190 @@
+"""The TOFU evaluator (``shared/spec/METRICS.md``, TOFU): per-split metrics, Model Utility, Forget Quality.
+
+``evaluate_tofu(model, tokenizer, eval_sets, config, output_dir=...)`` scores
+
+    forget / retain             prob, rouge (greedy generation, ROUGE-L recall), truth_ratio, es
+    real_authors / world_facts  prob (normalised over correct + wrong answers), rouge, truth_ratio
+    model_utility               harmonic mean of the nine {retain, real_authors, world_facts} x
+                                {prob, rouge, truth_ratio} values
+    forget_quality              KS p-value of forget truth ratios against ``retain_tr`` (the retain model's)
+
+and returns ``{"<split>_<metric>": agg_value, ...}``. With ``output_dir``, ``<bench>_EVAL.json`` (every
+``MetricResult``) and ``<bench>_SUMMARY.json`` (aggregates) are rewritten atomically after each metric; a rerun
+with the same folder skips metrics already in ``<bench>_EVAL.json`` (resumable). With an ``accelerator`` of
+several processes, each rank scores ``rows[rank::world]`` and the per-item values are gathered; only the main
+process writes files.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from fastweight.data.tofu import encode_prompt, encode_qa, pad_collate
+from fastweight.eval import metrics as M
+
+EVAL_SPLITS: tuple[str, ...] = ("forget", "retain", "real_authors", "world_facts")
+
+
+@dataclass
+class TofuEvalConfig:
+    """Evaluation options: ``template`` must match training; ``max_items`` caps rows per split (None = all)."""
+
+    template: str = "chat"
+    batch_size: int = 8
+    max_length: int = 512
+    max_new_tokens: int = 200
+    max_items: int | None = None
+    bench: str = "TOFU"
+    autocast: str | None = None  # "bf16" / "fp16": run the model under torch.autocast (faster on CPUs with bf16)
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_length", "max_new_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.max_items is not None and (not isinstance(self.max_items, int) or self.max_items < 1):
+            raise ValueError(f"max_items must be None or a positive int, got {self.max_items!r}")
+        if self.autocast not in (None, "no", "bf16", "fp16"):
+            raise ValueError(f"autocast must be None, 'no', 'bf16' or 'fp16', got {self.autocast!r}")
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+class _Sharded:
+    """Run a per-row function on this rank's rows and gather the results in row order on every rank."""
+
+    def __init__(self, accelerator) -> None:
+        self.acc = accelerator
+        self.rank = accelerator.process_index if accelerator is not None else 0
+        self.world = accelerator.num_processes if accelerator is not None else 1
+
+    def map(self, rows: Sequence[dict], fn: Callable[[list[dict]], list]) -> list:
+        idx = list(range(self.rank, len(rows), self.world))
+        local = list(zip(idx, fn([rows[i] for i in idx]))) if idx else []
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            local = gather_object(local)
+        return [v for _, v in sorted(local, key=lambda t: t[0])]
+
+
+def _answer_stats(model, tokenizer, cfg: TofuEvalConfig, pairs: list[tuple[str, str]]) -> list[dict]:
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out: list[dict] = []
+    for s in range(0, len(pairs), cfg.batch_size):
+        items = [{k: torch.tensor(v) for k, v in encode_qa(tokenizer, cfg.template, q, a, cfg.max_length).items()}
+                 for q, a in pairs[s:s + cfg.batch_size]]
+        batch = {k: v.to(device) for k, v in pad_collate(items, pad).items()}
+        out += M.answer_token_stats(model, batch)
+    return out
+
+
+def _avg_logps(model, tokenizer, cfg, rows: list[dict], key: str) -> list:
+    """Mean answer log-prob per row for ``row[key]`` (str -> float, list of str -> list of float)."""
+    flat = [(r["question"], a) for r in rows for a in ([r[key]] if isinstance(r[key], str) else r[key])]
+    stats = iter(_answer_stats(model, tokenizer, cfg, flat))
+    return [next(stats)["avg_logp"] if isinstance(r[key], str) else [next(stats)["avg_logp"] for _ in r[key]]
+            for r in rows]
+
+
+def evaluate_tofu(model, tokenizer, eval_sets: Mapping[str, Sequence[dict]], config: TofuEvalConfig | None = None,
+                  *, output_dir: str | os.PathLike | None = None, retain_tr: Sequence[float] | None = None,
+                  accelerator=None, splits: Sequence[str] = EVAL_SPLITS) -> dict[str, float]:
+    """Score ``model`` on the TOFU evaluation sets; see the module docstring.
+
+    Args:
+        model: causal LM (unwrapped or accelerate-prepared); put in eval mode for the call, mode restored after.
+        tokenizer: its tokenizer (``eos_token_id`` required).
+        eval_sets: ``{"forget": forgetXX_perturbed rows, "retain": retain_perturbed rows, "real_authors":
+            real_authors_perturbed rows, "world_facts": world_facts_perturbed rows}`` (missing splits skipped).
+        retain_tr: the retain model's forget-split truth ratios (``value_by_index[i]["tr"]``) for Forget Quality.
+        splits: which of ``EVAL_SPLITS`` to score.
+    Returns:
+        ``{metric key: agg_value}``; also ``forget_tr`` is available from the EVAL file / ``last_eval``.
+    """
+    cfg = config or TofuEvalConfig()
+    unknown = [s for s in splits if s not in EVAL_SPLITS]
+    if unknown:
+        raise ValueError(f"splits must be among {EVAL_SPLITS}, got {unknown}")
+    if accelerator is not None:
+        model = accelerator.unwrap_model(model)
+    shard = _Sharded(accelerator)
+    main = shard.rank == 0
+    out_dir = Path(output_dir) if output_dir is not None else None
+    eval_path = out_dir / f"{cfg.bench}_EVAL.json" if out_dir else None
+    results: dict[str, M.MetricResult] = {}
+    if eval_path is not None and eval_path.is_file():
+        results = json.loads(eval_path.read_text())
+    if out_dir is not None and main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    def record(key: str, fn: Callable[[], M.MetricResult]) -> None:
+        if key in results:
+            return
+        results[key] = fn()
+        if out_dir is not None and main:
+            _atomic_json(eval_path, results)
+            _atomic_json(out_dir / f"{cfg.bench}_SUMMARY.json", {k: v["agg_value"] for k, v in results.items()})
+
+    was_training = model.training
+    model.eval()
+    device_type = next(model.parameters()).device.type
+    amp = torch.autocast(device_type, dtype=torch.bfloat16 if cfg.autocast == "bf16" else torch.float16,
+                         enabled=cfg.autocast in ("bf16", "fp16"))
+    try:
+        amp.__enter__()
+        for split in splits:
+            rows = list(eval_sets.get(split) or [])[:cfg.max_items]
+            if not rows:
+                continue
+            general = split in ("real_authors", "world_facts")
+            para_key = "answer" if general or "paraphrased_answer" not in rows[0] else "paraphrased_answer"
+            if general:
+                record(f"{split}_prob", lambda: M.normalised_probability(
+                    shard.map(rows, lambda rs: _avg_logps(model, tokenizer, cfg, rs, "answer")),
+                    shard.map(rows, lambda rs: _avg_logps(model, tokenizer, cfg, rs, "perturbed_answer"))))
+            elif f"{split}_prob" not in results or f"{split}_es" not in results:
+                stats = shard.map(rows, lambda rs: _answer_stats(model, tokenizer, cfg,
+                                                                 [(r["question"], r["answer"]) for r in rs]))
+                record(f"{split}_prob", lambda: M.probability([s["avg_logp"] for s in stats]))
+                record(f"{split}_es", lambda: M.extraction_strength([s["correct"] for s in stats]))
+            record(f"{split}_rouge", lambda: M.rouge_l(shard.map(rows, lambda rs: M.generate_greedy(
+                model, tokenizer, [encode_prompt(tokenizer, cfg.template, r["question"]) for r in rs],
+                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)), [r["answer"] for r in rows]))
+            record(f"{split}_truth_ratio", lambda: M.truth_ratio(
+                shard.map(rows, lambda rs: _avg_logps(model, tokenizer, cfg, rs, para_key)),
+                shard.map(rows, lambda rs: _avg_logps(model, tokenizer, cfg, rs, "perturbed_answer")),
+                mode="forget" if split == "forget" else "true_better"))
+    finally:
+        amp.__exit__(None, None, None)
+        model.train(was_training)
+    mu_keys = [f"{s}_{m}" for s in ("retain", "real_authors", "world_facts") for m in ("prob", "rouge",
+                                                                                        "truth_ratio")]
+    if all(k in results for k in mu_keys):
+        record("model_utility", lambda: M.model_utility({k: results[k]["agg_value"] for k in mu_keys}))
+    if retain_tr is not None and "forget_truth_ratio" in results:
+        record("forget_quality", lambda: M.forget_quality(forget_truth_ratios(results), retain_tr))
+    return {k: v["agg_value"] for k, v in results.items()}
+
+
+def forget_truth_ratios(results: Mapping[str, M.MetricResult]) -> list[float]:
+    """Raw forget-split truth ratios (row order) from an EVAL mapping, for Forget Quality."""
+    by_index = results["forget_truth_ratio"]["value_by_index"]
+    return [by_index[str(i)]["tr"] for i in range(len(by_index))]
+
+
+def load_eval(output_dir: str | os.PathLike, bench: str = "TOFU") -> dict[str, M.MetricResult]:
+    """The ``<bench>_EVAL.json`` written by ``evaluate_tofu`` in ``output_dir``."""
+    return json.loads((Path(output_dir) / f"{bench}_EVAL.json").read_text())
+
+
+__all__ = ["EVAL_SPLITS", "TofuEvalConfig", "evaluate_tofu", "forget_truth_ratios", "load_eval"]

@@ -1,0 +1,102 @@
+"""Training configuration: one dataclass, validated once, loadable from YAML/JSON.
+
+Defaults follow ``shared/spec/LOSSES.md`` (training defaults): AdamW, lr 1e-5, 5 epochs, effective batch
+16 (4 x 4 accumulation), linear warm-up over the first epoch then linear decay, max grad norm 1.
+Method hyper-parameters are not defaulted here: ``method_args`` only overrides what
+``fastweight.train.methods.build_method`` (and through it ``fastweight.losses.LOSSES``) defines.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+MixedPrecision = Literal["no", "bf16", "fp16"]
+MIXED_PRECISIONS: tuple[str, ...] = get_args(MixedPrecision)
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``fastweight.train.loop.train``.
+
+    method: unlearning method name for ``build_method``; None = plain fine-tuning (NLL on the forget/train set).
+    method_args: overrides passed to ``build_method(method, **method_args)``.
+    batch_size: per-process micro-batch; ``grad_accum`` micro-batches per optimizer step.
+    epochs / max_steps: the run is ``epochs`` passes, cut at ``max_steps`` optimizer steps when set (the
+        schedule is computed for the cut run).
+    warmup_steps: None = one epoch of warm-up (at most half of the run), then linear decay to 0.
+    trainable_layers: train only the last N decoder blocks (+ final norm), e.g. for a CPU budget; None = all
+        (intersected with the method's ``trainable``).
+    save_every: checkpoint every N optimizer steps (0 = only at the end); ``resume``: continue from the
+        latest checkpoint in ``output_dir/checkpoints``.
+    """
+
+    output_dir: str = "runs/tofu"
+    method: str | None = None
+    method_args: dict[str, Any] = field(default_factory=dict)
+    lr: float = 1e-5
+    epochs: int = 5
+    batch_size: int = 4
+    grad_accum: int = 4
+    max_steps: int | None = None
+    warmup_steps: int | None = None
+    weight_decay: float = 0.01
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "no"
+    seed: int = 0
+    trainable_layers: int | None = None
+    save_every: int = 0
+    resume: bool = False
+    log_every: int = 1
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        for name in ("max_steps", "trainable_layers"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be None or a positive int, got {v!r}")
+        if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
+            raise ValueError(f"warmup_steps must be None or an int >= 0, got {self.warmup_steps!r}")
+        if not isinstance(self.save_every, int) or self.save_every < 0:
+            raise ValueError(f"save_every must be an int >= 0, got {self.save_every!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be None or > 0, got {self.max_grad_norm!r}")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}")
+        if not isinstance(self.method_args, dict):
+            raise TypeError(f"method_args must be a dict, got {type(self.method_args).__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A flat mapping from a ``.yaml``/``.yml`` or ``.json`` file (keys are CLI/dataclass field names)."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    elif path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        raise ValueError(f"config file must end in .yaml, .yml or .json, got {str(path)!r}")
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def train_config_from(mapping: dict[str, Any]) -> TrainConfig:
+    """``TrainConfig`` from the keys of ``mapping`` that are its fields (others ignored)."""
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in mapping.items() if k in names})
+
+
+__all__ = ["MIXED_PRECISIONS", "MixedPrecision", "TrainConfig", "read_config_file", "train_config_from"]
