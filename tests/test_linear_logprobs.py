@@ -326,3 +326,23 @@ def test_triton_all_ignored():
     out = fastweight.satimp_loss(leaves[0], y, lm_head=leaves[1], bias=leaves[2], backend="triton")
     out.backward()
     assert out.item() == 0 and all(torch.equal(t.grad, torch.zeros_like(t)) for t in leaves)
+
+
+def test_autocast_mixed_dtypes_match_explicit_cast():
+    """Under CPU bf16 autocast (bf16 hidden, fp32 lm_head, as a decoder under autocast produces), the loss
+    equals the one computed on explicitly bf16-rounded inputs and each gradient keeps its input's dtype."""
+    torch.manual_seed(0)
+    h = torch.randn(6, 16).bfloat16().requires_grad_()
+    W = torch.randn(50, 16, requires_grad=True)
+    y = torch.randint(0, 50, (6,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fastweight.satimp_loss(h, y, lm_head=W, beta1=1.0)
+        loss.backward()  # backward inside the autocast region too
+    assert h.grad.dtype == torch.bfloat16 and W.grad.dtype == torch.float32
+    h2 = h.detach().float().requires_grad_()
+    W2 = W.detach().bfloat16().float().requires_grad_()  # what autocast's cast feeds the op
+    ref = fastweight.satimp_loss(h2, y, lm_head=W2, beta1=1.0)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(W.grad, W2.grad, rtol=2e-2, atol=1e-3)  # W2.grad before the bf16 round trip
+    torch.testing.assert_close(h.grad.float(), h2.grad, rtol=2e-2, atol=1e-3)

@@ -155,3 +155,23 @@ def signature_of(args: dict[str, Any], constexprs: dict[str, Any]) -> dict[str, 
     for k in constexprs:
         sig[k] = "constexpr"
     return sig
+
+
+def autocast_cast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Under ``torch.autocast``, cast floating inputs to the autocast dtype, as ``F.linear`` would.
+
+    The casts are ordinary (differentiable) tensor ops, so autograd returns each gradient in its input's
+    dtype. Outside autocast the tensors are returned unchanged.
+    """
+    ref = next(t for t in tensors if t is not None)
+    dev = ref.device.type
+    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
+        return tensors
+    dtype = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
+
+
+def no_autocast(device: torch.device):
+    """Context that turns autocast off for the ops' own GEMMs (they accumulate in float32 themselves)."""
+    return torch.autocast(device_type=device.type if device.type in ("cpu", "cuda") else "cpu", enabled=False)

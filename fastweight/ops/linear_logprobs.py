@@ -28,8 +28,8 @@ import torch
 
 from fastweight._constants import IGNORE_INDEX, Reduction
 from fastweight.ops._common import (
-    check_beta, check_finite, check_float_tensor, check_labels, check_reduction, resolve_backend, signature_of,
-    triton_interpret,
+    autocast_cast, check_beta, check_finite, check_float_tensor, check_labels, check_reduction, no_autocast,
+    resolve_backend, signature_of, triton_interpret,
 )
 
 # ---------------------------------------------------------------------------------------------------------
@@ -451,8 +451,9 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad[:3]
         if g_logp is None or not any(needs):
             return None, None, None, None, None, None
-        dh, dW, db = _BACKWARD[ctx.backend](hidden, lm_head, bias, labels, lse, logp, g_logp, ctx.opts,
-                                            needs=needs)
+        with no_autocast(hidden.device):  # backward may run inside the caller's autocast region
+            dh, dW, db = _BACKWARD[ctx.backend](hidden, lm_head, bias, labels, lse, logp, g_logp, ctx.opts,
+                                                needs=needs)
         return dh, dW, db, None, None, None
 
 
@@ -493,8 +494,9 @@ class LinearWeightedLogprobsFunction(torch.autograd.Function):
             return None, None, None, None, None, None, None, None
         if ctx.opts.reduction == "none":
             hidden, lm_head, bias, labels, lse, logp, w = ctx.saved_tensors
-            grads = _BACKWARD[ctx.backend](hidden, lm_head, bias, labels, lse, logp, g_out.to(w.dtype) * w,
-                                           ctx.opts, needs=needs)
+            with no_autocast(hidden.device):  # backward may run inside the caller's autocast region
+                grads = _BACKWARD[ctx.backend](hidden, lm_head, bias, labels, lse, logp, g_out.to(w.dtype) * w,
+                                               ctx.opts, needs=needs)
         else:
             if ctx.grads is None:
                 raise RuntimeError("fused-linear loss: backward called twice on a graph whose gradients were "
@@ -536,9 +538,11 @@ def linear_token_logprobs_2d(hidden: torch.Tensor, lm_head: torch.Tensor, bias: 
     Returns (logp [N], lse [N]), float32 (float64 for float64 input). ``logp`` is differentiable w.r.t.
     hidden, lm_head and bias; ignored rows give logp = 0 and zero gradient (and lse = 0 on the torch path).
     """
+    hidden, lm_head, bias = autocast_cast(hidden, lm_head, bias)
     validate(hidden, lm_head, bias, labels, opts)
     backend = resolve_backend(opts.backend, *(t for t in (hidden, lm_head, bias) if t is not None))
-    return LinearTokenLogprobsFunction.apply(hidden, lm_head, bias, labels, opts, backend)
+    with no_autocast(hidden.device):
+        return LinearTokenLogprobsFunction.apply(hidden, lm_head, bias, labels, opts, backend)
 
 
 @_opaque_to_dynamo
@@ -552,11 +556,13 @@ def linear_weighted_logprobs_2d(hidden: torch.Tensor, lm_head: torch.Tensor, bia
     float32 for "none". ``divisor`` (e.g. Hugging Face ``num_items_in_batch``) divides the reduced value;
     it is folded into the gradient computed in the forward, so the backward does no extra work.
     """
+    hidden, lm_head, bias = autocast_cast(hidden, lm_head, bias)
     validate(hidden, lm_head, bias, labels, opts)
     backend = resolve_backend(opts.backend, *(t for t in (hidden, lm_head, bias) if t is not None))
     if divisor is not None:
         if opts.reduction == "none":
             raise ValueError("divisor is only meaningful with reduction 'mean' or 'sum'")
         divisor = torch.as_tensor(divisor, device=hidden.device).detach()
-    return LinearWeightedLogprobsFunction.apply(hidden, lm_head, bias, labels, divisor, opts, backend,
-                                                torch.is_grad_enabled())
+    with no_autocast(hidden.device):
+        return LinearWeightedLogprobsFunction.apply(hidden, lm_head, bias, labels, divisor, opts, backend,
+                                                    torch.is_grad_enabled())
