@@ -76,9 +76,9 @@ class ExampleConfig:
     # run
     seed: int = 0
     mixed_precision: str = "bf16"
-    # fp32 for unlearning by default: the fused-linear losses' CPU path rejects bf16 hidden states with an
-    # fp32 lm_head under autocast (reported to the losses' owner)
+    # fp32 for unlearning by default: the embedded default was tuned that way (bf16 autocast works too)
     unlearn_mixed_precision: str = "no"
+    g_effect_every: int = 0
     output_dir: str = "runs/tofu_unlearn"
     cache_dir: str = "runs/cache"
     resume: bool = False
@@ -135,6 +135,9 @@ def parse_args(argv=None) -> ExampleConfig:
       help=f"mixed precision of fine-tuning and evaluation (default {d.mixed_precision})")
     a("--unlearn-mixed-precision", choices=("no", "bf16", "fp16"),
       help=f"mixed precision of unlearning (default {d.unlearn_mixed_precision})")
+    a("--g-effect-every", type=int, help="record the G-effect (objective gradient . probe NLL gradient, per "
+                                         "layer group) on forget and retain probes every N unlearning steps; "
+                                         "saved in results.json and g_effect_*.png (default 0 = off)")
     a("--seed", type=int, help=f"seed (default {d.seed})")
     a("--output-dir", help=f"results folder (default {d.output_dir})")
     a("--cache-dir", help=f"generated data and fine-tuned target/retain models (default {d.cache_dir})")
@@ -248,16 +251,18 @@ def run(cfg: ExampleConfig) -> dict:
     del base
     columns = {"target (before)": evaluate_tofu(target, tokenizer, eval_sets, ecfg, output_dir=out / "eval/target",
                                                 retain_tr=retain_tr), **columns}
-    history = []
+    history, g_effect = [], None
     if not cfg.eval_only:
         tc = TrainConfig(output_dir=str(out), method=cfg.method, method_args=cfg.method_args, lr=cfg.lr,
                          epochs=cfg.epochs, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                          max_steps=cfg.max_steps, trainable_layers=cfg.trainable_layers, seed=cfg.seed,
-                         mixed_precision=cfg.unlearn_mixed_precision, save_every=cfg.save_every, resume=cfg.resume)
+                         mixed_precision=cfg.unlearn_mixed_precision, save_every=cfg.save_every, resume=cfg.resume,
+                         g_effect_every=cfg.g_effect_every)
         t0 = time.time()
         res = train(target, QADataset(load_tofu(data, names["forget"]), tokenizer, cfg.template, cfg.max_length),
                     QADataset(load_tofu(data, names["retain"]), tokenizer, cfg.template, cfg.max_length), tc)
         history = res.history
+        g_effect = res.g_effect
         print(f"[{cfg.method}] {res.global_step} steps in {time.time() - t0:.0f} s")
         after = evaluate_tofu(res.model, tokenizer, eval_sets, ecfg, output_dir=out / "eval/unlearned",
                               retain_tr=retain_tr)
@@ -269,6 +274,8 @@ def run(cfg: ExampleConfig) -> dict:
                     if "model_utility" in v}, out / "fq_mu.png")
     table = _table(columns)
     results = {"config": asdict(cfg), "note": note, "metrics": columns, "seconds": round(time.time() - t_start, 1)}
+    if g_effect is not None:
+        results["g_effect"] = g_effect
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "table.md").write_text(table + "\n")
     print(table)

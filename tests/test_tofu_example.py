@@ -48,7 +48,7 @@ def test_help_documents_the_options(capsys):
 def test_example_end_to_end_on_tiny_model(tiny_dir, tmp_path, capsys):
     ex = _example()
     args = ARGS + ["--model", tiny_dir, "--output-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c")]
-    res = ex.run(ex.parse_args(args))
+    res = ex.run(ex.parse_args(args + ["--g-effect-every", "1"]))
     out = tmp_path / "out"
     for name in ("results.json", "table.md", "training.png", "es.png", "fq_mu.png", "log.jsonl",
                  "eval/unlearned/TOFU_EVAL.json", "eval/target/TOFU_SUMMARY.json"):
@@ -60,6 +60,7 @@ def test_example_end_to_end_on_tiny_model(tiny_dir, tmp_path, capsys):
     for key in ("forget_es", "retain_es", "model_utility", "forget_quality", "forget_truth_ratio"):
         assert 0.0 <= cols["satimp (after)"][key] <= 1.0, key
     assert saved["config"]["method_args"]["retain_loss"] == "nll"
+    assert set(saved["g_effect"]["probes"]) == {"forget", "retain"} and (out / "g_effect_curves.png").is_file()
     assert "| forget_es |" in capsys.readouterr().out
     # second run: target and retain models come from the cache
     ex.run(ex.parse_args(args + ["--eval-only"]))

@@ -193,3 +193,25 @@ def test_mixed_precision_can_change_between_runs(tiny_dir, tmp_path):
     train(model, retain, None, _cfg(tmp_path / "a", epochs=1, mixed_precision="bf16"))
     res = train(model, forget, retain, _cfg(tmp_path / "b", epochs=1, method="ga", mixed_precision="no"))
     assert res.global_step == 1
+
+
+def test_g_effect_every_records_without_changing_training(tiny_dir, tmp_path):
+    """--g-effect-every: probes are measured every N steps, saved with plots, and the trained weights are
+    bit-identical to a run that does not measure."""
+    model, tok = load_model_and_tokenizer(tiny_dir)
+    forget, retain = _sets(tok)
+    plain = train(model, forget, retain, _cfg(tmp_path / "a", method="satimp", epochs=2))
+    want = {k: v.clone() for k, v in plain.model.state_dict().items()}
+    model, tok = load_model_and_tokenizer(tiny_dir)
+    res = train(model, forget, retain, _cfg(tmp_path / "b", method="satimp", epochs=2, g_effect_every=1,
+                                            g_effect_probe_size=3))
+    for k, v in res.model.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    assert plain.g_effect is None and res.g_effect is not None
+    assert set(res.g_effect["probes"]) == {"forget", "retain"}  # retain probed although satimp has no retain term
+    assert all("g_effect_forget" in h and "g_effect_retain" in h for h in res.history)
+    saved = json.loads((tmp_path / "b" / "g_effect.json").read_text())
+    assert saved == json.loads(json.dumps(res.g_effect))
+    assert (tmp_path / "b" / "g_effect_curves.png").is_file()
+    with pytest.raises(ValueError, match="g_effect_every"):
+        TrainConfig(g_effect_every=-1)

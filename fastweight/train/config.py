@@ -30,6 +30,9 @@ class TrainConfig:
         (intersected with the method's ``trainable``).
     save_every: checkpoint every N optimizer steps (0 = only at the end); ``resume``: continue from the
         latest checkpoint in ``output_dir/checkpoints``.
+    g_effect_every: record the G-effect of the objective on forget and retain probes every N optimizer steps
+        (0 = off); ``g_effect_ema`` smooths it (weight of the running value), ``g_effect_probe_size`` items per
+        probe batch (the first items of the forget / retain sets).
     """
 
     output_dir: str = "runs/tofu"
@@ -50,6 +53,9 @@ class TrainConfig:
     resume: bool = False
     log_every: int = 1
     progress: bool = True
+    g_effect_every: int = 0
+    g_effect_ema: float = 0.6
+    g_effect_probe_size: int = 8
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "log_every"):
@@ -61,6 +67,12 @@ class TrainConfig:
                 raise ValueError(f"{name} must be None or a positive int, got {v!r}")
         if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
             raise ValueError(f"warmup_steps must be None or an int >= 0, got {self.warmup_steps!r}")
+        if not isinstance(self.g_effect_every, int) or self.g_effect_every < 0:
+            raise ValueError(f"g_effect_every must be an int >= 0, got {self.g_effect_every!r}")
+        if not isinstance(self.g_effect_probe_size, int) or self.g_effect_probe_size < 1:
+            raise ValueError(f"g_effect_probe_size must be a positive int, got {self.g_effect_probe_size!r}")
+        if not 0 <= self.g_effect_ema < 1:
+            raise ValueError(f"g_effect_ema must be in [0, 1), got {self.g_effect_ema!r}")
         if not isinstance(self.save_every, int) or self.save_every < 0:
             raise ValueError(f"save_every must be an int >= 0, got {self.save_every!r}")
         if not self.lr > 0:

@@ -19,6 +19,10 @@
     ``method.trainable(name)`` is False or outside ``config.trainable_layers``.
   * Logging: one JSON line per optimizer step in ``output_dir/log.jsonl`` (loss, lr, grad_norm, the method's
     statistics such as token-weight means), tqdm on the main process.
+  * G-effect (``config.g_effect_every``): after the last backward of every N-th optimizer step, the inner
+    product of the accumulated objective gradient with the forget / retain probe NLL gradients, per layer
+    group (``fastweight.analysis``), smoothed by an EMA; written to ``output_dir/g_effect.json`` with plots,
+    and returned in ``TrainResult.g_effect``. Measuring changes neither weights, gradients nor optimizer state.
   * Checkpoints: ``accelerator.save_state`` (model, optimizer, scheduler, RNG states) into a temporary folder
     renamed to ``checkpoints/step-XXXXXXXX`` once complete, with ``trainer_state.json`` (step, epoch, batches
     consumed). ``resume=True`` loads the latest and skips the consumed batches: on CPU the resumed run ends
@@ -56,15 +60,17 @@ class TrainResult:
     model: Any
     global_step: int
     history: list[dict[str, float]] = field(default_factory=list)
+    g_effect: dict | None = None
 
 
 def nll_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Token-mean NLL of the labelled tokens (fine-tuning objective) via ``fastweight.token_logprobs``."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    logp = fastweight.token_logprobs(logits[:, :-1], labels)
-    n = (labels != IGNORE_INDEX).sum().clamp_min(1)
-    loss = -logp.sum() / n
+    """Token-mean NLL of the labelled tokens (fine-tuning objective), from the last hidden states and the
+    output embedding through the fused-linear path (no logits tensor)."""
+    from fastweight.train.methods import lm_forward
+
+    out = lm_forward(model, batch)
+    loss = fastweight.nll_loss(out.hidden, batch["labels"], lm_head=out.lm_head, bias=out.bias,
+                               softcap=out.softcap, shift=True)
     return loss, {"nll": float(loss.detach())}
 
 
@@ -175,6 +181,7 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
     acc = Accelerator(mixed_precision=cfg.mixed_precision)
     set_seed(cfg.seed)
 
+    retain_probe_set = retain  # G-effect probes the retain set even for methods without a retain term
     method = None
     if cfg.method is not None:
         from fastweight.train.methods import build_method
@@ -202,6 +209,19 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
     sampler = EpochSampler(len(data), seed=cfg.seed, rank=acc.process_index, world=acc.num_processes)
     pad = forget.tokenizer.pad_token_id if forget.tokenizer.pad_token_id is not None else \
         forget.tokenizer.eos_token_id
+    tracker = probes = None
+    if cfg.g_effect_every and method is not None:
+        from fastweight.analysis import GEffectTracker
+
+        tracker = GEffectTracker(every=cfg.g_effect_every, ema=cfg.g_effect_ema)
+
+        def probe(ds):
+            if ds is None:
+                return None
+            items = [ds[i] for i in range(min(cfg.g_effect_probe_size, len(ds)))]
+            return _to(pad_collate(items, pad_token_id=pad), acc.device)
+
+        probes = (probe(forget), probe(retain_probe_set))
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, sampler=sampler,
                                          collate_fn=partial(pad_collate, pad_token_id=pad))
     n_batches = len(loader)
@@ -264,13 +284,21 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
             if not last:
                 continue
             _average_gradients(acc, params)
+            g_log = {}
+            if tracker is not None and acc.is_main_process and tracker.due(step + 1):
+                from fastweight.analysis import maybe_record
+
+                scale = acc.scaler.get_scale() if acc.scaler is not None else 1.0
+                with acc.autocast():
+                    res = maybe_record(tracker, step + 1, model, "grad", *probes, grad_scale=scale)
+                g_log = {f"g_effect_{k}": v.total for k, v in res.items()}
             grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            entry = {"step": step, "epoch": epoch, "lr": lr, **sums}
+            entry = {"step": step, "epoch": epoch, "lr": lr, **sums, **g_log}
             if grad_norm is not None:
                 entry["grad_norm"] = float(grad_norm)
             sums = {}
@@ -291,8 +319,17 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
     bar.close()
     if state["global_step"] > resumed_step or ckpt is None:
         _save_checkpoint(acc, out_dir, state)
+    g_record = None
+    if tracker is not None and acc.is_main_process:
+        from fastweight.analysis.plots import save_g_effect_plots
+
+        g_record = tracker.to_dict()
+        tmp = out_dir / "g_effect.json.tmp"
+        tmp.write_text(json.dumps(g_record))
+        os.replace(tmp, out_dir / "g_effect.json")
+        save_g_effect_plots(g_record, out_dir)
     acc.free_memory()
-    return TrainResult(model=model, global_step=step, history=history)
+    return TrainResult(model=model, global_step=step, history=history, g_effect=g_record)
 
 
 __all__ = ["TrainResult", "latest_checkpoint", "layer_filter", "nll_loss", "train"]
