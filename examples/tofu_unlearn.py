@@ -79,6 +79,7 @@ class ExampleConfig:
     # fp32 for unlearning by default: the embedded default was tuned that way (bf16 autocast works too)
     unlearn_mixed_precision: str = "no"
     g_effect_every: int = 0
+    g_effect_probe_size: int = 8
     output_dir: str = "runs/tofu_unlearn"
     cache_dir: str = "runs/cache"
     resume: bool = False
@@ -138,6 +139,7 @@ def parse_args(argv=None) -> ExampleConfig:
     a("--g-effect-every", type=int, help="record the G-effect (objective gradient . probe NLL gradient, per "
                                          "layer group) on forget and retain probes every N unlearning steps; "
                                          "saved in results.json and g_effect_*.png (default 0 = off)")
+    a("--g-effect-probe-size", type=int, help=f"items per G-effect probe batch (default {d.g_effect_probe_size})")
     a("--seed", type=int, help=f"seed (default {d.seed})")
     a("--output-dir", help=f"results folder (default {d.output_dir})")
     a("--cache-dir", help=f"generated data and fine-tuned target/retain models (default {d.cache_dir})")
@@ -257,7 +259,7 @@ def run(cfg: ExampleConfig) -> dict:
                          epochs=cfg.epochs, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                          max_steps=cfg.max_steps, trainable_layers=cfg.trainable_layers, seed=cfg.seed,
                          mixed_precision=cfg.unlearn_mixed_precision, save_every=cfg.save_every, resume=cfg.resume,
-                         g_effect_every=cfg.g_effect_every)
+                         g_effect_every=cfg.g_effect_every, g_effect_probe_size=cfg.g_effect_probe_size)
         t0 = time.time()
         res = train(target, QADataset(load_tofu(data, names["forget"]), tokenizer, cfg.template, cfg.max_length),
                     QADataset(load_tofu(data, names["retain"]), tokenizer, cfg.template, cfg.max_length), tc)
