@@ -25,14 +25,14 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fastweight.data.muse import DEFAULT_WINDOW, MUSE_HUB, TextChunkDataset, load_muse
 from fastweight.data.synth_muse import write_muse_folder
 from fastweight.eval.muse import MuseEvalConfig, evaluate_muse, plot_metrics
 from fastweight.eval.plots import plot_training
-from fastweight.train.config import TrainConfig, read_config_file
+from fastweight.train.config import TrainConfig, example_config_from_args
 from fastweight.train.loop import train
 from fastweight.train.models import EMBEDDED, load_model_and_tokenizer, save_model
 
@@ -134,32 +134,7 @@ def parse_args(argv=None) -> ExampleConfig:
     a("--resume", action="store_true", default=None, help="resume unlearning and keep finished evaluations")
     a("--eval-only", action="store_true", default=None, help="evaluate the target (and retrained) model only")
     args = p.parse_args(argv)
-    values = read_config_file(args.config) if args.config else {}
-    names = {f.name for f in fields(ExampleConfig)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        p.error(f"unknown keys in --config: {unknown}")
-    method_args = dict(values.pop("method_args", d.method_args))
-    for k, v in vars(args).items():
-        if k in names and v is not None:
-            values[k] = v
-    for item in args.method_arg:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            p.error(f"--method-arg must be KEY=VALUE, got {item!r}")
-        try:
-            method_args[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            method_args[key] = raw
-    for name in ("beta", "beta1", "beta2", "forget_coef", "retain_coef", "retain_loss"):
-        if getattr(args, name) is not None:
-            method_args[name] = getattr(args, name)
-    if values.get("trainable_layers") == 0:
-        values["trainable_layers"] = None
-    try:
-        return ExampleConfig(**values, method_args=method_args)
-    except ValueError as e:
-        p.error(str(e))
+    return example_config_from_args(p, args, ExampleConfig, shortcuts=("beta", "beta1", "beta2", "forget_coef", "retain_coef", "retain_loss"))
 
 
 def _hash(*parts) -> str:

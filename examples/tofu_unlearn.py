@@ -24,7 +24,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fastweight.data.synth_tofu import write_tofu_folder
@@ -32,7 +32,7 @@ from fastweight.data.tofu import SPLITS, QADataset, load_tofu, split_configs
 from fastweight.data.templates import TEMPLATE_NAMES
 from fastweight.eval.plots import plot_es, plot_fq_mu, plot_training
 from fastweight.eval.tofu import TofuEvalConfig, evaluate_tofu, forget_truth_ratios, load_eval
-from fastweight.train.config import TrainConfig, read_config_file
+from fastweight.train.config import TrainConfig, example_config_from_args
 from fastweight.train.loop import train
 from fastweight.train.models import EMBEDDED, load_model_and_tokenizer, save_model
 
@@ -148,29 +148,7 @@ def parse_args(argv=None) -> ExampleConfig:
       help="resume unlearning from the latest checkpoint in --output-dir and skip finished evaluations")
     a("--eval-only", action="store_true", default=None, help="evaluate the target (and retain) model only")
     args = p.parse_args(argv)
-    values = read_config_file(args.config) if args.config else {}
-    names = {f.name for f in fields(ExampleConfig)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        p.error(f"unknown keys in --config: {unknown}")
-    method_args = dict(values.pop("method_args", d.method_args))
-    for k, v in vars(args).items():
-        if k in names and v is not None:
-            values[k] = v
-    for item in args.method_arg:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            p.error(f"--method-arg must be KEY=VALUE, got {item!r}")
-        try:
-            method_args[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            method_args[key] = raw
-    for name in ("beta", "beta1", "beta2", "forget_coef", "retain_coef", "retain_loss"):
-        if getattr(args, name) is not None:
-            method_args[name] = getattr(args, name)
-    if values.get("trainable_layers") == 0:
-        values["trainable_layers"] = None
-    return ExampleConfig(**values, method_args=method_args)
+    return example_config_from_args(p, args, ExampleConfig, shortcuts=("beta", "beta1", "beta2", "forget_coef", "retain_coef", "retain_loss"))
 
 
 def _hash(*parts) -> str:
