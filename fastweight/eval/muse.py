@@ -19,7 +19,6 @@ processes each rank scores a share of the rows and only the main process writes.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ import torch
 from fastweight.data.muse import MuseData
 from fastweight.data.tofu import pad_collate
 from fastweight.eval import metrics as M
-from fastweight.eval.tofu import _atomic_json, _Sharded
+from fastweight.eval.store import EvalStore, Sharded
 
 _STOP = re.compile(r"\n\n|\n?Question\s*:")  # end of a KnowMem answer: a blank line or the next "Question:"
 
@@ -156,23 +155,9 @@ def evaluate_muse(model, tokenizer, data: MuseData, config: MuseEvalConfig | Non
     cfg = config or MuseEvalConfig()
     if accelerator is not None:
         model = accelerator.unwrap_model(model)
-    shard = _Sharded(accelerator)
-    main = shard.rank == 0
-    out_dir = Path(output_dir) if output_dir is not None else None
-    eval_path = out_dir / f"{cfg.bench}_EVAL.json" if out_dir else None
-    results: dict[str, M.MetricResult] = {}
-    if eval_path is not None and eval_path.is_file():
-        results = json.loads(eval_path.read_text())
-    if out_dir is not None and main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-
-    def record(key: str, fn: Callable[[], M.MetricResult]) -> None:
-        if key in results:
-            return
-        results[key] = fn()
-        if out_dir is not None and main:
-            _atomic_json(eval_path, results)
-            _atomic_json(out_dir / f"{cfg.bench}_SUMMARY.json", {k: v["agg_value"] for k, v in results.items()})
+    shard = Sharded(accelerator)
+    store = EvalStore(output_dir, cfg.bench, main=shard.rank == 0)
+    results, record = store.results, store.record
 
     def gathered(rows: list, fn: Callable[[list], M.MetricResult]) -> M.MetricResult:
         """Per-row scores (and generations) from every rank, as one MetricResult in row order."""
@@ -208,7 +193,7 @@ def evaluate_muse(model, tokenizer, data: MuseData, config: MuseEvalConfig | Non
     if retrain_auc is not None:
         record("privleak", lambda: {"agg_value": privleak(auc, retrain_auc),
                                     "value_by_index": {"retrain_auc": {"score": float(retrain_auc)}}})
-    return {k: v["agg_value"] for k, v in results.items()}
+    return store.summary()
 
 
 def plot_metrics(values: Mapping[str, Mapping[str, float]], keys: Sequence[str], path: str | os.PathLike,

@@ -20,12 +20,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 from fastweight.data.tofu import encode_prompt, encode_qa, pad_collate
 from fastweight.eval import metrics as M
+from fastweight.eval.store import EvalStore, Sharded
 
 EVAL_SPLITS: tuple[str, ...] = ("forget", "retain", "real_authors", "world_facts")
 
@@ -50,30 +51,6 @@ class TofuEvalConfig:
             raise ValueError(f"max_items must be None or a positive int, got {self.max_items!r}")
         if self.autocast not in (None, "no", "bf16", "fp16"):
             raise ValueError(f"autocast must be None, 'no', 'bf16' or 'fp16', got {self.autocast!r}")
-
-
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-class _Sharded:
-    """Run a per-row function on this rank's rows and gather the results in row order on every rank."""
-
-    def __init__(self, accelerator) -> None:
-        self.acc = accelerator
-        self.rank = accelerator.process_index if accelerator is not None else 0
-        self.world = accelerator.num_processes if accelerator is not None else 1
-
-    def map(self, rows: Sequence[dict], fn: Callable[[list[dict]], list]) -> list:
-        idx = list(range(self.rank, len(rows), self.world))
-        local = list(zip(idx, fn([rows[i] for i in idx]))) if idx else []
-        if self.world > 1:
-            from accelerate.utils import gather_object
-
-            local = gather_object(local)
-        return [v for _, v in sorted(local, key=lambda t: t[0])]
 
 
 def _answer_stats(model, tokenizer, cfg: TofuEvalConfig, pairs: list[tuple[str, str]]) -> list[dict]:
@@ -117,23 +94,9 @@ def evaluate_tofu(model, tokenizer, eval_sets: Mapping[str, Sequence[dict]], con
         raise ValueError(f"splits must be among {EVAL_SPLITS}, got {unknown}")
     if accelerator is not None:
         model = accelerator.unwrap_model(model)
-    shard = _Sharded(accelerator)
-    main = shard.rank == 0
-    out_dir = Path(output_dir) if output_dir is not None else None
-    eval_path = out_dir / f"{cfg.bench}_EVAL.json" if out_dir else None
-    results: dict[str, M.MetricResult] = {}
-    if eval_path is not None and eval_path.is_file():
-        results = json.loads(eval_path.read_text())
-    if out_dir is not None and main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-
-    def record(key: str, fn: Callable[[], M.MetricResult]) -> None:
-        if key in results:
-            return
-        results[key] = fn()
-        if out_dir is not None and main:
-            _atomic_json(eval_path, results)
-            _atomic_json(out_dir / f"{cfg.bench}_SUMMARY.json", {k: v["agg_value"] for k, v in results.items()})
+    shard = Sharded(accelerator)
+    store = EvalStore(output_dir, cfg.bench, main=shard.rank == 0)
+    results, record = store.results, store.record
 
     was_training = model.training
     model.eval()
@@ -173,7 +136,7 @@ def evaluate_tofu(model, tokenizer, eval_sets: Mapping[str, Sequence[dict]], con
         record("model_utility", lambda: M.model_utility({k: results[k]["agg_value"] for k in mu_keys}))
     if retain_tr is not None and "forget_truth_ratio" in results:
         record("forget_quality", lambda: M.forget_quality(forget_truth_ratios(results), retain_tr))
-    return {k: v["agg_value"] for k, v in results.items()}
+    return store.summary()
 
 
 def forget_truth_ratios(results: Mapping[str, M.MetricResult]) -> list[float]:

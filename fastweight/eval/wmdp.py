@@ -39,7 +39,7 @@ import fastweight
 from fastweight.data.tofu import pad_collate
 from fastweight.data.wmdp import check_mcq_rows
 from fastweight.eval import metrics as M
-from fastweight.eval.tofu import _atomic_json, _Sharded
+from fastweight.eval.store import EvalStore, Sharded
 
 AnswerFormat = Literal["letter", "choice"]
 ANSWER_FORMATS: tuple[str, ...] = get_args(AnswerFormat)
@@ -227,14 +227,9 @@ def evaluate_mcq_sets(model, tokenizer, sets: Mapping[str, tuple[Sequence[Mappin
     cfg = config or WmdpEvalConfig()
     if accelerator is not None:
         model = accelerator.unwrap_model(model)
-    shard = _Sharded(accelerator)
-    out_dir = Path(output_dir) if output_dir is not None else None
-    eval_path = out_dir / f"{cfg.bench}_EVAL.json" if out_dir else None
-    results: dict[str, M.MetricResult] = {}
-    if eval_path is not None and eval_path.is_file():
-        results = json.loads(eval_path.read_text())
-    if out_dir is not None and shard.rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    shard = Sharded(accelerator)
+    store = EvalStore(output_dir, cfg.bench, main=shard.rank == 0)
+    results = store.results
 
     def loglik(rs: list[dict], subject: str | None) -> list[list[float]]:
         if cfg.use_lm_eval:
@@ -257,7 +252,7 @@ def evaluate_mcq_sets(model, tokenizer, sets: Mapping[str, tuple[Sequence[Mappin
 
     todo = [name for name, (rows, _) in sets.items() if f"{name}_acc" not in results and rows]
     if not todo:
-        return {k: v["agg_value"] for k, v in results.items()}
+        return store.summary()
     was_training = model.training
     model.eval()
     try:
@@ -273,12 +268,10 @@ def evaluate_mcq_sets(model, tokenizer, sets: Mapping[str, tuple[Sequence[Mappin
                     idx = [i for i, r in enumerate(rows) if r.get("subject") == subj]
                     by = results[key]["value_by_index"]
                     results[f"{name}_{subj}_acc"] = M._result([by[str(i)]["score"] for i in idx])
-            if out_dir is not None and shard.rank == 0:
-                _atomic_json(eval_path, results)
-                _atomic_json(out_dir / f"{cfg.bench}_SUMMARY.json", {k: v["agg_value"] for k, v in results.items()})
+            store.save()
     finally:
         model.train(was_training)
-    return {k: v["agg_value"] for k, v in results.items()}
+    return store.summary()
 
 
 __all__ = ["ANSWER_FORMATS", "AnswerFormat", "LETTERS", "WmdpEvalConfig", "accuracy_from_loglikelihoods",
