@@ -68,8 +68,8 @@ class ExampleConfig:
     answer_format: str | None = None
     lm_eval: bool = False
     # unlearning
-    lr: float = 1e-3
-    epochs: int = 4
+    lr: float = 5e-3  # embedded RMU: 30 steps at 5e-3 reach the steering target (1e-3 x 12 steps did not)
+    epochs: int = 10
     batch_size: int = 2
     grad_accum: int = 1
     max_steps: int | None = None
