@@ -419,7 +419,7 @@ def maybe_record(tracker: GEffectTracker | None, step: int, model: torch.nn.Modu
 
     Returns the ``{"forget": GEffect, "retain": GEffect}`` measured, or None when nothing was due.
     With ``objective="grad"`` call it after the step's last backward and before ``clip_grad_norm_`` /
-    ``optimizer.step`` (see ``docs/readme/g_effect.md``).
+    ``optimizer.step`` (see README.md, "G-effect").
     """
     if tracker is None or not tracker.due(step):
         return None

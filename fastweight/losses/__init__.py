@@ -1,7 +1,7 @@
 """Unlearning losses: O(tokens) heads over the fused token log-likelihood ops.
 
 Every public loss accepts logits [..., V], or hidden states [..., H] with ``lm_head=`` [V, H] (plus
-``bias``/``softcap``). Formulas: ``shared/spec/LOSSES.md``; the table of methods: ``docs/readme/losses.md``.
+``bias``/``softcap``). Formulas: ``shared/spec/LOSSES.md``; the table of methods: README.md, "Unlearning losses and methods".
 
 ``LOSSES`` is the one registry: name -> ``LossSpec`` (function, defaults, needs_ref, needs_retain, source).
 It is the only source of defaults: a spec's hyper-parameter defaults are read from its function's
