@@ -55,6 +55,19 @@ def check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
+def check_ignore_index(ignore_index: Any) -> None:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def check_weight_options(beta1: float, beta2: float, reduction: str, ignore_index: int) -> None:
+    """The options every token-logprob op shares: weight exponents, reduction and the ignore label."""
+    check_beta("beta1", beta1)
+    check_beta("beta2", beta2)
+    check_reduction(reduction)
+    check_ignore_index(ignore_index)
+
+
 def check_beta(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from fastweight._constants import IGNORE_INDEX
-from fastweight.ops._common import check_finite, check_labels, resolve_backend, signature_of
+from fastweight.ops._common import check_finite, check_ignore_index, check_labels, resolve_backend, signature_of
 
 # ---------------------------------------------------------------------------------------------------------
 # Tuning. Two rows (logits and reference) are live per tile, so BLOCK_V is half of token_logprobs' tile
@@ -50,8 +50,7 @@ class KLDivOptions:
             raise TypeError(f"ref_shift must be a real number, got {type(self.ref_shift).__name__}")
         if not math.isfinite(self.ref_shift):
             raise ValueError(f"ref_shift must be finite, got {self.ref_shift}")
-        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
-            raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
+        check_ignore_index(self.ignore_index)
 
 
 def validate(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor | None,

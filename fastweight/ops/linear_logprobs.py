@@ -28,7 +28,7 @@ import torch
 
 from fastweight._constants import IGNORE_INDEX, Reduction
 from fastweight.ops._common import (
-    autocast_cast, check_beta, check_finite, check_float_tensor, check_labels, check_reduction, no_autocast,
+    autocast_cast, check_finite, check_float_tensor, check_labels, check_weight_options, no_autocast,
     resolve_backend, signature_of, triton_interpret,
 )
 
@@ -80,11 +80,7 @@ class LinearLogprobsOptions:
     chunk_elements: int = TORCH_CHUNK_ELEMENTS
 
     def __post_init__(self) -> None:
-        check_beta("beta1", self.beta1)
-        check_beta("beta2", self.beta2)
-        check_reduction(self.reduction)
-        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
-            raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
+        check_weight_options(self.beta1, self.beta2, self.reduction, self.ignore_index)
         if self.softcap is not None and (isinstance(self.softcap, bool) or not isinstance(self.softcap, (int, float))
                                          or not math.isfinite(self.softcap) or self.softcap <= 0):
             raise ValueError(f"softcap must be a positive finite number or None, got {self.softcap!r}")

@@ -21,7 +21,7 @@ import torch
 
 from fastweight._constants import IGNORE_INDEX, Reduction
 from fastweight.ops._common import (
-    check_beta, check_finite, check_labels, check_reduction, resolve_backend, signature_of,
+    check_finite, check_labels, check_weight_options, resolve_backend, signature_of,
 )
 
 # ---------------------------------------------------------------------------------------------------------
@@ -58,11 +58,7 @@ class TokenLogprobsOptions:
     check_finite: bool = False
 
     def __post_init__(self) -> None:
-        check_beta("beta1", self.beta1)
-        check_beta("beta2", self.beta2)
-        check_reduction(self.reduction)
-        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
-            raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
+        check_weight_options(self.beta1, self.beta2, self.reduction, self.ignore_index)
 
 
 def validate(logits: torch.Tensor, labels: torch.Tensor, opts: TokenLogprobsOptions) -> None:
