@@ -1,0 +1,71 @@
+"""The Triton kernels on a real GPU (``cuda`` marker: skipped without a CUDA device, run them on a GPU box
+with ``python -m pytest tests/test_cuda.py``). Same float64 references and error-relative tolerances as the
+CPU suites; the interpreter and AOT-compile suites cover the kernels where no GPU is present."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastweight
+from fastweight._constants import IGNORE_INDEX
+from fastweight.ops.kl_div import kl_div
+from fastweight.reference import linear_logprobs as lref
+from fastweight.reference import reweighted as rref
+from fastweight.reference import token_logprobs as tref
+from fastweight.reference.kl_div import kl_div as kl_ref
+from helpers import DTYPE_IDS, DTYPES, compare_with_reference, make_hidden, make_logits, upstream_like
+
+pytestmark = pytest.mark.cuda
+SHAPES = [(1, 7), (3, 1000), (257, 4097), (64, 32013)]
+
+
+def _cuda(*ts):
+    return [None if t is None else t.cuda() for t in ts]
+
+
+@pytest.mark.parametrize("N,V", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+def test_token_logprobs_triton(dtype, N, V):
+    z, y = _cuda(*make_logits(N, V, dtype, seed=N + V, ignore_rows=list(range(1, N, 4))))
+    up = upstream_like((N,), dtype).cuda()
+    compare_with_reference(lambda x: fastweight.token_logprobs(x, y, backend="triton"),
+                           lambda x: tref.token_logprobs(x, y), [z], dtype=dtype, upstream=up, names=["logits"])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+def test_satimp_logits_triton(dtype, reduction):
+    z, y = _cuda(*make_logits(129, 4097, dtype, seed=3, ignore_rows=[0, 5]))
+    up = upstream_like((129,), dtype).cuda() if reduction == "none" else None
+    compare_with_reference(
+        lambda x: fastweight.satimp_loss(x, y, beta1=1.0, beta2=0.5, reduction=reduction, backend="triton"),
+        lambda x: rref.weighted_loss(x, y, beta1=1.0, beta2=0.5, reduction=reduction),
+        [z], dtype=dtype, upstream=up, names=["logits"])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+def test_satimp_fused_linear_triton(dtype, reduction):
+    h, W, b, y = _cuda(*make_hidden(130, 96, 2051, dtype, seed=4, bias=True, ignore_rows=[1, 7]))
+    up = upstream_like((130,), dtype).cuda() if reduction == "none" else None
+    compare_with_reference(
+        lambda h_, W_, b_: fastweight.satimp_loss(h_, y, lm_head=W_, bias=b_, beta1=1.0, beta2=0.5,
+                                                  reduction=reduction,
+                                                  backend="triton"),
+        lambda h_, W_, b_: lref.linear_weighted_logprobs(h_, W_, y, b_, beta1=1.0, beta2=0.5, reduction=reduction),
+        [h, W, b], dtype=dtype, upstream=up, names=["hidden", "lm_head", "bias"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+def test_kl_div_triton(dtype):
+    z, y = _cuda(*make_logits(65, 4097, dtype, seed=5, ignore_rows=[2]))
+    r, _ = _cuda(*make_logits(65, 4097, dtype, seed=6))
+    up = upstream_like((65,), dtype).cuda()
+    compare_with_reference(lambda x: kl_div(x, r, y, backend="triton"), lambda x: kl_ref(x, r, y),
+                           [z], dtype=dtype, upstream=up, names=["logits"])
+
+
+def test_auto_backend_picks_triton_on_cuda():
+    z, y = _cuda(*make_logits(4, 100, torch.float32, seed=7))
+    assert y.max() < 100 and IGNORE_INDEX < 0
+    torch.testing.assert_close(fastweight.token_logprobs(z, y), fastweight.token_logprobs(z, y, backend="triton"))
