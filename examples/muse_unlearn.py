@@ -30,8 +30,8 @@ from pathlib import Path
 
 from fastweight.data.muse import DEFAULT_WINDOW, MUSE_HUB, TextChunkDataset, load_muse
 from fastweight.data.synth_muse import write_muse_folder
-from fastweight.eval.muse import MuseEvalConfig, evaluate_muse, plot_metrics
-from fastweight.eval.plots import plot_training
+from fastweight.eval.muse import MuseEvalConfig, evaluate_muse
+from fastweight.eval.plots import plot_metrics, plot_training
 from fastweight.train.config import TrainConfig, example_config_from_args
 from fastweight.train.loop import train
 from fastweight.train.models import EMBEDDED, load_model_and_tokenizer, save_model

@@ -35,8 +35,7 @@ from pathlib import Path
 from fastweight.data.muse import TextChunkDataset
 from fastweight.data.synth_wmdp import write_wmdp_folder
 from fastweight.data.wmdp import WMDP_CONFIGS, WMDP_SUBJECTS, load_corpus, load_mcq, load_mmlu, load_wmdp
-from fastweight.eval.muse import plot_metrics
-from fastweight.eval.plots import plot_training
+from fastweight.eval.plots import plot_metrics, plot_training
 from fastweight.eval.wmdp import ANSWER_FORMATS, WmdpEvalConfig, evaluate_mcq_sets
 from fastweight.train.config import TrainConfig, example_config_from_args
 from fastweight.train.loop import train

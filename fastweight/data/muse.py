@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import torch
+from fastweight.data.tofu import TokenizedDataset
 
 MUSE_HUB: dict[str, str] = {"news": "muse-bench/MUSE-News", "books": "muse-bench/MUSE-Books"}
 DEFAULT_WINDOW = 2048  # MUSE trains on 2048-token windows
@@ -159,7 +159,7 @@ def chunk_token_ids(ids: Sequence[int], window: int, *, bos_id: int | None = Non
     return [head + ids[i:i + step] for i in range(0, len(ids), step)]
 
 
-class TextChunkDataset(torch.utils.data.Dataset):
+class TextChunkDataset(TokenizedDataset):
     """Raw text as fixed-length training windows (see the module docstring), for ``fastweight.train.loop``.
 
     Item: dict of 1-D int64 tensors ``input_ids``, ``attention_mask`` (ones), ``labels`` (= ``input_ids``,
@@ -193,14 +193,6 @@ class TextChunkDataset(torch.utils.data.Dataset):
                 labels[0] = IGNORE_INDEX
             self.items.append({"input_ids": w, "attention_mask": [1] * len(w), "labels": labels})
         self.rows = [{"text": tokenizer.decode(w[1 if bos is not None else 0:])} for w in self.windows]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        item = {k: torch.tensor(v, dtype=torch.long) for k, v in self.items[i].items()}
-        item["index"] = torch.tensor(i, dtype=torch.long)
-        return item
 
 
 __all__ = ["DEFAULT_WINDOW", "MUSE_HUB", "MUSE_LAYOUT", "MuseData", "TextChunkDataset", "adds_bos", "chunk_token_ids",

@@ -122,7 +122,24 @@ def encode_qa(tokenizer, template: PromptTemplate | str, question: str, answer: 
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE_INDEX] * len(prompt) + answer}
 
 
-class QADataset(torch.utils.data.Dataset):
+class TokenizedDataset(torch.utils.data.Dataset):
+    """Pre-tokenised items (``self.items``: dicts of int lists); ``__getitem__`` only indexes.
+
+    Item: dict of 1-D int64 tensors plus ``index`` (0-d int64, the item number).
+    """
+
+    items: list[dict[str, list[int]]]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = {k: torch.tensor(v, dtype=torch.long) for k, v in self.items[i].items()}
+        item["index"] = torch.tensor(i, dtype=torch.long)
+        return item
+
+
+class QADataset(TokenizedDataset):
     """Tokenised QA rows (pre-tokenised once; ``__getitem__`` only indexes).
 
     Item: dict of 1-D int64 tensors ``input_ids``, ``attention_mask``, ``labels`` (length <= max_length),
@@ -133,14 +150,6 @@ class QADataset(torch.utils.data.Dataset):
                  max_length: int = 512, answer_key: str = "answer") -> None:
         self.rows, self.tokenizer, self.template, self.max_length = list(rows), tokenizer, template, max_length
         self.items = [encode_qa(tokenizer, template, r["question"], r[answer_key], max_length) for r in self.rows]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        item = {k: torch.tensor(v, dtype=torch.long) for k, v in self.items[i].items()}
-        item["index"] = torch.tensor(i, dtype=torch.long)
-        return item
 
 
 def pad_collate(features: Sequence[dict], pad_token_id: int, padding_side: str = "right") -> dict:
@@ -255,5 +264,5 @@ class EpochSampler(torch.utils.data.Sampler):
         return iter(order[self.rank::self.world].tolist())
 
 
-__all__ = ["EpochSampler", "FORGET_PERCENTS", "ForgetRetainDataset", "QADataset", "REFUSALS", "SPLITS", "Split",
+__all__ = ["EpochSampler", "FORGET_PERCENTS", "ForgetRetainDataset", "QADataset", "TokenizedDataset", "REFUSALS", "SPLITS", "Split",
            "TOFU_CONFIG_FIELDS", "encode_prompt", "encode_qa", "load_tofu", "pad_collate", "split_configs"]

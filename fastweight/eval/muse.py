@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -196,37 +195,5 @@ def evaluate_muse(model, tokenizer, data: MuseData, config: MuseEvalConfig | Non
     return store.summary()
 
 
-def plot_metrics(values: Mapping[str, Mapping[str, float]], keys: Sequence[str], path: str | os.PathLike,
-                 ylabel: str = "score", ylim: tuple[float, float] | None = (0.0, 1.05)) -> Path:
-    """Grouped bars: one group per metric key, one bar per model (``values[model][key]``, insertion order)."""
-    if not values or not keys:
-        raise ValueError("values must map at least one model to its metrics, and keys must be non-empty")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = list(values)
-    width = 0.8 / len(models)
-    fig, ax = plt.subplots(figsize=(1.4 + 1.3 * len(keys), 3.2))
-    for j, m in enumerate(models):
-        xs = [i + (j - (len(models) - 1) / 2) * width for i in range(len(keys))]
-        vals = [float(values[m].get(k, float("nan"))) for k in keys]
-        ax.bar(xs, vals, width, label=m)
-        for x, v in zip(xs, vals):
-            ax.text(x, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(keys)), list(keys), fontsize=8)
-    ax.set_ylabel(ylabel)
-    if ylim is not None:
-        ax.set_ylim(*ylim)
-    ax.axhline(0.0, color="black", linewidth=0.5)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
-
-
 __all__ = ["MuseEvalConfig", "cut_answer", "evaluate_muse", "knowmem", "knowmem_prompt", "mink_scores",
-           "plot_metrics", "privleak", "privleak_auc", "text_token_logps", "verbmem"]
+           "privleak", "privleak_auc", "text_token_logps", "verbmem"]
