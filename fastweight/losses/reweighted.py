@@ -28,8 +28,7 @@ from fastweight.losses._input import token_logprobs, weighted_logprobs
 from fastweight.losses._seq import (
     as_sequences, check_choice, check_int, check_number, reduce_rows, reduce_tokens, valid_mask,
 )
-from fastweight.ops._common import check_beta, check_reduction
-from fastweight.ops.token_logprobs import importance_weight_torch
+from fastweight.ops._common import check_beta, check_reduction, importance_weight_torch
 
 Granularity = Literal["token", "instance", "group", "batch"]
 Sampling = Literal["topk", "bottomk", "random"]

@@ -170,6 +170,28 @@ def signature_of(args: dict[str, Any], constexprs: dict[str, Any]) -> dict[str, 
     return sig
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the torch paths: float64 for float64 input, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def row_chunks(N: int, V: int, chunk_elements: int):
+    """(start, end) row ranges of at most ``chunk_elements`` elements of width V each (at least one row)."""
+    step = max(1, chunk_elements // max(V, 1))
+    for s in range(0, N, step):
+        yield s, min(N, s + step)
+
+
+def importance_weight_torch(logp: torch.Tensor, beta1: float, beta2: float) -> torch.Tensor:
+    """w = p**beta1 * (1 - p)**beta2 from log p, 0**0 == 1, (1 - p) = -expm1(log p)."""
+    w = torch.ones_like(logp)
+    if beta1 != 0:
+        w = w * torch.exp(beta1 * logp)
+    if beta2 != 0:
+        w = w * torch.exp(beta2 * torch.log(-torch.expm1(logp)))
+    return w
+
+
 def autocast_cast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     """Under ``torch.autocast``, cast floating inputs to the autocast dtype, as ``F.linear`` would.
 

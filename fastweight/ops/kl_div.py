@@ -17,7 +17,9 @@ from typing import Any
 import torch
 
 from fastweight._constants import IGNORE_INDEX
-from fastweight.ops._common import check_finite, check_ignore_index, check_labels, resolve_backend, signature_of
+from fastweight.ops._common import (
+    acc_dtype, check_finite, check_ignore_index, check_labels, resolve_backend, row_chunks, signature_of,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # Tuning. Two rows (logits and reference) are live per tile, so BLOCK_V is half of token_logprobs' tile
@@ -159,16 +161,6 @@ def aot_cases() -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------------------------------------------
 # Torch path (CPU and anything without Triton): chunks of rows, float32 (float64 for float64 input).
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _chunks(N: int, V: int):
-    step = max(1, TORCH_CHUNK_ELEMENTS // max(V, 1))
-    for s in range(0, N, step):
-        yield s, min(N, s + step)
-
-
 def _ref_chunk(ref_logits, labels, s, e, acc, opts):
     """Reference logits of rows [s, e) as an ``acc`` copy, label logit lowered by ref_shift; and validity."""
     r = ref_logits[s:e].to(acc, copy=True)
@@ -192,10 +184,10 @@ def _split_lse(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def kl_div_forward_torch(logits, ref_logits, labels, opts):
     """Same contract as ``kl_div_forward_triton`` (float64 outputs for float64 logits)."""
     N, V = logits.shape
-    acc = _acc_dtype(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     kl = torch.empty(N, dtype=acc, device=logits.device)
     stats = torch.empty(N, 4, dtype=acc, device=logits.device)
-    for s, e in _chunks(N, V):
+    for s, e in row_chunks(N, V, TORCH_CHUNK_ELEMENTS):
         z = logits[s:e].to(acc)
         r, valid = _ref_chunk(ref_logits, labels, s, e, acc, opts)
         m, ls = _split_lse(z)
@@ -213,10 +205,10 @@ def kl_div_forward_torch(logits, ref_logits, labels, opts):
 def kl_div_backward_torch(logits, ref_logits, labels, stats, g, opts):
     """Same contract as ``kl_div_backward_triton``."""
     N, V = logits.shape
-    acc = _acc_dtype(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     st = stats.to(acc)
-    for s, e in _chunks(N, V):
+    for s, e in row_chunks(N, V, TORCH_CHUNK_ELEMENTS):
         r, valid = _ref_chunk(ref_logits, labels, s, e, acc, opts)
         gc = g[s:e].to(acc) if valid is None else torch.where(valid, g[s:e].to(acc), 0.0)
         m, ls, m_r, ls_r = (st[s:e, i, None] for i in range(4))

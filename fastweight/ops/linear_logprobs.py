@@ -28,8 +28,8 @@ import torch
 
 from fastweight._constants import IGNORE_INDEX, Reduction
 from fastweight.ops._common import (
-    autocast_cast, check_finite, check_float_tensor, check_labels, check_weight_options, no_autocast,
-    resolve_backend, signature_of, triton_interpret,
+    acc_dtype, autocast_cast, check_finite, check_float_tensor, check_labels, check_weight_options,
+    importance_weight_torch, no_autocast, resolve_backend, signature_of, triton_interpret,
 )
 
 # ---------------------------------------------------------------------------------------------------------
@@ -264,25 +264,11 @@ def linear_logprobs_backward_triton(hidden, lm_head, bias, labels, lse, logp, g,
 
 # ---------------------------------------------------------------------------------------------------------
 # Torch path: chunks of valid rows, float32 accumulation (float64 for float64 inputs).
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def importance_weight_torch(logp: torch.Tensor, beta1: float, beta2: float) -> torch.Tensor:
-    """w = p**beta1 * (1 - p)**beta2 from log p, 0**0 == 1, (1 - p) = -expm1(log p)."""
-    w = torch.ones_like(logp)
-    if beta1 != 0:
-        w = w * torch.exp(beta1 * logp)
-    if beta2 != 0:
-        w = w * torch.exp(beta2 * torch.log(-torch.expm1(logp)))
-    return w
-
-
 class _Chunker:
     """Valid rows of hidden in chunks, a reused [c, V] float32 buffer and the float32 operands."""
 
     def __init__(self, hidden, lm_head, bias, labels, opts):
-        self.acc = _acc_dtype(hidden.dtype)
+        self.acc = acc_dtype(hidden.dtype)
         self.W = lm_head.to(self.acc)  # no copy for float32 / float64
         self.b = None if bias is None else bias.to(self.acc)
         self.hidden, self.labels, self.cap = hidden, labels.long(), opts.softcap  # gather needs int64
@@ -463,7 +449,7 @@ class LinearWeightedLogprobsFunction(torch.autograd.Function):
         # needs_input_grad is True under torch.no_grad() too; do not pay 2 GEMMs for a graph never built.
         needs = tuple(bool(n and grad_enabled) for n in ctx.needs_input_grad[:3])
         valid = labels != opts.ignore_index
-        acc = _acc_dtype(hidden.dtype)
+        acc = acc_dtype(hidden.dtype)
         scale = torch.ones((), dtype=acc, device=hidden.device)
         if opts.reduction == "mean":
             scale = scale / valid.sum().clamp(min=1).to(acc)

@@ -21,7 +21,8 @@ import torch
 
 from fastweight._constants import IGNORE_INDEX, Reduction
 from fastweight.ops._common import (
-    check_finite, check_labels, check_weight_options, resolve_backend, signature_of,
+    acc_dtype, check_finite, check_labels, check_weight_options, importance_weight_torch, resolve_backend,
+    row_chunks, signature_of,
 )
 
 # ---------------------------------------------------------------------------------------------------------
@@ -186,26 +187,6 @@ def aot_cases() -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------------------------------------------
 # Torch path (CPU and anything without Triton): chunks of rows, float32 (float64 for float64 input).
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _chunks(N: int, V: int):
-    step = max(1, TORCH_CHUNK_ELEMENTS // max(V, 1))
-    for s in range(0, N, step):
-        yield s, min(N, s + step)
-
-
-def importance_weight_torch(logp: torch.Tensor, beta1: float, beta2: float) -> torch.Tensor:
-    """w = p**beta1 * (1 - p)**beta2 from log p, 0**0 == 1, (1 - p) = -expm1(log p)."""
-    w = torch.ones_like(logp)
-    if beta1 != 0:
-        w = w * torch.exp(beta1 * logp)
-    if beta2 != 0:
-        w = w * torch.exp(beta2 * torch.log(-torch.expm1(logp)))
-    return w
-
-
 def _row_grad_(z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
                g: torch.Tensor) -> torch.Tensor:
     """g * (onehot - softmax) for a chunk; z is a float32 copy that is overwritten."""
@@ -219,14 +200,14 @@ def _row_grad_(z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, valid: 
 def token_logprobs_forward_torch(logits, labels, opts, *, grad_scale=None):
     """Same contract as ``token_logprobs_forward_triton`` (float64 outputs for float64 logits)."""
     N, V = logits.shape
-    acc = _acc_dtype(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     logp = torch.empty(N, dtype=acc, device=logits.device)
     lse = torch.empty(N, dtype=acc, device=logits.device)
     grad = None
     if grad_scale is not None:
         grad = logits if opts.inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
     w_all = torch.empty(N, dtype=acc, device=logits.device)
-    for s, e in _chunks(N, V):
+    for s, e in row_chunks(N, V, TORCH_CHUNK_ELEMENTS):
         z = logits[s:e].to(acc, copy=True)
         y = labels[s:e]
         valid = y != opts.ignore_index
@@ -261,9 +242,9 @@ def token_logprobs_forward_torch(logits, labels, opts, *, grad_scale=None):
 def token_logprobs_backward_torch(logits, labels, lse, g, opts):
     """Same contract as ``token_logprobs_backward_triton``."""
     N, V = logits.shape
-    acc = _acc_dtype(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     grad = logits if opts.inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
-    for s, e in _chunks(N, V):
+    for s, e in row_chunks(N, V, TORCH_CHUNK_ELEMENTS):
         y = labels[s:e]
         valid = y != opts.ignore_index
         z = logits[s:e].to(acc, copy=True)
