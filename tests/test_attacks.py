@@ -214,10 +214,12 @@ def test_exact_memorization_hand():
     assert res["agg_value"] == pytest.approx(3 / 4)
 
 
-def naive_gradnorm(model, item, p):
+def naive_gradnorm(model, item, p, drop_last=False):
     ids = item["input_ids"][None]
     target = item["labels"][1:]
     keep = target != IGNORE_INDEX
+    if drop_last:
+        keep[keep.nonzero().max()] = False
     params = [w for w in model.parameters() if w.requires_grad]
     logq = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)
     loss = -logq[keep].gather(1, target[keep][:, None]).mean()
@@ -225,19 +227,20 @@ def naive_gradnorm(model, item, p):
     return torch.stack([g.double().norm(p) for g in grads if g is not None]).mean().item()
 
 
-@pytest.mark.parametrize("p", [1, 2, math.inf])
-def test_gradnorm_matches_float64_autograd(p):
+@pytest.mark.parametrize("p,drop_last", [(1, False), (2, False), (math.inf, False), (2, True)])
+def test_gradnorm_matches_float64_autograd(p, drop_last):
     model = tiny_llama(2, torch.float64)
     model.model.embed_tokens.weight.requires_grad_(False)  # frozen tensors are not averaged in
     items = make_items(1, [6, 9])
     marker = torch.full_like(model.lm_head.weight, 7.0)
     model.lm_head.weight.grad = marker.clone()
     model.train()
-    got = values(A.attack_scores(model, items, ["gradnorm"], config=A.AttackConfig(p=p))["gradnorm"])
+    cfg = A.AttackConfig(p=p, drop_last_label=drop_last)
+    got = values(A.attack_scores(model, items, ["gradnorm"], config=cfg)["gradnorm"])
     assert model.training  # mode restored
     assert torch.equal(model.lm_head.weight.grad, marker)  # the caller's .grad is untouched
     model.eval()
-    want = [naive_gradnorm(model, it, p) for it in items]
+    want = [naive_gradnorm(model, it, p, drop_last) for it in items]
     assert got == pytest.approx(want, rel=1e-10)
 
 
@@ -323,6 +326,9 @@ def test_attack_errors():
         A.attack_scores(model, [{"input_ids": [3, 4, 5]}], ["loss"])
     with pytest.raises(ValueError, match="drop_last_label"):
         A.attack_scores(model, [{"input_ids": [3, 4], "labels": [3, 4]}], ["min_k"],
+                        config=A.AttackConfig(drop_last_label=True))
+    with pytest.raises(ValueError, match="drop_last_label"):
+        A.attack_scores(model, [{"input_ids": [3, 4], "labels": [3, 4]}], ["gradnorm"],
                         config=A.AttackConfig(drop_last_label=True))
     with pytest.raises(ValueError, match="items"):
         A.exact_memorization(model, [])

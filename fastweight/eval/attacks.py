@@ -32,8 +32,8 @@ their number, ``log p_t`` the model's log-probability of the label (``fastweight
     exact_memorization  EM = (1/n) sum_t [argmax_v q_t,v == label_t]   Tirumala et al. 2022; open-unlearning
                       ``memorization.py`` (not an attack: higher = more memorised; no AUC)
 
-Differences from open-unlearning, all deliberate: (1) its token-wise helper (used by Min-K, Min-K++ and Exact
-Memorization) drops each item's last labelled token (the EOS of its QA collator) while LOSS/ZLib/reference keep
+Differences from open-unlearning, all deliberate: (1) its token-wise helper (used by Min-K, Min-K++, gradnorm and
+Exact Memorization) drops each item's last labelled token (the EOS of its QA collator) while LOSS/ZLib/reference keep
 it; ``AttackConfig(drop_last_label=True)`` reproduces that, the default scores every labelled token as the
 original papers do. (2) gradnorm keeps the model in eval mode (open-unlearning switches to train mode, which
 turns dropout on) and uses ``torch.autograd.grad``, so the caller's ``.grad`` buffers are left untouched.
@@ -74,7 +74,7 @@ class AttackConfig:
     k: Min-K% / Min-K%++ fraction of lowest tokens (0.4: MUSE and open-unlearning's configs).
     p: gradnorm norm order, 1, 2 or inf (2: open-unlearning's config).
     batch_size: sequences per forward pass (gradnorm always runs one sequence at a time).
-    drop_last_label: drop each item's last labelled token for Min-K, Min-K++ and Exact Memorization, as
+    drop_last_label: drop each item's last labelled token for Min-K, Min-K++, gradnorm and Exact Memorization, as
         open-unlearning's token-wise helper does (see the module docstring).
     """
 
@@ -248,11 +248,12 @@ def sequence_token_stats(model, batch: Mapping[str, torch.Tensor], *, moments: b
     return out
 
 
-def gradient_norm(model, batch: Mapping[str, torch.Tensor], p: float = 2.0) -> float:
+def gradient_norm(model, batch: Mapping[str, torch.Tensor], p: float = 2.0, *,
+                  drop_last_label: bool = False) -> float:
     """Gradient-norm statistic of ONE sequence (batch of size 1): mean over the parameter tensors that receive
-    a gradient of ``||dL/dW||_p``, ``L = -mean_t log p_t`` over the scored tokens (open-unlearning
-    GradNormAttack). Uses ``torch.autograd.grad`` (``.grad`` buffers untouched); the model's mode is not changed.
-    Norms are accumulated in float32 (float64 for float64 parameters)."""
+    a gradient of ``||dL/dW||_p``, ``L = -mean_t log p_t`` over the scored tokens (without the last one when
+    ``drop_last_label``; open-unlearning GradNormAttack). Uses ``torch.autograd.grad`` (``.grad`` buffers
+    untouched); the model's mode is not changed. Norms are accumulated in float32 (float64 for float64 weights)."""
     AttackConfig(p=p)
     if batch["input_ids"].shape[0] != 1:
         raise ValueError(f"gradient_norm scores one sequence; batch has {batch['input_ids'].shape[0]}")
@@ -262,8 +263,12 @@ def gradient_norm(model, batch: Mapping[str, torch.Tensor], p: float = 2.0) -> f
     with torch.enable_grad():
         logits = _logits(model, batch)
         labels = batch["labels"].to(logits.device)
-        logp = fastweight.token_logprobs(logits, labels, shift=True)
+        if drop_last_label:
+            labels = _drop_last(labels)
         n = (shift_labels(labels) != IGNORE_INDEX).sum()
+        if int(n) == 0:
+            raise ValueError("an item has a single scored token and drop_last_label=True leaves none")
+        logp = fastweight.token_logprobs(logits, labels, shift=True)
         grads = torch.autograd.grad(-logp.sum() / n, params, allow_unused=True)
     norms = [torch.linalg.vector_norm(g.to(acc_dtype(g.dtype)), ord=p) for g in grads if g is not None]
     return float(torch.stack([x.double() for x in norms]).mean())
@@ -388,7 +393,7 @@ def attack_scores(model, items: Sequence[Item], attacks: Sequence[AttackName] = 
                         scores[a].append(s)
         if "gradnorm" in attacks:
             for batch in _batches(items, 1, device, "items"):
-                scores["gradnorm"].append(gradient_norm(model, batch, cfg.p))
+                scores["gradnorm"].append(gradient_norm(model, batch, cfg.p, drop_last_label=cfg.drop_last_label))
     return {a: _result(scores[a]) for a in attacks}
 
 
