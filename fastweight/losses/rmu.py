@@ -5,8 +5,11 @@ data they are held at the frozen reference's:
     L = MSE(h_l(x_f), c * u) + alpha * MSE(h_l(x_r), h_l^ref(x_r))
 with u a random unit vector (uniform in [0, 1)^H, then normalised, as the WMDP code) and c the steering
 coefficient. Plain tensors in: the caller (``fastweight.train.methods``) captures the layer's output.
-Defaults (WMDP paper, zephyr-7b): layer 7, trainable layers 5-7, c = 6.5, alpha = 1200; the G-effect paper
-uses layer 9, c = 4 (Phi-1.5) and layer 21, c = 2 (Llama-2-7B) on TOFU.
+Defaults (WMDP release ``rmu/unlearn.py`` with its zephyr-7b command): layer 7 steered, layers 5-7 trained,
+``mlp.down_proj`` only (``param_ids=6``), c = 6.5, alpha = 1200 (the registry's ``LOSSES["rmu"]``; the
+release's argparse defaults are c = 20, alpha = 100). The release averages its MSEs over padding too; the
+registry masks padding by default (``mask_padding``). The G-effect paper uses layer 9,
+c = 4 (Phi-1.5) and layer 21, c = 2 (Llama-2-7B) on TOFU.
 """
 from __future__ import annotations
 
