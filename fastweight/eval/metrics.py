@@ -138,7 +138,6 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str], kind: RougeKi
     return _result([getattr(scorer.score(ref, pred)["rougeL"], kind) for pred, ref in zip(predictions, references)])
 
 
-Convention = Literal["muse", "satimp", "open-unlearning"]
 ES_CONVENTIONS: tuple[str, ...] = ("satimp", "open-unlearning")
 MIA_CONVENTIONS: tuple[str, ...] = ("muse", "open-unlearning")
 
