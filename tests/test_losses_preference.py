@@ -136,3 +136,33 @@ def test_bad_inputs(call, arg, exc):
     logits, labels = _batch(torch.float32)
     with pytest.raises(exc, match=arg):
         call(logits, labels)
+
+
+def test_check_finite_on_every_sequence_loss():
+    """check_finite (issue 15): NaN logits or a NaN reference value raise ValueError naming the tensor."""
+    from fastweight import dpo_loss, flat_loss, npo_loss, simnpo_loss, tnpo_loss, wtnpo_loss
+
+    gen = torch.Generator().manual_seed(9)
+    z = torch.randn(2, 5, 11, generator=gen)
+    y = torch.randint(0, 11, (2, 5), generator=gen)
+    bad = z.clone()
+    bad[1, 2, 3] = float("nan")
+    ref_nll, ref_logp = torch.zeros(2), torch.zeros(2, 5)
+    calls = {
+        "npo": lambda x, r=ref_nll: npo_loss(x, y, r, check_finite=True),
+        "simnpo": lambda x, r=None: simnpo_loss(x, y, check_finite=True),
+        "tnpo": lambda x, r=ref_logp: tnpo_loss(x, y, r, check_finite=True),
+        "wtnpo": lambda x, r=ref_logp: wtnpo_loss(x, y, r, check_finite=True),
+        "dpo": lambda x, r=ref_nll: dpo_loss(x, y, x, y, r, ref_nll, check_finite=True),
+        "flat": lambda x, r=None: flat_loss(x, y, x, y, check_finite=True),
+    }
+    for name, fn in calls.items():
+        assert torch.isfinite(fn(z)), name
+        with pytest.raises(ValueError, match="NaN"):
+            fn(bad)
+    for name in ("npo", "dpo"):
+        with pytest.raises(ValueError, match="ref_"):
+            calls[name](z, torch.tensor([0.0, float("nan")]))
+    for name in ("tnpo", "wtnpo"):
+        with pytest.raises(ValueError, match="ref_logp"):
+            calls[name](z, torch.full((2, 5), float("inf")))

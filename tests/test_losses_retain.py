@@ -66,10 +66,52 @@ def test_kl_of_identical_models_is_zero():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("beta", [0.0, 10.0])
-def test_undial(dtype, beta):
+@pytest.mark.parametrize("masked", [False, True])
+def test_undial(dtype, beta, masked):
     z, r, labels = _batch(dtype)
-    compare_with_reference(lambda x: undial_loss(x, r, labels, beta=beta, shift=True),
-                           lambda x: ref.undial_loss(x, r, labels, beta=beta, shift=True), [z], dtype=dtype)
+    compare_with_reference(lambda x: undial_loss(x, r, labels, beta=beta, masked=masked, shift=True),
+                           lambda x: ref.undial_loss(x, r, labels, beta=beta, masked=masked, shift=True), [z],
+                           dtype=dtype)
+
+
+def test_kl_default_equals_tofu_and_open_unlearning_code():
+    """TOFU / open-unlearning compute_kl_divergence: kl_div(log_softmax rows, batchmean, log_target) over
+    every position of the flattened [B*T, V] logits (prompt and padding included)."""
+    z, r, labels = _batch(torch.float64, seed=3)
+    x1, x2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+    got = kl_loss(x1, r, labels, shift=True)
+    want = torch.nn.functional.kl_div(torch.log_softmax(x2, -1).view(-1, V), torch.log_softmax(r, -1).view(-1, V),
+                                      reduction="batchmean", log_target=True)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-12, atol=1e-16)
+
+
+def test_undial_default_equals_open_unlearning_code():
+    """open-unlearning compute_undial_loss: teacher logits minus beta at shift_labels (-100 indexes V - 100),
+    soft-label cross-entropy averaged over every shifted position. Same gradient as fastweight's KL form; the
+    values differ by the mean teacher entropy (a constant of the frozen reference)."""
+    Vb = 131  # > 100 so that -100 wraps inside the vocabulary, as with a real tokenizer
+    gen = torch.Generator().manual_seed(4)
+    z = torch.randn(B, T, Vb, generator=gen, dtype=torch.float64) * 2
+    r = torch.randn(B, T, Vb, generator=gen, dtype=torch.float64) * 2
+    labels = torch.randint(0, Vb, (B, T), generator=gen)
+    labels[0, :3] = IGNORE_INDEX
+    labels[2, 4:] = IGNORE_INDEX
+    beta = 10.0
+    x1, x2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+    sl, sz, st = labels[..., 1:], x2[..., :-1, :], r[..., :-1, :]
+    mask = torch.zeros_like(st)
+    mask[torch.arange(B).view(-1, 1, 1), torch.arange(T - 1).view(1, -1, 1), sl.unsqueeze(-1)] = 1.0
+    soft = torch.softmax(st - mask * beta, -1)
+    want = torch.nn.functional.cross_entropy(sz.reshape(-1, Vb), soft.reshape(-1, Vb), reduction="none").mean()
+    entropy = -(soft * torch.log(soft)).sum(-1).mean()
+    got = undial_loss(x1, r, labels, beta=beta, shift=True)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(got + entropy, want, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-11, atol=1e-15)
 
 
 def test_undial_beta_zero_is_masked_kl_and_beta_lowers_target():
@@ -86,7 +128,11 @@ def test_undial_beta_zero_is_masked_kl_and_beta_lowers_target():
 def test_retain_errors():
     z, r, labels = _batch(torch.float32)
     with pytest.raises(ValueError, match="labels are required"):
-        kl_loss(z, r)
+        kl_loss(z, r, masked=True)
+    with pytest.raises(TypeError, match="masked"):
+        undial_loss(z, r, labels, masked="yes")
+    with pytest.raises(ValueError, match="ignore_index"):
+        undial_loss(z, r, torch.where(labels == IGNORE_INDEX, 0, labels), ignore_index=5)
     with pytest.raises(ValueError, match="ref leading dims"):
         kl_loss(z, r[:, :2], labels)
     with pytest.raises(ValueError, match="ref_lm_head"):

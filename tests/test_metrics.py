@@ -88,10 +88,12 @@ def test_model_utility_mink_auc():
     with pytest.raises(ValueError, match="values"):
         M.model_utility({"a": -1.0})
     r = M.mink_prob([[-1.0, -2.0, -3.0, -4.0, -5.0], [-1.0]], k=0.4)
-    assert r["value_by_index"]["0"]["score"] == pytest.approx(-4.5)  # ceil(0.4 * 5) = 2 lowest
-    assert r["value_by_index"]["1"]["score"] == pytest.approx(-1.0)
+    assert r["value_by_index"]["0"]["score"] == pytest.approx(4.5)  # floor(0.4 * 5) = 2 lowest, negated
+    assert math.isnan(r["value_by_index"]["1"]["score"])  # floor(0.4) = 0: MUSE's mean of nothing
     with pytest.raises(ValueError, match="k"):
         M.mink_prob([[-1.0]], k=0.0)
+    with pytest.raises(ValueError, match="convention"):
+        M.mink_prob([[-1.0]], convention="tofu")
     assert M.auc([3.0, 4.0], [1.0, 2.0]) == 1.0
     assert M.auc([1.0, 2.0], [1.0, 2.0]) == 0.5
     assert M.auc([1.0], [2.0, 0.0]) == 0.5
@@ -131,3 +133,162 @@ def test_generate_greedy_left_padding_matches_unbatched(tiny):
     batched = M.generate_greedy(model, tok, prompts, max_new_tokens=5, batch_size=2)
     single = [M.generate_greedy(model, tok, [p], max_new_tokens=5, batch_size=1)[0] for p in prompts]
     assert batched == single and all(isinstance(t, str) for t in batched)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Benchmark conventions: each metric against a float64 transcription of the benchmark's own code.
+def _satimp_es(preds, labels):
+    """SatImp eval_es.py: flip both, count matching tokens from the end until the first mismatch."""
+    p, y = list(reversed(preds)), list(reversed(labels))
+    same = 0
+    for i in range(len(p)):
+        if p[i] == y[i]:
+            same += 1
+        else:
+            break
+    return same / len(p)
+
+
+def _open_unlearning_es(preds, labels):
+    """open-unlearning memorization.extraction_strength: first k in 0..n-1 whose suffix matches."""
+    n = len(labels)
+    for k in range(n):
+        if preds[k:] == labels[k:]:
+            break
+    return 1 - k / n
+
+
+def test_extraction_strength_matches_satimp_and_open_unlearning_code():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        n = int(torch.randint(1, 9, (1,), generator=g))
+        labels = torch.randint(0, 3, (n,), generator=g).tolist()
+        preds = [y if float(torch.rand((), generator=g)) < 0.7 else y + 1 for y in labels]
+        flags = [a == b for a, b in zip(preds, labels)]
+        assert M.extraction_strength_item(flags) == pytest.approx(_satimp_es(preds, labels), abs=1e-15)
+        assert M.extraction_strength_item(flags, "open-unlearning") == pytest.approx(
+            _open_unlearning_es(preds, labels), abs=1e-15)
+    assert M.extraction_strength_item([True, True, False]) == 0.0             # SatImp: last wrong -> 0
+    assert M.extraction_strength_item([True, True, False], "open-unlearning") == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="convention"):
+        M.extraction_strength_item([True], "tofu")
+
+
+def test_es_drops_the_eos_label_only_error():
+    from fastweight.eval.tofu import es_flags
+
+    eos = 9
+    # answer [5, 6] perfectly predicted, only the EOS prediction is wrong
+    stats = [{"correct": [True, True, False], "labels": [5, 6, eos]},
+             {"correct": [False, True, True], "labels": [5, 6, eos]},
+             {"correct": [True, False], "labels": [5, 6]}]          # truncated answer: no EOS label
+    flags = es_flags(stats, eos)
+    assert flags == [[True, True], [False, True], [True, False]]
+    assert M.extraction_strength(flags)["agg_value"] == pytest.approx((1.0 + 0.5 + 0.0) / 3)
+    assert M.extraction_strength([s["correct"] for s in stats])["value_by_index"]["0"]["score"] == 0.0
+    ou = es_flags(stats, eos, "open-unlearning")                     # always drops the last label
+    assert ou == [[True, True], [False, True], [True]]
+    with pytest.raises(ValueError, match="answer 0"):
+        es_flags([{"correct": [True], "labels": [eos]}], eos)
+
+
+def _muse_min_k(all_prob, ratio=0.4):
+    """MUSE metrics/privleak.py inference(): -mean of the int(n * ratio) lowest (numpy; nan when empty)."""
+    import warnings
+
+    import numpy as np
+
+    k_length = int(len(all_prob) * ratio)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(-np.mean(np.sort(np.asarray(all_prob, dtype=np.float64))[:k_length]))
+
+
+def test_mink_matches_muse_and_open_unlearning_code():
+    g = torch.Generator().manual_seed(1)
+    items = [(-torch.rand(n, generator=g, dtype=torch.float64) * 5).tolist() for n in range(1, 14)]
+    muse = M.mink_prob(items, 0.4)["value_by_index"]
+    ou = M.mink_prob(items, 0.4, "open-unlearning")["value_by_index"]
+    for i, lp in enumerate(items):
+        want = _muse_min_k(lp)
+        got = muse[str(i)]["score"]
+        assert (math.isnan(want) and math.isnan(got)) or got == pytest.approx(want, abs=1e-12)
+        s = max(1, int(len(lp) * 0.4))
+        assert ou[str(i)]["score"] == pytest.approx(-sum(sorted(lp)[:s]) / s, abs=1e-12)
+    assert math.isnan(muse["0"]["score"]) and math.isnan(muse["1"]["score"])  # n = 1, 2: floor(0.4 n) = 0
+    assert not math.isnan(muse["2"]["score"])                                # n = 3: one token
+    assert M.mink_prob([[]], convention="open-unlearning")["agg_value"] == 0.0
+
+
+def _muse_auc(forget, holdout):
+    """MUSE privleak.py: nonmember = forget (y 0), member = holdout (y 1); roc_curve(y, -ppl); auc(fpr, tpr)."""
+    import numpy as np
+    from sklearn.metrics import auc, roc_curve
+
+    ppl = np.array(forget + holdout, dtype=np.float64)
+    y = np.array([0] * len(forget) + [1] * len(holdout))
+    fpr, tpr, _ = roc_curve(y, -ppl)
+    return float(auc(fpr, tpr))
+
+
+def test_privleak_matches_muse_code_and_sign():
+    g = torch.Generator().manual_seed(2)
+    mk = lambda shift: [(-torch.rand(20, generator=g, dtype=torch.float64) * 4 + shift).tolist() for _ in range(30)]
+    leak_f, holdout = mk(3.0), mk(0.0)           # the leaking model puts high log-probs on forget texts
+    fresh_f = mk(0.0)                             # a retrained model sees forget texts like holdout texts
+    for forget in (leak_f, fresh_f):
+        f = [r["score"] for r in M.mink_prob(forget)["value_by_index"].values()]
+        h = [r["score"] for r in M.mink_prob(holdout)["value_by_index"].values()]
+        want = _muse_auc(f, h)
+        assert M.privleak_auc(f, h) == pytest.approx(want, abs=1e-12)
+        ou_auc = M.privleak_auc(f, h, "open-unlearning")
+        assert ou_auc == pytest.approx(1 - want, abs=1e-12)
+        r = 0.4772
+        muse_pl = (want - r) / r * 100                            # MUSE eval.py
+        assert M.privleak(M.privleak_auc(f, h), r) == pytest.approx(muse_pl, abs=1e-9)
+        ou_pl = ((1 - ou_auc) - (1 - (1 - r))) / ((1 - (1 - r)) + 1e-10) * 100  # open-unlearning privleak
+        assert M.privleak(ou_auc, 1 - r, "open-unlearning") == pytest.approx(ou_pl, abs=1e-9)
+        assert ou_pl == pytest.approx(muse_pl, abs=1e-6)
+        if forget is leak_f:
+            assert muse_pl == pytest.approx(-100.0)              # leaking: AUC 0 -> -100
+        else:
+            assert abs(muse_pl) < 40                              # retrained-like: near 0
+    with pytest.raises(ValueError, match=r"forget\[0\]"):
+        M.privleak_auc([float("nan"), 1.0], [0.5])
+    with pytest.raises(ValueError, match="retrain_auc"):
+        M.privleak(0.5, 0.0)
+    with pytest.raises(ValueError, match="auc"):
+        M.privleak(1.5, 0.5)
+
+
+def _rouge_l_prf(pred, ref):
+    """ROUGE-L without stemming: rouge_score's tokenisation (lower case, non-alphanumerics -> spaces), LCS."""
+    import re
+
+    tok = lambda s: re.sub(r"[^a-z0-9]+", " ", s.lower()).split()
+    a, b = tok(ref), tok(pred)
+    dp = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i in range(len(a)):
+        for j in range(len(b)):
+            dp[i + 1][j + 1] = dp[i][j] + 1 if a[i] == b[j] else max(dp[i][j + 1], dp[i + 1][j])
+    lcs = dp[-1][-1]
+    if lcs == 0:
+        return 0.0, 0.0, 0.0
+    p, r = lcs / len(b), lcs / len(a)
+    return p, r, 2 * p * r / (p + r)
+
+
+def test_rouge_f1_without_stemming_matches_transcription_verbose_vs_short():
+    refs = ["Bram Quarry", "cat run", "the harbour drew visitors this August"]
+    preds = ["Bram Quarry organised the festival in the autumn", "cats running", "the harbour drew visitors"]
+    f1 = M.rouge_l(preds, refs, kind="fmeasure", use_stemmer=False)["value_by_index"]
+    rec = M.rouge_l(preds, refs, kind="recall", use_stemmer=False)["value_by_index"]
+    for i, (p, r) in enumerate(zip(preds, refs)):
+        _, want_r, want_f = _rouge_l_prf(p, r)
+        assert f1[str(i)]["score"] == pytest.approx(want_f, abs=1e-12)
+        assert rec[str(i)]["score"] == pytest.approx(want_r, abs=1e-12)
+    assert rec["0"]["score"] == 1.0 and f1["0"]["score"] == pytest.approx(0.4)  # verbose: recall 1, F1 0.4
+    assert f1["1"]["score"] == 0.0                                              # no stemming: cats != cat
+    assert M.rouge_l(preds[1:2], refs[1:2], kind="fmeasure")["agg_value"] == 1.0  # TOFU's stemming
+    with pytest.raises(TypeError, match="use_stemmer"):
+        M.rouge_l(["a"], ["a"], use_stemmer=1)

@@ -153,32 +153,64 @@ def test_verbmem_rouge_f1_hand_made(tiny):
     assert res["value_by_index"]["0"]["score"] == pytest.approx(1.0)
     assert res["value_by_index"]["1"]["score"] == pytest.approx(2 / 3)
     assert res["agg_value"] == pytest.approx(5 / 6)
+    # MUSE cuts the reference to max_new_tokens tokens too: 2 generated tokens against the first 2 of gt
     model = _Scripted([_ids(tok, "drew visitors this August")] * 2)
-    assert E.verbmem(model, tok, rows, max_new_tokens=2)["agg_value"] == pytest.approx(2 / 3)  # cut at 2 tokens
+    assert E.verbmem(model, tok, rows, max_new_tokens=2)["agg_value"] == pytest.approx(1.0)
+
+
+class _BosTokenizer:
+    """Wraps a tokenizer so that add_special_tokens=True prepends a BOS id (as Llama-2's, MUSE's tokenizer)."""
+
+    def __init__(self, tok):
+        self.tok, self.bos = tok, tok.bos_token_id
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        return {"input_ids": ([self.bos] if add_special_tokens else []) + list(ids)}
+
+    def decode(self, ids, **kw):
+        return self.tok.decode(ids, **kw)
+
+
+def test_verbmem_reference_counts_bos_as_muse(tiny):
+    _, _, tok = tiny
+    gt = "drew visitors this August"
+    # transcription of MUSE verbmem.py: tokenizer(gt, add_special_tokens=True)[:, :n], decoded without specials
+    for n in (1, 2, 3, 128):
+        ids = ([tok.bos_token_id] + _ids(tok, gt))[:n]
+        want = tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+        assert E.verbmem_reference(_BosTokenizer(tok), gt, n) == want
+    assert E.verbmem_reference(_BosTokenizer(tok), gt, 2) == tok.decode(_ids(tok, gt)[:1])  # BOS takes a slot
 
 
 def test_knowmem_prompt_cut_and_recall(tiny):
     _, _, tok = tiny
     icl = [{"question": "Q1?", "answer": "A1"}, {"question": "Q2?", "answer": "A2"}]
     assert E.knowmem_prompt("Q?", icl) == ("Question: Q1?\nAnswer: A1\n\nQuestion: Q2?\nAnswer: A2\n\n"
-                                           "Question: Q?\nAnswer:")
+                                           "Question: Q?\nAnswer: ")
     assert E.cut_answer(" Bram Quarry\n\nQuestion: who") == "Bram Quarry"
     assert E.cut_answer("Bram Quarry Question: x") == "Bram Quarry"
     assert E.cut_answer("Bram\nQuestion: x") == "Bram"
+    assert E.cut_answer("Bram\nQuestions remain") == "Bram"     # MUSE cuts at "\nQuestion" without a colon
+    assert E.cut_answer("Bram Question :x") == "Bram Question :x"
     rows = [{"question": "Who organised the harvest festival of Kalby?", "answer": "Bram Quarry"},
             {"question": "Who organised the harvest festival of Kalby?", "answer": "Bram Quarry said"}]
-    model = _Scripted([_ids(tok, "Bram Quarry") + [tok.eos_token_id], _ids(tok, "Bram Quarry Question: the")])
+    # this word-level tokenizer decodes "Question:" as "Question :", which MUSE's markers do not cut
+    model = _Scripted([_ids(tok, "Bram Quarry") + [tok.eos_token_id], _ids(tok, "Bram Quarry") + [tok.eos_token_id]])
     res = E.knowmem(model, tok, rows, icl, max_new_tokens=32)
     assert res["generations"] == ["Bram Quarry", "Bram Quarry"]
-    assert [res["value_by_index"][k]["score"] for k in "01"] == pytest.approx([1.0, 2 / 3])  # recall
+    # ROUGE-L F1 as MUSE: "Bram Quarry" vs "Bram Quarry said": P = 1, R = 2/3, F1 = 0.8 (recall would be 2/3)
+    assert [res["value_by_index"][k]["score"] for k in "01"] == pytest.approx([1.0, 0.8])
 
 
 def test_privleak_auc_known_answer():
-    # pairs (f, h): 3>0, 3>1.5, 2>0, 2>1.5, 1>0 win; 1<1.5 loses; one tie (1.5 vs 1.5) counts 1/2
+    # Min-K% scores (higher = less likely a member). MUSE's AUC = P(holdout scored lower than forget), ties 1/2:
+    # pairs (f, h): 3>0, 3>1.5, 2>0, 2>1.5, 1>0 count; 1<1.5 does not -> 5/6
     assert E.privleak_auc([3, 2, 1], [0, 1.5]) == pytest.approx(5 / 6)
     assert E.privleak_auc([1.5, 0], [1.5]) == pytest.approx(0.25)
-    assert E.privleak(0.75, 0.5) == pytest.approx(0.5)
-    assert E.privleak(0.25, 0.5) == pytest.approx(-0.5)
+    assert E.privleak_auc([3, 2, 1], [0, 1.5], "open-unlearning") == pytest.approx(1 / 6)
+    assert E.privleak(0.75, 0.5) == pytest.approx(50.0)
+    assert E.privleak(0.25, 0.5) == pytest.approx(-50.0)
     with pytest.raises(ValueError, match="retrain_auc"):
         E.privleak(0.5, 0.0)
 
@@ -193,10 +225,10 @@ def test_mink_scores_match_manual_logprobs(tiny):
             logp = torch.log_softmax(model(input_ids=ids).logits.double(), -1)[0, :-1]
         ref = logp.gather(-1, ids[0, 1:, None])[:, 0]
         assert torch.allclose(torch.tensor(lps, dtype=torch.float64), ref, atol=1e-5)
-        k = math.ceil(0.4 * len(ref))
+        k = int(0.4 * len(ref))
         manual = sorted(ref.tolist())[:k]
         res = E.mink_scores(model, tok, [text], k=0.4)
-        assert res["agg_value"] == pytest.approx(sum(manual) / k, abs=1e-5)
+        assert res["agg_value"] == pytest.approx(-sum(manual) / k, abs=1e-5)
 
 
 def test_evaluate_muse_writes_and_resumes(tiny, corpus, tmp_path):
@@ -206,7 +238,7 @@ def test_evaluate_muse_writes_and_resumes(tiny, corpus, tmp_path):
     res = E.evaluate_muse(model, tok, data, cfg, output_dir=tmp_path, retrain_auc=0.5)
     assert set(res) == {"forget_verbmem", "forget_knowmem", "retain_knowmem", "forget_mink", "holdout_mink",
                         "privleak_auc", "privleak"}
-    assert res["privleak"] == pytest.approx((res["privleak_auc"] - 0.5) / 0.5)
+    assert res["privleak"] == pytest.approx((res["privleak_auc"] - 0.5) / 0.5 * 100)
     saved = json.loads((tmp_path / "MUSE_EVAL.json").read_text())
     assert len(saved["forget_mink"]["value_by_index"]) == 3 and "generation" in saved["forget_verbmem"][
         "value_by_index"]["0"]

@@ -280,3 +280,39 @@ def test_triton_large_logits(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=ids)
 def test_triton_hidden_lm_head(dtype):
     check_hidden("triton", dtype, 6, 11, 70, bias=True, softcap=20.0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Non-finite values at ignored positions never reach the gradient (issue 15, non-finite policy).
+def check_nonfinite_ignored_rows(backend, dtype):
+    from fastweight.losses._input import weighted_logprobs
+
+    z, y = make_logits(6, 37, dtype, seed=3, ignore_rows=[1, 4])
+    z[1] = float("nan")            # an ignored row full of NaN
+    z[4] = float("-inf")           # an ignored all -inf row (a fully masked vocabulary)
+    w_scale = torch.linspace(0.5, 2.0, 6)
+    for fn in (lambda x: (fastweight.token_logprobs(x, y, backend=backend) * w_scale.to(x.device)).sum(),
+               lambda x: weighted_logprobs(x, y, beta1=1.0, beta2=0.5, weighted=True, reduction="mean",
+                                           backend=backend)[0]):
+        x = z.clone().requires_grad_()
+        loss = fn(x)
+        loss.backward()
+        assert torch.isfinite(loss), loss
+        assert bool(torch.isfinite(x.grad).all())
+        assert bool((x.grad[[1, 4]] == 0).all())
+        clean = z.clone()
+        clean[[1, 4]] = 0.0
+        xc = clean.clone().requires_grad_()
+        fn(xc).backward()
+        torch.testing.assert_close(x.grad, xc.grad)  # valid rows unaffected
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=ids)
+def test_nonfinite_ignored_rows_give_finite_zero_gradient(dtype):
+    check_nonfinite_ignored_rows("torch", dtype)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+def test_triton_nonfinite_ignored_rows(dtype):
+    check_nonfinite_ignored_rows("triton", dtype)

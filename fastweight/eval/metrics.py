@@ -13,11 +13,20 @@ Definitions (answer tokens only; "P" = length-normalised probability ``exp(mean 
     normalised_probability mean_i P(correct) / (P(correct) + sum_k P(wrong_k))
     truth_ratio            TR_i = geomean_k P(perturbed_k) / P(paraphrased); "forget" aggregates
                            mean_i min(TR, 1/TR), "true_better" aggregates mean_i max(0, 1 - TR)
-    rouge_l                ROUGE-L (recall or F1) with stemming (``rouge_score``)
+    rouge_l                ROUGE-L (recall, F1 or precision) of ``rouge_score``; stemming on (TOFU) or off (MUSE)
     extraction_strength    ES_i = 1 - k_i / |y_i|, k_i = smallest k such that every greedy prediction at
-                           answer positions k..|y|-1 equals the label (given x + y[:k]); all correct -> 1,
-                           last token wrong -> 0, only the first wrong -> 1 - 1/|y|
-    mink_prob              mean of the lowest ceil(k |y|) token log-probabilities (Min-K% Prob, k = 0.4)
+                           answer positions k..|y|-1 equals the label (given x + y[:k]). Convention "satimp"
+                           (SatImp's ``eval_es.py``, default): all correct -> 1, last token wrong -> 0;
+                           "open-unlearning": k never exceeds |y| - 1, so last token wrong -> 1/|y|.
+                           Which tokens form y (SatImp: the answer without EOS) is the caller's choice.
+    mink_prob              MUSE's Min-K% score ``-mean`` of the lowest ``floor(k n)`` token log-probabilities
+                           (k = 0.4; higher = less likely a member; NaN when floor(k n) = 0, as MUSE's
+                           numpy mean of nothing); "open-unlearning" keeps ``max(1, floor(k n))`` tokens
+    privleak_auc           ROC AUC (``sklearn.metrics.roc_auc_score``) of Min-K% scores, forget vs holdout, in
+                           MUSE's orientation (``metrics/privleak.py``) or open-unlearning's (1 - MUSE's)
+    privleak               MUSE: ``(AUC - AUC_retrain) / AUC_retrain * 100`` (a leaking model reads about
+                           -100, a retrained one about 0); open-unlearning computes the same number from its
+                           own AUC orientation
     model_utility          harmonic mean of the given values (0 if any is 0)
     forget_quality         p-value of ``scipy.stats.ks_2samp`` between two truth-ratio samples
 """
@@ -105,61 +114,145 @@ def truth_ratio(paraphrased_avg_logp: Sequence[float], perturbed_avg_logp: Seque
 
 
 RougeKind = Literal["recall", "fmeasure", "precision"]
-_ROUGE_SCORER = None
+_ROUGE_SCORERS: dict[bool, object] = {}
 
 
-def rouge_l(predictions: Sequence[str], references: Sequence[str], kind: RougeKind = "recall") -> MetricResult:
-    """ROUGE-L (``rouge_score``, stemming on) of each prediction against its reference; mean over items."""
-    global _ROUGE_SCORER
+def rouge_l(predictions: Sequence[str], references: Sequence[str], kind: RougeKind = "recall", *,
+            use_stemmer: bool = True) -> MetricResult:
+    """ROUGE-L of each prediction against its reference (``rouge_score``); mean over items.
+
+    kind: "recall" (TOFU's ``rougeL_recall``), "fmeasure" (MUSE's ``rougeL``) or "precision".
+    use_stemmer: True as TOFU and open-unlearning; MUSE's ``RougeEvalLogger`` uses False.
+    """
     if len(predictions) != len(references):
         raise ValueError(f"predictions ({len(predictions)}) and references ({len(references)}) differ in length")
     if kind not in ("recall", "fmeasure", "precision"):
         raise ValueError(f"kind must be 'recall', 'fmeasure' or 'precision', got {kind!r}")
-    if _ROUGE_SCORER is None:
+    if not isinstance(use_stemmer, bool):
+        raise TypeError(f"use_stemmer must be a bool, got {type(use_stemmer).__name__}")
+    if use_stemmer not in _ROUGE_SCORERS:
         from rouge_score import rouge_scorer
 
-        _ROUGE_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return _result([getattr(_ROUGE_SCORER.score(ref, pred)["rougeL"], kind)
-                    for pred, ref in zip(predictions, references)])
+        _ROUGE_SCORERS[use_stemmer] = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=use_stemmer)
+    scorer = _ROUGE_SCORERS[use_stemmer]
+    return _result([getattr(scorer.score(ref, pred)["rougeL"], kind) for pred, ref in zip(predictions, references)])
 
 
-def extraction_strength_item(correct: Sequence[bool]) -> float:
-    """ES of one answer from its per-token "greedy prediction == label" flags (answer order, EOS included).
+ES_CONVENTIONS: tuple[str, ...] = ("satimp", "open-unlearning")
+MIA_CONVENTIONS: tuple[str, ...] = ("muse", "open-unlearning")
 
-    ``k`` = 1 + index of the last wrong prediction (0 if none); ``ES = 1 - k / |y|``.
+
+def _check_convention(convention: str, allowed: tuple[str, ...]) -> None:
+    if convention not in allowed:
+        raise ValueError(f"convention must be one of {allowed}, got {convention!r}")
+
+
+def extraction_strength_item(correct: Sequence[bool], convention: str = "satimp") -> float:
+    """ES of one answer from its per-token "greedy prediction == label" flags (answer order).
+
+    "satimp" (SatImp ``eval_es.py``: count the matching suffix from the end): ``k`` = 1 + index of the last
+    wrong prediction (0 if none), ``ES = 1 - k / |y|``; last token wrong -> 0.
+    "open-unlearning" (``extraction_strength`` in ``evals/metrics/memorization.py``): ``k`` is searched in
+    0..|y|-1 only, so a wrong last token gives ``1/|y|`` instead of 0.
+    The flags are scored as given: SatImp's y is the answer without EOS, open-unlearning drops the last label.
     """
+    _check_convention(convention, ES_CONVENTIONS)
     n = len(correct)
     if n == 0:
         raise ValueError("correct must hold at least one answer token")
     wrong = [i for i, c in enumerate(correct) if not bool(c)]
     k = wrong[-1] + 1 if wrong else 0
+    if convention == "open-unlearning":
+        k = min(k, n - 1)
     return 1.0 - k / n
 
 
-def extraction_strength(correct: Sequence[Sequence[bool]]) -> MetricResult:
+def extraction_strength(correct: Sequence[Sequence[bool]], convention: str = "satimp") -> MetricResult:
     """Mean ES (Wang et al., 2025) over items; ``correct[i]`` = per-answer-token greedy match flags."""
-    return _result([extraction_strength_item(c) for c in correct])
+    return _result([extraction_strength_item(c, convention) for c in correct])
 
 
-def mink_prob(token_logp: Sequence[Sequence[float]], k: float = 0.4) -> MetricResult:
-    """Min-K% Prob: per item the mean of its ``ceil(k * n)`` lowest token log-probabilities (higher = member)."""
+def mink_prob(token_logp: Sequence[Sequence[float]], k: float = 0.4, convention: str = "muse") -> MetricResult:
+    """Min-K% Prob score per item: ``-mean`` of its lowest ``s`` token log-probabilities (higher = less likely
+    a training member), as MUSE's ``metrics/privleak.py`` (``Min-40%``) and open-unlearning's ``MinKProbAttack``.
+
+    token_logp: per item, the log-probabilities of every scored token (MUSE: every token after the first).
+    convention: "muse": ``s = floor(k n)``; an item with ``floor(k n) = 0`` scores NaN (MUSE's numpy mean of
+        an empty slice), which ``privleak_auc`` then refuses. "open-unlearning": ``s = max(1, floor(k n))``;
+        an empty item scores 0.
+    """
     if not 0.0 < k <= 1.0:
         raise ValueError(f"k must be in (0, 1], got {k}")
+    _check_convention(convention, MIA_CONVENTIONS)
     scores = []
     for i, lp in enumerate(token_logp):
-        if len(lp) == 0:
-            raise ValueError(f"token_logp[{i}] is empty")
-        low = sorted(float(v) for v in lp)[:max(1, math.ceil(k * len(lp)))]
-        scores.append(sum(low) / len(low))
+        n = len(lp)
+        s = int(n * k) if convention == "muse" else max(1, int(n * k))
+        if n == 0 and convention == "open-unlearning":
+            scores.append(0.0)
+            continue
+        low = sorted(float(v) for v in lp)[:s]
+        scores.append(-sum(low) / len(low) if low else float("nan"))
     return _result(scores)
 
 
+def privleak_auc(forget_scores: Sequence[float], holdout_scores: Sequence[float],
+                 convention: str = "muse") -> float:
+    """ROC AUC of Min-K% scores (``mink_prob``) separating forget from holdout texts.
+
+    "muse" (``metrics/privleak.py``: ``roc_curve(y, -score)`` with y = 0 for forget, 1 for holdout): about 0
+    for a model that still knows the forget texts, 0.5 when forget looks like holdout.
+    "open-unlearning" (``mia_auc``: ``roc_auc_score(y, score)``, same y): 1 - the MUSE value.
+    Computed with ``sklearn.metrics.roc_auc_score``; NaN scores are a ValueError naming the items.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    _check_convention(convention, MIA_CONVENTIONS)
+    f = [float(v) for v in forget_scores]
+    h = [float(v) for v in holdout_scores]
+    if not f or not h:
+        raise ValueError("forget_scores and holdout_scores must both be non-empty")
+    bad = [f"forget[{i}]" for i, v in enumerate(f) if math.isnan(v)] + \
+          [f"holdout[{i}]" for i, v in enumerate(h) if math.isnan(v)]
+    if bad:
+        raise ValueError(f"Min-K% scores are NaN for {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} "
+                         "(texts too short for floor(k n) >= 1 under MUSE's convention; use "
+                         "convention='open-unlearning' or longer texts)")
+    sign = -1.0 if convention == "muse" else 1.0
+    return float(roc_auc_score([0] * len(f) + [1] * len(h), [sign * v for v in f + h]))
+
+
 def auc(positive: Sequence[float], negative: Sequence[float]) -> float:
-    """Area under the ROC curve of scores (positive scored higher is better); ties count 1/2."""
-    if not positive or not negative:
+    """ROC AUC (``sklearn.metrics.roc_auc_score``) of scores where ``positive`` should score higher."""
+    from sklearn.metrics import roc_auc_score
+
+    if len(positive) == 0 or len(negative) == 0:
         raise ValueError("positive and negative must both be non-empty")
-    wins = sum((p > n) + 0.5 * (p == n) for p in positive for n in negative)
-    return float(wins / (len(positive) * len(negative)))
+    return float(roc_auc_score([1] * len(positive) + [0] * len(negative), [*map(float, positive),
+                                                                          *map(float, negative)]))
+
+
+# MUSE's tabulated AUC of its retrained model (``constants.py``, key ``forget_holdout_Min-40%``), used by its
+# ``eval.py`` for every PrivLeak value it reports; pass it as ``retrain_auc`` to reproduce MUSE's tables.
+MUSE_RETRAIN_AUC: dict[str, float] = {"news": 0.4772, "books": 0.5393}
+
+
+def privleak(auc: float, retrain_auc: float, convention: str = "muse") -> float:
+    """PrivLeak in percent from AUCs of the same ``convention`` (``privleak_auc``).
+
+    "muse" (``eval.py``): ``(auc - retrain_auc) / retrain_auc * 100``.
+    "open-unlearning" (``privleak`` in ``evals/metrics/privacy.py``): ``((1 - auc) - (1 - r)) / (1 - r + 1e-10)
+    * 100`` — the same number as MUSE's on the same model (its AUC is 1 - MUSE's), up to the 1e-10.
+    """
+    _check_convention(convention, MIA_CONVENTIONS)
+    for name, v in (("auc", auc), ("retrain_auc", retrain_auc)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name} must be a number in [0, 1], got {v!r}")
+    if convention == "muse":
+        if retrain_auc == 0:
+            raise ValueError("retrain_auc must be > 0 under convention='muse'")
+        return (auc - retrain_auc) / retrain_auc * 100.0
+    return ((1.0 - auc) - (1.0 - retrain_auc)) / ((1.0 - retrain_auc) + 1e-10) * 100.0
 
 
 def model_utility(values: Mapping[str, float]) -> MetricResult:
@@ -194,7 +287,8 @@ def answer_token_stats(model, batch: Mapping[str, torch.Tensor]) -> list[dict]:
             outside the answer), right- or left-padded.
     Returns:
         one dict per sequence: ``token_logp`` (list of float, answer order), ``correct`` (list of bool, greedy
-        argmax == label), ``avg_logp`` (float, mean of ``token_logp``; nan for an empty answer).
+        argmax == label), ``labels`` (list of int, the scored label ids), ``avg_logp`` (float, mean of
+        ``token_logp``; nan for an empty answer).
     """
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:].to(logits.device)
@@ -204,16 +298,17 @@ def answer_token_stats(model, batch: Mapping[str, torch.Tensor]) -> list[dict]:
     out = []
     for b in range(labels.shape[0]):
         lp = logp[b][valid[b]].tolist()
-        out.append({"token_logp": lp, "correct": correct[b][valid[b]].tolist(),
+        out.append({"token_logp": lp, "correct": correct[b][valid[b]].tolist(), "labels": labels[b][valid[b]].tolist(),
                     "avg_logp": sum(lp) / len(lp) if lp else float("nan")})
     return out
 
 
 @torch.no_grad()
 def generate_greedy(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 200,
-                    batch_size: int = 8) -> list[str]:
+                    batch_size: int = 8, clean_up_tokenization_spaces: bool | None = None) -> list[str]:
     """Greedy continuations of token-id prompts, batched with LEFT padding; returns decoded new text only
-    (special tokens skipped, stripped). Generation stops at EOS."""
+    (special tokens skipped, stripped). Generation stops at EOS. ``clean_up_tokenization_spaces`` is passed to
+    ``batch_decode`` (None: the tokenizer's default; MUSE decodes with True)."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     texts: list[str] = []
@@ -224,10 +319,12 @@ def generate_greedy(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_n
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
-        texts += [t.strip() for t in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+        kw = {} if clean_up_tokenization_spaces is None else {"clean_up_tokenization_spaces": clean_up_tokenization_spaces}
+        texts += [t.strip() for t in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True, **kw)]
     return texts
 
 
-__all__ = ["MetricResult", "answer_token_stats", "auc", "extraction_strength", "extraction_strength_item",
-           "forget_quality", "generate_greedy", "mink_prob", "model_utility", "normalised_probability",
-           "probability", "rouge_l", "truth_ratio"]
+__all__ = ["ES_CONVENTIONS", "MIA_CONVENTIONS", "MUSE_RETRAIN_AUC", "MetricResult", "answer_token_stats", "auc",
+           "extraction_strength", "extraction_strength_item", "forget_quality", "generate_greedy", "mink_prob",
+           "model_utility", "normalised_probability", "privleak", "privleak_auc", "probability", "rouge_l",
+           "truth_ratio"]

@@ -2,7 +2,10 @@
 
 ``evaluate_tofu(model, tokenizer, eval_sets, config, output_dir=...)`` scores
 
-    forget / retain             prob, rouge (greedy generation, ROUGE-L recall), truth_ratio, es
+    forget / retain             prob, rouge (greedy generation, ROUGE-L recall), truth_ratio, es (Extraction
+                                Strength on the answer tokens without the EOS label, as SatImp's ``eval_es.py``;
+                                ``es_convention="open-unlearning"`` drops the last label and scores a wrong last
+                                token 1/|y|, as open-unlearning)
     real_authors / world_facts  prob (normalised over correct + wrong answers), rouge, truth_ratio
     model_utility               harmonic mean of the nine {retain, real_authors, world_facts} x
                                 {prob, rouge, truth_ratio} values
@@ -42,6 +45,7 @@ class TofuEvalConfig:
     max_items: int | None = None
     bench: str = "TOFU"
     autocast: str | None = None  # "bf16" / "fp16": run the model under torch.autocast (faster on CPUs with bf16)
+    es_convention: str = "satimp"  # "satimp" (SatImp's eval_es.py) or "open-unlearning"; see es_flags
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_length", "max_new_tokens"):
@@ -49,6 +53,8 @@ class TofuEvalConfig:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if self.max_items is not None and (not isinstance(self.max_items, int) or self.max_items < 1):
             raise ValueError(f"max_items must be None or a positive int, got {self.max_items!r}")
+        if self.es_convention not in M.ES_CONVENTIONS:
+            raise ValueError(f"es_convention must be one of {M.ES_CONVENTIONS}, got {self.es_convention!r}")
         if self.autocast not in (None, "no", "bf16", "fp16"):
             raise ValueError(f"autocast must be None, 'no', 'bf16' or 'fp16', got {self.autocast!r}")
 
@@ -62,6 +68,24 @@ def _answer_stats(model, tokenizer, cfg: TofuEvalConfig, pairs: list[tuple[str, 
                  for q, a in pairs[s:s + cfg.batch_size]]
         batch = {k: v.to(device) for k, v in pad_collate(items, pad).items()}
         out += M.answer_token_stats(model, batch)
+    return out
+
+
+def es_flags(stats: Sequence[Mapping], eos_token_id: int | None, convention: str = "satimp") -> list[list[bool]]:
+    """Per-answer greedy-match flags ES scores (``answer_token_stats`` output, labels = answer + EOS).
+
+    "satimp": y is the answer without EOS (SatImp's ``eval_es.py`` tokenises "question + answer" with no EOS),
+    so a last label equal to ``eos_token_id`` is dropped. "open-unlearning": the last label is dropped
+    whatever it is (``tokenwise_vocab_logprobs`` "ignore eos prediction"). An answer left empty is a ValueError.
+    """
+    out = []
+    for i, st in enumerate(stats):
+        flags, labels = list(st["correct"]), list(st["labels"])
+        if labels and (convention == "open-unlearning" or labels[-1] == eos_token_id):
+            flags = flags[:-1]
+        if not flags:
+            raise ValueError(f"answer {i} has no token left for Extraction Strength once its EOS label is dropped")
+        out.append(flags)
     return out
 
 
@@ -119,7 +143,8 @@ def evaluate_tofu(model, tokenizer, eval_sets: Mapping[str, Sequence[dict]], con
                 stats = shard.map(rows, lambda rs: _answer_stats(model, tokenizer, cfg,
                                                                  [(r["question"], r["answer"]) for r in rs]))
                 record(f"{split}_prob", lambda: M.probability([s["avg_logp"] for s in stats]))
-                record(f"{split}_es", lambda: M.extraction_strength([s["correct"] for s in stats]))
+                record(f"{split}_es", lambda: M.extraction_strength(
+                    es_flags(stats, tokenizer.eos_token_id, cfg.es_convention), cfg.es_convention))
             record(f"{split}_rouge", lambda: M.rouge_l(shard.map(rows, lambda rs: M.generate_greedy(
                 model, tokenizer, [encode_prompt(tokenizer, cfg.template, r["question"]) for r in rs],
                 max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)), [r["answer"] for r in rows]))
@@ -150,4 +175,4 @@ def load_eval(output_dir: str | os.PathLike, bench: str = "TOFU") -> dict[str, M
     return json.loads((Path(output_dir) / f"{bench}_EVAL.json").read_text())
 
 
-__all__ = ["EVAL_SPLITS", "TofuEvalConfig", "evaluate_tofu", "forget_truth_ratios", "load_eval"]
+__all__ = ["EVAL_SPLITS", "TofuEvalConfig", "es_flags", "evaluate_tofu", "forget_truth_ratios", "load_eval"]

@@ -1,7 +1,8 @@
 """Unlearning losses: O(tokens) heads over the fused token log-likelihood ops.
 
 Every public loss accepts logits [..., V], or hidden states [..., H] with ``lm_head=`` [V, H] (plus
-``bias``/``softcap``). Formulas: ``shared/spec/LOSSES.md``; the table of methods: README.md, "Unlearning losses and methods".
+``bias``/``softcap``). Formulas: ``shared/spec/LOSSES.md``; the table of methods with each variant's source:
+``docs/losses-and-metrics.md``.
 
 ``LOSSES`` is the one registry: name -> ``LossSpec`` (function, defaults, needs_ref, needs_retain, source).
 It is the only source of defaults: a spec's hyper-parameter defaults are read from its function's
@@ -13,7 +14,14 @@ read it. Where sources disagree the *proposing paper's* value is the default:
 * SatImp beta1 = 5, beta2 = 0.1 (SatImp code README; the open-unlearning port uses beta2 = 1 with forget
   coefficient 0.1 and a retain NLL term — build it with ``beta2=1.0, forget_coef=0.1, retain_loss="nll"``).
 * NPO beta = 0.1 (NPO paper and open-unlearning; the G-effect code uses 0.5).
-* KL retain term masked (open-unlearning); the original code averages over every position (masked=False).
+* KL retain term and UNDIAL over every position (masked=False), as TOFU's, G-effect's and open-unlearning's
+  code; ``masked=True`` (answer tokens only) is an option.
+* SatImp granularity and hard sampling as the released tmlr-group/SatImp code (hard sampling: its quantile
+  thresholds and summed loss; Algorithm 1's counts with ``counts="paper"``).
+* RMU as the WMDP release (centerforaisafety/wmdp ``rmu/unlearn.py``): layer 7 steered, layers 5-7 trained,
+  ``param_ids=6`` = ``mlp.down_proj`` only, c = 6.5 and alpha = 1200 (its zephyr-7b command). One deliberate
+  difference: the MSEs average over attention-mask positions (``mask_padding=True``); the release includes
+  padding (``mask_padding=False`` reproduces it).
 Every method's retain regulariser defaults to the one its paper defines ("nll" for GD, RMU's own retain
 MSE) and to "none" otherwise; ``retain_loss="nll"|"kl"`` adds one with ``retain_coef``.
 """
@@ -95,9 +103,9 @@ LOSSES: Mapping[str, LossSpec] = MappingProxyType({s.name: s for s in (
     _spec("satimp_group", satimp_loss, _SATIMP_H, source=_SATIMP, overrides={"granularity": "group"},
           formula="-tokmean(groupmean_G(sorted w) * ell_f)"),
     _spec("satimp_batch", satimp_loss, _SATIMP_H, source=_SATIMP, overrides={"granularity": "batch"},
-          formula="-tokmean(mean(w) * ell_f)"),
-    _spec("satimp_hard", hard_sampling_loss, ("k", "sampling", "seed"), source=_SATIMP + " (Algorithm 1)",
-          formula="-mean over ceil(k n_b) chosen tokens of ell_f"),
+          formula="-mean_b(w_b) * mean_b(S_b), w_b = q_b^beta1 (1-q_b)^beta2"),
+    _spec("satimp_hard", hard_sampling_loss, ("k", "sampling", "seed"), source=_SATIMP + " (hard sampling)",
+          formula="-sum of ell_f over tokens beyond the quantile(ell_b, 1-k) threshold (topk: above)"),
     _spec("npo", npo_loss, ("beta",), source="Zhang et al., 2024 (NPO)", needs_ref=True,
           formula="-(2/beta) mean_b log sigmoid(beta (S_b - S_b^ref))"),
     _spec("simnpo", simnpo_loss, ("beta", "gamma"), source="Fan et al., 2024 (SimNPO)",
@@ -110,15 +118,15 @@ LOSSES: Mapping[str, LossSpec] = MappingProxyType({s.name: s for s in (
           needs_ref=True, formula="-(2/beta) mean log sigmoid(beta ((S_f - S_f^ref) - (S_idk - S_idk^ref)))"),
     _spec("flat", flat_loss, ("divergence",), source="Wang et al., ICLR 2025 (FLAT); code UCSC-REAL/FLAT",
           formula="mean_b[-g(P_idk) + f*(g(P_f))], P = mean token probability"),
-    _spec("undial", undial_loss, ("beta",), source="Dong et al., 2024 (UNDIAL)", needs_ref=True,
-          formula="tokmean(KL(softmax(z_ref - beta onehot(y)) || p_theta))"),
+    _spec("undial", undial_loss, ("beta",), source="Dong et al., 2024 (UNDIAL); open-unlearning", needs_ref=True,
+          formula="mean_t KL(softmax(z_ref - beta onehot(y)) || p_theta) over every position"),
     _spec("rmu", rmu_loss, ("alpha",), source="Li et al., 2024 (WMDP / RMU)", needs_ref=True, needs_retain=True,
           formula="MSE(h_l(x_f), c u) + alpha MSE(h_l(x_r), h_l^ref(x_r))",
           method={"steering_coef": inspect.signature(rmu_control_vector).parameters["steering_coef"].default,
-                  "layer": 7, "trainable_layers": (5, 6, 7), "param_keys": ("mlp.down_proj", "mlp.up_proj"),
+                  "layer": 7, "trainable_layers": (5, 6, 7), "param_keys": ("mlp.down_proj",),
                   "seed": 0, "mask_padding": True}, coefs=False),
     _spec("nll", nll_loss, (), source="cross-entropy (retain term)", formula="tokmean(ell_r)", is_method=False),
-    _spec("kl", kl_loss, ("masked",), source="Maini et al., 2024 (TOFU KL); open-unlearning",
+    _spec("kl", kl_loss, ("masked",), source="Maini et al., 2024 (TOFU KL); G-effect; open-unlearning",
           needs_ref=True, formula="batchmean_t KL(p_ref || p_theta)", is_method=False),
 )})
 

@@ -90,7 +90,7 @@ def _conjugate_of_activation(divergence: str, x: torch.Tensor) -> torch.Tensor:
 
 def mean_token_prob(x: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.Tensor | None = None,
                     bias: torch.Tensor | None = None, softcap: float | None = None, shift: bool = False,
-                    ignore_index: int = IGNORE_INDEX, backend: str | None = "auto",
+                    ignore_index: int = IGNORE_INDEX, backend: str | None = "auto", check_finite: bool = False,
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence mean token probability P [B] float32 (differentiable) and valid-token counts n [B].
 
@@ -98,7 +98,7 @@ def mean_token_prob(x: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.Ten
     """
     require_sequences("labels", labels)
     logp = token_logprobs(x, labels, lm_head=lm_head, bias=bias, softcap=softcap, shift=shift,
-                          ignore_index=ignore_index, backend=backend)
+                          ignore_index=ignore_index, backend=backend, check_finite=check_finite)
     valid = valid_mask(labels, shift, ignore_index)
     n = valid.sum(-1)
     return torch.where(valid, logp.exp(), 0.0).sum(-1) / n.clamp(min=1), n
@@ -107,7 +107,8 @@ def mean_token_prob(x: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.Ten
 def flat_loss(forget: torch.Tensor, forget_labels: torch.Tensor, idk: torch.Tensor, idk_labels: torch.Tensor, *,
               divergence: Divergence = "tv", lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None,
               softcap: float | None = None, reduction: str = "mean", shift: bool = False,
-              ignore_index: int = IGNORE_INDEX, backend: str | None = "auto") -> torch.Tensor:
+              ignore_index: int = IGNORE_INDEX, backend: str | None = "auto",
+              check_finite: bool = False) -> torch.Tensor:
     """FLAT ``mean_b[-g(P_e) + f*(g(P_f))]`` (see the module docstring for g and f*).
 
     forget / idk: logits [B, T_f, V] / [B, T_e, V] of the forget answers and of their template answers
@@ -115,11 +116,13 @@ def flat_loss(forget: torch.Tensor, forget_labels: torch.Tensor, idk: torch.Tens
     forget_labels / idk_labels: [B, T_f] / [B, T_e] int (answer tokens; prompt and padding ignore_index).
     divergence: one of ``DIVERGENCES``; "tv" (Total Variation) is FLAT's default.
     reduction: "mean" over pairs where both answers have a valid token (0 when none), "sum", or "none" [B].
+    check_finite: raise ValueError on NaN/inf inputs first (one extra pass).
     Returns float32. Nothing is detached: both terms carry gradient.
     """
     check_choice("divergence", divergence, DIVERGENCES)
     check_reduction(reduction)
-    kw = dict(lm_head=lm_head, bias=bias, softcap=softcap, shift=shift, ignore_index=ignore_index, backend=backend)
+    kw = dict(lm_head=lm_head, bias=bias, softcap=softcap, shift=shift, ignore_index=ignore_index, backend=backend,
+              check_finite=check_finite)
     P_f, n_f = mean_token_prob(forget, forget_labels, **kw)
     P_e, n_e = mean_token_prob(idk, idk_labels, **kw)
     if P_f.shape != P_e.shape:

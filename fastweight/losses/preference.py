@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from fastweight._constants import IGNORE_INDEX
 from fastweight.losses._input import token_logprobs
 from fastweight.losses._seq import check_number, check_ref, reduce_rows, reduce_tokens, require_sequences, valid_mask
+from fastweight.ops._common import check_finite as check_finite_tensor
 from fastweight.ops._common import check_reduction
 
 # Added to the TNPO denominator so two vanishing probabilities give a finite weight (G-effect code).
@@ -36,27 +37,35 @@ _ARGS_DOC = """
         shift: apply the Hugging Face causal shift (token t scored against labels[t + 1]).
         reduction: "mean" (over sequences / valid tokens as stated), "sum", or "none".
         backend: "auto" | "triton" | "torch".
+        check_finite: raise ValueError on NaN/inf inputs (logits or hidden states, and the reference
+            tensors) before computing (one extra pass).
     Returns a float32 0-d tensor (per-sequence [B] or per-token [B, T] with reduction "none").
 """
 
 
-def _logp(x, labels, lm_head, bias, softcap, shift, ignore_index, backend):
+def _logp(x, labels, lm_head, bias, softcap, shift, ignore_index, backend, check_finite=False):
     logp = token_logprobs(x, labels, lm_head=lm_head, bias=bias, softcap=softcap, shift=shift,
-                          ignore_index=ignore_index, backend=backend)
+                          ignore_index=ignore_index, backend=backend, check_finite=check_finite)
     return logp, valid_mask(labels, shift, ignore_index)
 
 
 def sequence_nll(x: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None, softcap: float | None = None, shift: bool = False,
-                 ignore_index: int = IGNORE_INDEX, backend: str | None = "auto",
+                 ignore_index: int = IGNORE_INDEX, backend: str | None = "auto", check_finite: bool = False,
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence NLL ``S_b = sum_t ell_t`` [B] float32 (differentiable) and valid-token counts ``n_b`` [B] int64.
 
     Sequences with no valid token get S_b = 0, n_b = 0.
     """
     require_sequences("labels", labels)
-    logp, valid = _logp(x, labels, lm_head, bias, softcap, shift, ignore_index, backend)
+    logp, valid = _logp(x, labels, lm_head, bias, softcap, shift, ignore_index, backend, check_finite)
     return -logp.sum(-1), valid.sum(-1)
+
+
+def _finite_ref(name: str, ref: torch.Tensor, check: bool) -> torch.Tensor:
+    if check and isinstance(ref, torch.Tensor) and ref.is_floating_point():
+        check_finite_tensor(name, ref)
+    return ref
 
 
 def _neg_logsigmoid_loss(margin: torch.Tensor, beta: float, keep: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -66,7 +75,7 @@ def _neg_logsigmoid_loss(margin: torch.Tensor, beta: float, keep: torch.Tensor, 
 def npo_loss(x: torch.Tensor, labels: torch.Tensor, ref_nll: torch.Tensor, *, beta: float = 0.1,
              lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None, softcap: float | None = None,
              reduction: str = "mean", shift: bool = False, ignore_index: int = IGNORE_INDEX,
-             backend: str | None = "auto") -> torch.Tensor:
+             backend: str | None = "auto", check_finite: bool = False) -> torch.Tensor:
     """NPO ``-(2/beta) mean_b log sigmoid(beta * (S_b - S_b^ref))`` (Zhang et al., 2024; spec NPO).
 
     ref_nll: [B] sequence NLLs of the reference model on the same batch (detached; e.g. ``sequence_nll``
@@ -75,8 +84,9 @@ def npo_loss(x: torch.Tensor, labels: torch.Tensor, ref_nll: torch.Tensor, *, be
     """
     check_number("beta", beta, low=0.0, low_open=True)
     check_reduction(reduction)
+    _finite_ref("ref_nll", ref_nll, check_finite)
     S, n = sequence_nll(x, labels, lm_head=lm_head, bias=bias, softcap=softcap, shift=shift,
-                        ignore_index=ignore_index, backend=backend)
+                        ignore_index=ignore_index, backend=backend, check_finite=check_finite)
     ref = check_ref("ref_nll", ref_nll, S.shape, S.device).to(S.dtype)
     return _neg_logsigmoid_loss(S - ref, beta, n > 0, reduction)
 
@@ -84,7 +94,8 @@ def npo_loss(x: torch.Tensor, labels: torch.Tensor, ref_nll: torch.Tensor, *, be
 def simnpo_loss(x: torch.Tensor, labels: torch.Tensor, *, beta: float = 2.5, gamma: float = 0.0,
                 lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                 softcap: float | None = None, reduction: str = "mean", shift: bool = False,
-                ignore_index: int = IGNORE_INDEX, backend: str | None = "auto") -> torch.Tensor:
+                ignore_index: int = IGNORE_INDEX, backend: str | None = "auto",
+                check_finite: bool = False) -> torch.Tensor:
     """SimNPO ``-(2/beta) mean_b log sigmoid(beta * (S_b / n_b - gamma))`` (Fan et al., 2024); no reference.
 
     "mean" averages over sequences with at least one valid token.
@@ -93,7 +104,7 @@ def simnpo_loss(x: torch.Tensor, labels: torch.Tensor, *, beta: float = 2.5, gam
     check_number("gamma", gamma)
     check_reduction(reduction)
     S, n = sequence_nll(x, labels, lm_head=lm_head, bias=bias, softcap=softcap, shift=shift,
-                        ignore_index=ignore_index, backend=backend)
+                        ignore_index=ignore_index, backend=backend, check_finite=check_finite)
     return _neg_logsigmoid_loss(S / n.clamp(min=1) - gamma, beta, n > 0, reduction)
 
 
@@ -110,7 +121,7 @@ def tnpo_weights(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float, alpha:
 def tnpo_loss(x: torch.Tensor, labels: torch.Tensor, ref_logp: torch.Tensor, *, beta: float = 4.0,
               lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None, softcap: float | None = None,
               reduction: str = "mean", shift: bool = False, ignore_index: int = IGNORE_INDEX,
-              backend: str | None = "auto", return_weights: bool = False):
+              backend: str | None = "auto", return_weights: bool = False, check_finite: bool = False):
     """Token-wise NPO ``-tokmean(sg[2 p**beta / (p**beta + p_ref**beta + 1e-5)] * ell)`` (G-effect).
 
     ref_logp: reference per-token log-probabilities shaped like labels (e.g. ``token_logprobs`` of the
@@ -118,25 +129,28 @@ def tnpo_loss(x: torch.Tensor, labels: torch.Tensor, ref_logp: torch.Tensor, *, 
     ``return_weights=True`` also returns the detached weights shaped like labels (0 where ignored).
     """
     return _tnpo(x, labels, ref_logp, beta, 0.0, lm_head, bias, softcap, reduction, shift, ignore_index, backend,
-                 return_weights)
+                 return_weights, check_finite)
 
 
 def wtnpo_loss(x: torch.Tensor, labels: torch.Tensor, ref_logp: torch.Tensor, *, alpha: float = 1.5,
                beta: float = 5.0, lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                softcap: float | None = None, reduction: str = "mean", shift: bool = False,
-               ignore_index: int = IGNORE_INDEX, backend: str | None = "auto", return_weights: bool = False):
+               ignore_index: int = IGNORE_INDEX, backend: str | None = "auto", return_weights: bool = False,
+               check_finite: bool = False):
     """Weighted TNPO: the TNPO weight times ``sg[p**alpha]`` (G-effect); ref_logp as in ``tnpo_loss``."""
     check_number("alpha", alpha, low=0.0)
     return _tnpo(x, labels, ref_logp, beta, alpha, lm_head, bias, softcap, reduction, shift, ignore_index, backend,
-                 return_weights)
+                 return_weights, check_finite)
 
 
 def _tnpo(x, labels, ref_logp, beta, alpha, lm_head, bias, softcap, reduction, shift, ignore_index, backend,
-          return_weights):
+          return_weights, check_finite=False):
     check_number("beta", beta, low=0.0)
     check_reduction(reduction)
-    logp, valid = _logp(x, labels, lm_head, bias, softcap, shift, ignore_index, backend)
+    logp, valid = _logp(x, labels, lm_head, bias, softcap, shift, ignore_index, backend, check_finite)
     ref = check_ref("ref_logp", ref_logp, logp.shape, logp.device).to(logp.dtype)
+    if check_finite:  # only valid positions are read; ignored ones may hold anything
+        _finite_ref("ref_logp", torch.where(valid, ref, 0.0), True)
     w = torch.where(valid, tnpo_weights(logp, torch.where(valid, ref, 0.0), beta, alpha), 0.0)
     loss = reduce_tokens(w * logp, valid, reduction)
     return (loss, w) if return_weights else loss
@@ -146,7 +160,7 @@ def dpo_loss(win: torch.Tensor, win_labels: torch.Tensor, lose: torch.Tensor, lo
              ref_win_nll: torch.Tensor, ref_lose_nll: torch.Tensor, *, beta: float = 0.1,
              lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None, softcap: float | None = None,
              reduction: str = "mean", shift: bool = False, ignore_index: int = IGNORE_INDEX,
-             backend: str | None = "auto") -> torch.Tensor:
+             backend: str | None = "auto", check_finite: bool = False) -> torch.Tensor:
     """DPO ``-(2/beta) mean_b log sigmoid(beta * ((S_lose - S_lose^ref) - (S_win - S_win^ref)))`` (spec).
 
     win / lose: inputs (logits or hidden states, same form for both) of the preferred and dispreferred
@@ -156,7 +170,10 @@ def dpo_loss(win: torch.Tensor, win_labels: torch.Tensor, lose: torch.Tensor, lo
     """
     check_number("beta", beta, low=0.0, low_open=True)
     check_reduction(reduction)
-    kw = dict(lm_head=lm_head, bias=bias, softcap=softcap, shift=shift, ignore_index=ignore_index, backend=backend)
+    _finite_ref("ref_win_nll", ref_win_nll, check_finite)
+    _finite_ref("ref_lose_nll", ref_lose_nll, check_finite)
+    kw = dict(lm_head=lm_head, bias=bias, softcap=softcap, shift=shift, ignore_index=ignore_index, backend=backend,
+              check_finite=check_finite)
     S_w, n_w = sequence_nll(win, win_labels, **kw)
     S_l, n_l = sequence_nll(lose, lose_labels, **kw)
     if S_w.shape != S_l.shape:

@@ -53,8 +53,12 @@ def _logit_rows(name: str, x: torch.Tensor, lm_head, bias, softcap) -> torch.Ten
 
 
 def _kl_rows(x, ref, labels, *, lm_head, bias, softcap, ref_lm_head, ref_bias, ref_softcap, shift,
-             ignore_index, masked, ref_shift, backend, check_finite):
-    """Per-position KL [...] (like x's leading dims) and the mask of counted positions."""
+             ignore_index, masked, ref_shift, backend, check_finite, every_labelled_slot=False):
+    """Per-position KL [...] (like x's leading dims) and the mask of counted positions.
+
+    every_labelled_slot (UNDIAL unmasked): count every position that has a (shifted) label slot, and give
+    positions whose label is ``ignore_index`` the label ``ignore_index mod V`` — what open-unlearning's
+    ``compute_undial_loss`` does by indexing the vocabulary with -100 (Python wraps it to V - 100)."""
     if not isinstance(ref, torch.Tensor):
         raise TypeError(f"ref must be a torch.Tensor, got {type(ref).__name__}")
     if ref.shape[:-1] != x.shape[:-1]:
@@ -63,19 +67,34 @@ def _kl_rows(x, ref, labels, *, lm_head, bias, softcap, ref_lm_head, ref_bias, r
         raise ValueError("hidden-state input (lm_head given) needs ref_lm_head for the reference hidden states")
     z = _logit_rows("x", x, lm_head, bias, softcap)
     r = _logit_rows("ref", ref.detach(), ref_lm_head, ref_bias, ref_softcap).detach()
-    if masked:
+    if masked or every_labelled_slot:
         if labels is None:
             raise ValueError("labels are required when masked=True (pass masked=False to count every position)")
         _, flat_labels = flatten_rows(x, labels, "x", ignore_index, shift)
     else:
         flat_labels = None
-    kl = kl_div(z, r, flat_labels, ref_shift=ref_shift, ignore_index=ignore_index, backend=backend,
+    op_labels, counted = flat_labels, None
+    if every_labelled_slot and not masked:
+        V = z.shape[-1]
+        slot = torch.ones_like(flat_labels, dtype=torch.bool)
+        if shift:  # the last position of each sequence has no next token (open-unlearning drops it)
+            slot = slot.view(*labels.shape[:-1], labels.shape[-1])
+            slot[..., -1] = False
+            slot = slot.reshape(-1)
+        wrapped = ignore_index % V
+        if wrapped == ignore_index:  # a non-negative ignore_index is itself a token id: never a row to skip
+            raise ValueError(f"masked=False needs a negative ignore_index, got {ignore_index}")
+        op_labels = torch.where(slot, torch.where(flat_labels == ignore_index, wrapped, flat_labels),
+                                torch.full_like(flat_labels, ignore_index))
+        counted = slot
+    kl = kl_div(z, r, op_labels, ref_shift=ref_shift, ignore_index=ignore_index, backend=backend,
                 check_finite=check_finite)
-    counted = (flat_labels != ignore_index) if masked else torch.ones_like(kl, dtype=torch.bool)
+    if counted is None:
+        counted = (flat_labels != ignore_index) if masked else torch.ones_like(kl, dtype=torch.bool)
     return kl.reshape(x.shape[:-1]), counted.reshape(x.shape[:-1])
 
 
-def kl_loss(x: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor | None = None, *, masked: bool = True,
+def kl_loss(x: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor | None = None, *, masked: bool = False,
             lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None, softcap: float | None = None,
             ref_lm_head: torch.Tensor | None = None, ref_bias: torch.Tensor | None = None,
             ref_softcap: float | None = None, reduction: str = "mean", shift: bool = False,
@@ -86,9 +105,9 @@ def kl_loss(x: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor | None = No
     x: logits [..., V] of the trained model, or hidden [..., H] with ``lm_head`` [V, H].
     ref: the frozen reference's logits [..., V] (or hidden [..., H] with ``ref_lm_head``); detached.
     labels: [...] int, needed when ``masked``.
-    masked: True (default) averages over positions with a valid (shifted) label — open-unlearning's choice,
-        so padding and prompt tokens do not dilute the term; False averages over every position, as the
-        original G-effect/TOFU code does (labels then unused).
+    masked: False (default) averages over every position, prompt and padding included, as TOFU's, G-effect's
+        and open-unlearning's code do (``kl_div(..., reduction="batchmean")`` over the flattened [B*T, V]
+        rows; labels then unused). True averages over positions with a valid (shifted) label only.
     reduction: "mean" (over counted positions; 0 when none), "sum", or "none" (per-position KL like
         x's leading dims, 0 at uncounted positions). Returns float32.
     """
@@ -102,6 +121,7 @@ def kl_loss(x: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor | None = No
 
 
 def undial_loss(x: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, *, beta: float = 10.0,
+                masked: bool = False,
                 lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None, softcap: float | None = None,
                 ref_lm_head: torch.Tensor | None = None, ref_bias: torch.Tensor | None = None,
                 ref_softcap: float | None = None, reduction: str = "mean", shift: bool = False,
@@ -109,19 +129,26 @@ def undial_loss(x: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, *, bet
                 ) -> torch.Tensor:
     """UNDIAL self-distillation (Dong et al., 2024): match the reference with the forget token's logit lowered.
 
-    Target ``q_t = softmax(z_ref[t] - beta * onehot(y_t))``; loss ``tokmean(KL(q_t || p_theta,t))`` over
-    valid tokens. This differs from the paper's soft-label cross-entropy ``-sum q log p`` only by the
+    Target ``q_t = softmax(z_ref[t] - beta * onehot(y_t))``; loss ``mean_t KL(q_t || p_theta,t)``. This
+    differs from the soft-label cross-entropy ``-sum q log p`` (UNDIAL paper, open-unlearning) only by the
     entropy of q, a constant of the frozen reference: same gradient, and the value is 0 when the model
     already matches the target. beta = 10 (the UNDIAL paper's and open-unlearning's default).
-    Arguments as in ``kl_loss`` (labels required; always masked).
+    masked: False (default) averages over every position that has a next token (with ``shift``, all but the
+        last of each sequence), as open-unlearning's ``compute_undial_loss`` (``loss.mean()``); at a position
+        whose label is ``ignore_index`` it lowers token ``ignore_index mod V`` (V - 100 for V >= 100), exactly
+        as that code's indexing with -100 does (which fails for V < 100; fastweight keeps the modulo). True averages over valid labels only.
+    Other arguments as in ``kl_loss`` (labels required).
     """
     check_number("beta", beta, low=0.0)
+    if not isinstance(masked, bool):
+        raise TypeError(f"masked must be a bool, got {type(masked).__name__}")
     check_reduction(reduction)
     if labels is None:
         raise ValueError("labels are required by undial_loss (the shifted logit is the label's)")
     kl, counted = _kl_rows(x, ref, labels, lm_head=lm_head, bias=bias, softcap=softcap, ref_lm_head=ref_lm_head,
                            ref_bias=ref_bias, ref_softcap=ref_softcap, shift=shift, ignore_index=ignore_index,
-                           masked=True, ref_shift=float(beta), backend=backend, check_finite=check_finite)
+                           masked=masked, ref_shift=float(beta), backend=backend, check_finite=check_finite,
+                           every_labelled_slot=True)
     return reduce_tokens(kl, counted, reduction)
 
 

@@ -32,8 +32,10 @@ from fastweight.ops._common import check_beta, check_reduction, importance_weigh
 
 Granularity = Literal["token", "instance", "group", "batch"]
 Sampling = Literal["topk", "bottomk", "random"]
+Counts = Literal["released", "paper"]
 GRANULARITIES: tuple[str, ...] = get_args(Granularity)
 SAMPLINGS: tuple[str, ...] = get_args(Sampling)
+COUNTS: tuple[str, ...] = get_args(Counts)
 
 _ARGS_DOC = """
     Args:
@@ -65,26 +67,30 @@ def _reweighted(logits, labels, beta1, beta2, weighted, return_weights=False, **
 
 def _sequence_weights(logp: torch.Tensor, valid: torch.Tensor, beta1: float, beta2: float,
                       granularity: str, group_size: int) -> torch.Tensor:
-    """Detached SatImp weights at the requested granularity, per token [B, T] (instance: per sequence [B])."""
+    """Detached SatImp weights: per token [B, T] (group), per sequence [B] (instance), 0-d (batch)."""
     logp = logp.detach()
-    if granularity == "instance":
-        # w_b = q_b**beta1 * (1 - q_b)**beta2 with q_b = exp(-S_b), the sequence likelihood (spec, instance level).
-        log_q = torch.where(valid, logp, 0.0).sum(-1)
-        return importance_weight_torch(log_q, beta1, beta2)
+    if granularity in ("instance", "batch"):
+        # w_b = q_b**beta1 * (1 - q_b)**beta2 with q_b = exp(-S_b), the sequence likelihood (released code:
+        # ``(-lm_loss).exp() ** beta`` on the per-sequence summed NLL).
+        w = importance_weight_torch(torch.where(valid, logp, 0.0).sum(-1), beta1, beta2)
+        if granularity == "instance":
+            return w
+        keep = valid.any(-1)
+        return torch.where(keep, w, 0.0).sum() / keep.sum().clamp(min=1)  # released: weights.mean()
     w = torch.where(valid, importance_weight_torch(logp, beta1, beta2), 0.0)
-    if granularity == "batch":
-        return torch.where(valid, w.sum() / valid.sum().clamp(min=1), 0.0)
     return torch.where(valid, group_mean(w, valid, group_size), 0.0)
 
 
 def group_mean(w: torch.Tensor, valid: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Sort each row's valid weights ascending, replace each by the mean of its group of ``group_size``.
+    """Sort each row's valid weights in DESCENDING order, replace each by the mean of its group of ``group_size``.
 
-    w, valid: [B, T]. Groups are consecutive in sorted order starting from the smallest weight; the last
-    group of a row may be smaller. Ignored positions sort last and never enter a group mean. O(N log T).
+    w, valid: [B, T]. As the released code's ``group_and_average`` (tmlr-group/SatImp,
+    ``dataloader_granu.py``): groups are consecutive in descending order starting from the largest weight,
+    so the last (smaller) group of a row holds its smallest weights. Ignored positions sort last and never
+    enter a group mean. O(N log T).
     """
     B, T = w.shape
-    key = torch.where(valid, w, torch.full_like(w, float("inf")))
+    key = torch.where(valid, -w, torch.full_like(w, float("inf")))
     order = key.argsort(dim=1, stable=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(T, device=w.device).expand(B, T))
@@ -108,19 +114,26 @@ def satimp_loss(logits: torch.Tensor, labels: torch.Tensor, *, beta1: float = 5.
     Defaults: beta1 = 5, beta2 = 0.1 from the SatImp code README (the paper's recommended setting); the
     open-unlearning port uses beta2 = 1 (pass ``beta2=1.0`` to reproduce it).
 
-    granularity (SatImp paper, "smoothness and granularity"; spec ``LOSSES.md``):
+    granularity (SatImp paper, "smoothness and granularity"; each as the released code tmlr-group/SatImp
+    ``dataloader/dataloader_granu.py`` computes it, with the weight ``p**beta1 (1-p)**beta2`` in place of its
+    ``simsat`` (beta2 = 0) / ``simimp`` (beta1 = 0) weights):
         "token"    the weights above, per token (one fused pass computes logp, weights and the gradient).
         "instance" one weight per sequence ``w_b = sg[q_b**beta1 (1 - q_b)**beta2]`` with ``q_b = exp(-S_b)``
-                   the sequence likelihood (S_b the sequence NLL); ``L = -mean_b(w_b * S_b)`` over sequences
-                   with at least one valid token. reduction "none" returns [B] per-sequence values.
-        "group"    token weights sorted within each sequence, each replaced by the mean of its group of
-                   ``group_size`` sorted neighbours (groups start from the smallest weight; the last one may
-                   be smaller); then ``-tokmean(w' * ell)``. group_size = 1 is exactly token level.
-                   group_size has no source default: 4 is fastweight's choice.
-        "batch"    one scalar weight, the mean token weight of the batch; ``-tokmean(w_bar * ell)``.
-    Non-token granularities need the sequence structure: labels [B, T] ([T] is one sequence).
+                   the sequence likelihood (S_b the sequence NLL); ``L = -mean_b(w_b * S_b)``.
+                   reduction "none" returns [B] per-sequence values.
+        "group"    token weights sorted in descending order within each sequence, each replaced by the mean
+                   of its group of ``group_size`` sorted neighbours (groups start from the largest weight, the
+                   last one may be smaller; ``group_and_average``); then ``-tokmean(w' * ell)``.
+                   group_size = 1 is exactly token level. The released code has no default group size (its
+                   ``hyper_param``): 4 is fastweight's choice.
+        "batch"    one scalar weight ``w_bar = mean_b w_b`` of the sequence-level weights above, applied to
+                   the sequence sums: ``L = -w_bar * mean_b S_b`` (reduction "none": [B] values
+                   ``-w_bar * S_b``).
+    Sequences without a valid token are left out of every sequence mean (the released code counts them,
+    with S_b = 0, in its denominators; its group level also treats a token whose NLL is exactly 0 as
+    padding). Non-token granularities need the sequence structure: labels [B, T] ([T] is one sequence).
     ``return_weights=True`` returns ``(loss, weights)`` with the detached weights shaped like labels
-    (instance: [B]).
+    (instance: [B]; batch: the 0-d weight).
     """
     check_choice("granularity", granularity, GRANULARITIES)
     check_int("group_size", group_size, low=1)
@@ -135,7 +148,7 @@ def satimp_loss(logits: torch.Tensor, labels: torch.Tensor, *, beta1: float = 5.
     logp = as_sequences(token_logprobs(logits, labels, **kw))
     valid = as_sequences(valid_mask(labels, shift, ignore_index))
     w = _sequence_weights(logp, valid, beta1, beta2, granularity, group_size)
-    if granularity == "instance":
+    if granularity in ("instance", "batch"):
         seq_logp = torch.where(valid, logp, 0.0).sum(-1)
         loss = reduce_rows(w * seq_logp, valid.any(-1), reduction)
     else:
@@ -145,33 +158,43 @@ def satimp_loss(logits: torch.Tensor, labels: torch.Tensor, *, beta1: float = 5.
 
 
 def hard_sampling_loss(logits: torch.Tensor, labels: torch.Tensor, *, k: float = 0.3,
-                       sampling: Sampling = "topk", seed: int = 0, generator: torch.Generator | None = None,
+                       sampling: Sampling = "topk", counts: Counts = "released", seed: int = 0,
+                       generator: torch.Generator | None = None,
                        lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                       softcap: float | None = None, reduction: str = "mean", shift: bool = False,
+                       softcap: float | None = None, reduction: str = "sum", shift: bool = False,
                        ignore_index: int = IGNORE_INDEX, backend: str | None = "auto",
                        check_finite: bool = False, return_weights: bool = False):
-    """SatImp hard sampling (Yang et al., ICML 2025, Algorithm 1): gradient ascent on a subset of tokens.
+    """SatImp hard sampling (Yang et al., ICML 2025): gradient ascent on a subset of each sequence's tokens.
 
-    Per sequence with n_b valid tokens keep ``s_b = ceil(k * n_b)`` of them (ceil, so every non-empty
-    sequence keeps at least one token) with weight 1, the others 0, chosen on detached log-likelihoods:
-        "topk"    the s_b lowest-likelihood tokens;
-        "bottomk" the s_b highest-likelihood tokens;
-        "random"  s_b tokens uniformly at random, from ``generator`` (a torch.Generator on the input's
-                  device or the CPU; advanced by each call) or, when None, a fresh one seeded with ``seed``.
-    Ties are broken by position (stable sort). ``L = -reduce(w_t * ell_t)`` with reduction "mean" over the
-    kept tokens (fastweight's default, so the scale matches the other losses), "sum" (what the released
-    code does) or "none". k must be in (0, 1]; k = 0.15 and 0.3 are the paper's values, 0.3 the default.
-    Labels [B, T] ([T] is one sequence). ``return_weights=True`` also returns the 0/1 mask like labels.
+    Tokens are chosen per sequence on detached NLLs ``ell`` (n_b valid tokens) and kept with weight 1:
+    counts="released" (default; tmlr-group/SatImp ``dataloader/dataloader_hardsampling.py``, ``ga_topk`` /
+    ``ga_bottomk`` / ``ga_rand``), with ``thr = torch.quantile(ell_b, 1 - k)`` (linear interpolation):
+        "topk"    tokens with ``ell > thr`` (the hardest, about k n_b of them);
+        "bottomk" tokens with ``ell < thr`` (the easiest, about (1 - k) n_b of them — not k n_b);
+        "random"  ``s_b = floor(k n_b)`` tokens uniformly at random; every valid token when s_b = 0 (the
+                  released code then leaves its mask at 1). Its ``soft_p`` must be 1 for this reading (the
+                  mask is an int tensor: chosen -> soft_p, others -> 1 - soft_p).
+    counts="paper" (Algorithm 1): ``s_b = ceil(k n_b)`` tokens (ceil, so every non-empty sequence keeps one):
+    topk the s_b lowest-likelihood, bottomk the s_b highest-likelihood, random s_b uniform; ties by position.
+    Random draws come from ``generator`` (a torch.Generator on the input's device or the CPU; advanced by each
+    call) or, when None, a fresh one seeded with ``seed`` (the released code uses the global RNG).
+    ``L = -reduce(w_t * ell_t)``: reduction "sum" (default, what the released code does), "mean" over the kept
+    tokens, or "none". k must be in (0, 1]; the released code's defaults are 0.15 (topk) and 0.5 (bottomk,
+    random), its README runs 0.3, the default here. Labels [B, T] ([T] is one sequence). The released code
+    selects among tokens whose NLL is > 0 (fastweight: tokens with a valid label).
+    ``return_weights=True`` also returns the 0/1 mask like labels.
     """
     check_number("k", k, low=0.0, high=1.0, low_open=True)
     check_choice("sampling", sampling, SAMPLINGS)
+    check_choice("counts", counts, COUNTS)
     check_reduction(reduction)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     logp = as_sequences(token_logprobs(logits, labels, lm_head=lm_head, bias=bias, softcap=softcap, shift=shift,
                                        ignore_index=ignore_index, backend=backend, check_finite=check_finite))
     valid = as_sequences(valid_mask(labels, shift, ignore_index))
-    w = hard_sampling_mask(logp.detach(), valid, k, sampling, seed=seed, generator=generator).to(logp.dtype)
+    w = hard_sampling_mask(logp.detach(), valid, k, sampling, counts=counts, seed=seed,
+                           generator=generator).to(logp.dtype)
     loss = reduce_tokens(w * logp, w.bool(), reduction)
     if reduction == "none":
         loss = loss.reshape(labels.shape)
@@ -179,24 +202,43 @@ def hard_sampling_loss(logits: torch.Tensor, labels: torch.Tensor, *, k: float =
     return (loss, w) if return_weights else loss
 
 
-def hard_sampling_mask(logp: torch.Tensor, valid: torch.Tensor, k: float, sampling: str, *, seed: int = 0,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """Bool [B, T]: the ``ceil(k * n_b)`` tokens of each row chosen by ``sampling`` (see hard_sampling_loss)."""
-    B, T = logp.shape
-    n = valid.sum(-1)
-    s = torch.ceil(k * n.double()).long().clamp(max=n)
-    if sampling == "topk":
-        key = logp
-    elif sampling == "bottomk":
-        key = -logp
-    else:
-        gen = generator if generator is not None else torch.Generator().manual_seed(seed)
-        key = torch.rand((B, T), generator=gen, device=gen.device, dtype=torch.float64).to(logp.device)
-    key = torch.where(valid, key.to(torch.float64), torch.full_like(key, float("inf"), dtype=torch.float64))
+def _random_keys(B: int, T: int, device, seed: int, generator: torch.Generator | None) -> torch.Tensor:
+    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
+    return torch.rand((B, T), generator=gen, device=gen.device, dtype=torch.float64).to(device)
+
+
+def _lowest(key: torch.Tensor, valid: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Bool [B, T]: the s[b] valid positions of row b with the smallest key (ties by position)."""
+    B, T = key.shape
+    key = torch.where(valid, key, torch.full_like(key, float("inf")))
     order = key.argsort(dim=1, stable=True)
     ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(T, device=logp.device).expand(B, T))
+    ranks.scatter_(1, order, torch.arange(T, device=key.device).expand(B, T))
     return (ranks < s[:, None]) & valid
+
+
+def hard_sampling_mask(logp: torch.Tensor, valid: torch.Tensor, k: float, sampling: str, *,
+                       counts: str = "released", seed: int = 0,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """Bool [B, T]: the tokens of each row chosen by ``sampling`` and ``counts`` (see hard_sampling_loss)."""
+    B, T = logp.shape
+    n = valid.sum(-1)
+    ell = -logp.to(torch.float64)
+    if counts == "paper":
+        s = torch.ceil(k * n.double()).long().clamp(max=n)
+        if sampling == "random":
+            return _lowest(_random_keys(B, T, logp.device, seed, generator), valid, s)
+        return _lowest(-ell if sampling == "topk" else ell, valid, s)
+    if sampling == "random":
+        s = torch.floor(k * n.double()).long()
+        s = torch.where(s > 0, s, n)  # released: nothing drawn -> the mask keeps every valid token
+        return _lowest(_random_keys(B, T, logp.device, seed, generator), valid, s)
+    keep = torch.zeros_like(valid)
+    for b in range(B):  # one quantile per sequence (B is a micro-batch size)
+        if bool(valid[b].any()):
+            thr = torch.quantile(ell[b][valid[b]], 1.0 - k)
+            keep[b] = valid[b] & ((ell[b] > thr) if sampling == "topk" else (ell[b] < thr))
+    return keep
 
 
 def wga_loss(logits: torch.Tensor, labels: torch.Tensor, *, beta: float = 5.0,

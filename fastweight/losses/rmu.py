@@ -5,14 +5,18 @@ data they are held at the frozen reference's:
     L = MSE(h_l(x_f), c * u) + alpha * MSE(h_l(x_r), h_l^ref(x_r))
 with u a random unit vector (uniform in [0, 1)^H, then normalised, as the WMDP code) and c the steering
 coefficient. Plain tensors in: the caller (``fastweight.train.methods``) captures the layer's output.
-Defaults (WMDP paper, zephyr-7b): layer 7, trainable layers 5-7, c = 6.5, alpha = 1200; the G-effect paper
-uses layer 9, c = 4 (Phi-1.5) and layer 21, c = 2 (Llama-2-7B) on TOFU.
+Defaults (WMDP release ``rmu/unlearn.py`` with its zephyr-7b command): layer 7 steered, layers 5-7 trained,
+``mlp.down_proj`` only (``param_ids=6``), c = 6.5, alpha = 1200 (the registry's ``LOSSES["rmu"]``; the
+release's argparse defaults are c = 20, alpha = 100). The release averages its MSEs over padding too; the
+registry masks padding by default (``mask_padding``). The G-effect paper uses layer 9,
+c = 4 (Phi-1.5) and layer 21, c = 2 (Llama-2-7B) on TOFU.
 """
 from __future__ import annotations
 
 import torch
 
 from fastweight.losses._seq import check_int, check_number
+from fastweight.ops._common import check_finite as check_finite_tensor
 from fastweight.ops._common import check_float_tensor
 
 
@@ -43,7 +47,7 @@ def _masked_mse(name: str, h: torch.Tensor, target: torch.Tensor, mask: torch.Te
 def rmu_loss(forget_hidden: torch.Tensor, control: torch.Tensor, retain_hidden: torch.Tensor | None = None,
              ref_retain_hidden: torch.Tensor | None = None, *, alpha: float = 1200.0,
              forget_mask: torch.Tensor | None = None, retain_mask: torch.Tensor | None = None,
-             return_terms: bool = False):
+             return_terms: bool = False, check_finite: bool = False):
     """``MSE(h_f, control) + alpha * MSE(h_r, sg[h_r^ref])`` (RMU).
 
     forget_hidden: [B, T, H] (any leading dims) layer-l hidden states on forget data, any float dtype.
@@ -52,9 +56,15 @@ def rmu_loss(forget_hidden: torch.Tensor, control: torch.Tensor, retain_hidden: 
         reference on retain data (both or neither; the reference is detached).
     forget_mask / retain_mask: optional [B, T] attention masks: the MSE then averages over valid positions
         (the WMDP code averages over every position, padding included: pass None for that).
+    check_finite: raise ValueError on NaN/inf hidden states first (one extra pass).
     Returns a float32 0-d tensor, or ``(total, forget_term, retain_term)`` with ``return_terms``
     (retain_term is 0 without retain data).
     """
+    if check_finite:
+        for name, t in (("forget_hidden", forget_hidden), ("retain_hidden", retain_hidden),
+                        ("ref_retain_hidden", ref_retain_hidden)):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                check_finite_tensor(name, t)
     check_number("alpha", alpha, low=0.0)
     check_float_tensor("forget_hidden", forget_hidden, min_dim=2)
     check_float_tensor("control", control, min_dim=1)

@@ -214,6 +214,8 @@ def kl_div_backward_torch(logits, ref_logits, labels, stats, g, opts):
         m, ls, m_r, ls_r = (st[s:e, i, None] for i in range(4))
         p = logits[s:e].to(acc, copy=True).sub_(m).sub_(ls).exp_()
         p.sub_(r.sub_(m_r).sub_(ls_r).exp_()).mul_(gc[:, None])
+        if valid is not None:  # ignored rows are zero even when their logits hold NaN / inf (0 * NaN = NaN)
+            p.masked_fill_(~valid[:, None], 0.0)
         grad[s:e] = p.to(grad.dtype)
     return grad
 
@@ -239,7 +241,9 @@ class KLDivFunction(torch.autograd.Function):
         logits, ref_logits, labels, stats = ctx.saved_tensors
         if g_kl is None or not ctx.needs_input_grad[0]:
             return None, None, None, None, None
-        grad = _BACKWARD[ctx.backend](logits, ref_logits, labels, stats, g_kl.float(), ctx.opts)
+        # The torch path casts g to its accumulation dtype (float64 stays float64); Triton reads float32.
+        g = g_kl.float() if ctx.backend == "triton" else g_kl
+        grad = _BACKWARD[ctx.backend](logits, ref_logits, labels, stats, g, ctx.opts)
         return grad, None, None, None, None
 
 

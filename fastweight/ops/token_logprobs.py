@@ -189,12 +189,13 @@ def aot_cases() -> list[dict[str, Any]]:
 # Torch path (CPU and anything without Triton): chunks of rows, float32 (float64 for float64 input).
 def _row_grad_(z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
                g: torch.Tensor) -> torch.Tensor:
-    """g * (onehot - softmax) for a chunk; z is a float32 copy that is overwritten."""
+    """g * (onehot - softmax) for a chunk; z is a float32 copy that is overwritten. Ignored rows are zero
+    whatever their logits (a NaN or all -inf row would otherwise give NaN = 0 * NaN)."""
     p = z.sub_(lse[:, None]).exp_()
     p.mul_(-g[:, None])
     idx = torch.where(valid, labels, 0)[:, None]
     p.scatter_add_(1, idx, torch.where(valid, g, 0)[:, None].to(p.dtype))
-    return p
+    return p.masked_fill_(~valid[:, None], 0.0)
 
 
 def token_logprobs_forward_torch(logits, labels, opts, *, grad_scale=None):

@@ -1,9 +1,11 @@
 """Naive references for ``fastweight.losses.retain``: NLL, KL to reference, UNDIAL (``shared/spec/LOSSES.md``).
 
     nll    = tokmean(ell_r)
-    kl     = batchmean over positions of KL(p_ref || p_theta); masked: positions with a valid (shifted)
-             label, unmasked: every position
-    undial = tokmean(KL(softmax(z_ref - beta onehot(y)) || p_theta))
+    kl     = batchmean over positions of KL(p_ref || p_theta); unmasked (default, TOFU / G-effect /
+             open-unlearning): every position; masked: positions with a valid (shifted) label
+    undial = mean over positions of KL(softmax(z_ref - beta onehot(y)) || p_theta); masked: valid labels;
+             unmasked (default, open-unlearning): every position with a next token, an ignored label
+             standing for token (ignore_index mod V) as open-unlearning's -100 indexing does
 Full softmax, autograd only.
 """
 from __future__ import annotations
@@ -21,13 +23,18 @@ def nll_loss(x, labels, *, lm_head=None, bias=None, softcap=None, shift=False, i
     return -logp.sum() / valid.sum().clamp(min=1)
 
 
-def _per_position_kl(x, ref, labels, beta, lm_head, ref_lm_head, shift, ignore_index):
+def _per_position_kl(x, ref, labels, beta, lm_head, ref_lm_head, shift, ignore_index, wrap=False):
     z = x if lm_head is None else logits_from_hidden(x, lm_head)
     r = (ref if ref_lm_head is None else logits_from_hidden(ref, ref_lm_head)).detach().to(z.dtype)
     valid = None
     if labels is not None:
         y = shift_labels(labels, ignore_index) if shift else labels
         valid = y != ignore_index
+        if wrap:
+            y = torch.where(valid, y, ignore_index % r.shape[-1])
+            valid = torch.ones_like(valid)
+            if shift:
+                valid[..., -1] = False
         if beta:
             onehot = torch.nn.functional.one_hot(torch.where(valid, y, 0).long(), r.shape[-1]).to(r.dtype)
             r = r - beta * onehot * valid[..., None].to(r.dtype)
@@ -36,7 +43,7 @@ def _per_position_kl(x, ref, labels, beta, lm_head, ref_lm_head, shift, ignore_i
     return kl, valid
 
 
-def kl_loss(x, ref, labels=None, *, masked=True, lm_head=None, ref_lm_head=None, shift=False,
+def kl_loss(x, ref, labels=None, *, masked=False, lm_head=None, ref_lm_head=None, shift=False,
             ignore_index=IGNORE_INDEX):
     kl, valid = _per_position_kl(x, ref, labels if masked else None, 0.0, lm_head, ref_lm_head, shift,
                                  ignore_index)
@@ -45,7 +52,7 @@ def kl_loss(x, ref, labels=None, *, masked=True, lm_head=None, ref_lm_head=None,
     return torch.where(valid, kl, torch.zeros_like(kl)).sum() / valid.sum().clamp(min=1)
 
 
-def undial_loss(x, ref, labels, *, beta=10.0, lm_head=None, ref_lm_head=None, shift=False,
+def undial_loss(x, ref, labels, *, beta=10.0, masked=False, lm_head=None, ref_lm_head=None, shift=False,
                 ignore_index=IGNORE_INDEX):
-    kl, valid = _per_position_kl(x, ref, labels, beta, lm_head, ref_lm_head, shift, ignore_index)
+    kl, valid = _per_position_kl(x, ref, labels, beta, lm_head, ref_lm_head, shift, ignore_index, wrap=not masked)
     return torch.where(valid, kl, torch.zeros_like(kl)).sum() / valid.sum().clamp(min=1)
