@@ -116,4 +116,7 @@ def _kl_div_bwd(
         r = tl.load(r_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
         r = tl.where(offs == label, r - ref_shift, r)
         d = g * (tl.exp((z - m) - log_s) - tl.exp((r - m_r) - log_s_r))
+        if HAS_LABELS:
+            # An ignored row may hold NaN or all -inf logits: 0 * NaN is NaN, so select, do not multiply.
+            d = tl.where(label != ignore_index, d, 0.0)
         tl.store(g_row + offs, d.to(g_row.dtype.element_ty), mask=mask)
