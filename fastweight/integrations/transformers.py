@@ -54,6 +54,8 @@ _HEAD_ONLY = ("labels", "num_items_in_batch", "logits_to_keep", "num_logits_to_k
 # Per-call keywords of the patched forward (removed before anything reaches transformers).
 CALL_KEYWORDS = ("fastweight_loss", "fastweight_token_logprobs")
 NO_LOSS = "none"
+# Private hook of fastweight.integrations.trainer: ``model(fastweight_run=fn)`` returns ``fn(hf_model)``.
+RUN_KEYWORD = "fastweight_run"
 # Config attributes of families whose logits are not ``lm_head(h)`` (optionally soft-capped).
 _UNSUPPORTED_SCALES = ("logit_scale", "logits_scaling")
 # Fields of the output added by fastweight_token_logprobs=True.
@@ -198,6 +200,12 @@ class FastweightForward:
     def __call__(self, *args: Any, **kwargs: Any):
         hf = self.model
         state: _PatchState = getattr(hf, _STATE)
+        run = kwargs.pop(RUN_KEYWORD, None)
+        if run is not None:  # UnlearnTrainer under DDP/FSDP: the whole method inside the wrapper's forward
+            if args or kwargs:
+                raise TypeError(f"{RUN_KEYWORD}= takes no other arguments, got {sorted(kwargs)} and {len(args)} "
+                                "positional")
+            return _output_class()(loss=run(hf), logits=None)
         per_call_loss = kwargs.pop("fastweight_loss", None)
         want_logp = kwargs.pop("fastweight_token_logprobs", False)
         call = dict(zip(state.positional, args))
