@@ -13,6 +13,10 @@ import torch
 from fastweight._constants import IGNORE_INDEX
 
 transformers = pytest.importorskip("transformers")
+try:  # recent peft reads torch.distributed.tensor as an attribute; transformers 4.45 does not import it
+    import torch.distributed.tensor  # noqa: F401
+except ImportError:
+    pass
 from fastweight.integrations.trainer import UnlearnTrainer, add_reference_logprobs  # noqa: E402
 from fastweight.train.methods import METHODS, build_method  # noqa: E402
 

@@ -174,6 +174,10 @@ class UnlearnTrainer(transformers.Trainer):
         self.ref_model = None if self.precomputed or ref_model is None else self._freeze(ref_model)
         if not self.method.needs_ref:
             self.ref_model = None  # never built or used for methods that do not read it
+        if self.args.gradient_checkpointing and hasattr(self.model, "peft_config"):
+            # Reentrant checkpointing of a frozen-embedding PEFT model would see no input needing a gradient
+            # (transformers < 4.5x default); let the embeddings' output carry one, as PEFT's own recipes do.
+            hf.enable_input_require_grads()
         for pname, param in hf.named_parameters():  # RMU trains a few layers only
             if not self.method.trainable(pname):
                 param.requires_grad_(False)
