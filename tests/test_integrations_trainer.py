@@ -213,3 +213,34 @@ def test_rescaled_logits_and_lora_head_refused(tmp_path):
     lora = peft.get_peft_model(_model(), peft.LoraConfig(r=2, target_modules=["lm_head", "q_proj"]))
     with pytest.raises(ValueError, match="target_modules"):
         UnlearnTrainer(model=lora, args=_args(tmp_path), train_dataset=_dataset(), method="ga")
+
+
+def test_ddp_wrapper_runs_the_method_inside_its_forward(tmp_path):
+    """A DDP-wrapped model (one gloo process) goes through the wrapper's forward and gives the direct values."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed not available")
+    items = _dataset()[:2]
+    inputs = {"forget": {k: torch.stack([i["forget"][k] for i in items]) for k in items[0]["forget"]},
+              "retain": {k: torch.stack([i["retain"][k] for i in items]) for k in items[0]["retain"]}}
+    model, twin = _model(), _model()
+    trainer = UnlearnTrainer(model=model, args=_args(tmp_path), method="gd")
+    direct = trainer.compute_loss(model, inputs)
+    direct.backward()
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        wrapped = torch.nn.parallel.DistributedDataParallel(twin)
+        calls = []
+        handle = wrapped.register_forward_pre_hook(lambda m, a, kw: calls.append(sorted(kw)), with_kwargs=True)
+        trainer2 = UnlearnTrainer(model=twin, args=_args(tmp_path), method="gd")
+        loss = trainer2.compute_loss(wrapped, inputs)
+        loss.backward()
+        handle.remove()
+    finally:
+        dist.destroy_process_group()
+    assert calls == [["fastweight_run"]], "the method must run inside the wrapper's forward"
+    torch.testing.assert_close(loss, direct, rtol=1e-6, atol=1e-7)
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{n}: {m}")

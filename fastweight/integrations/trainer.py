@@ -203,8 +203,9 @@ class UnlearnTrainer(transformers.Trainer):
     def _run(self, hf: torch.nn.Module, forget: dict, retain: dict | None):
         method = self.method
         if self.precomputed:
-            loss = method.config.forget_coef * _precomputed_forget_term(method, hf, forget)
-            stats = {"forget_loss": float(loss.detach()) / max(method.config.forget_coef, 1e-30)}
+            forget_loss = _precomputed_forget_term(method, hf, forget)
+            loss = method.config.forget_coef * forget_loss
+            stats = {"forget_loss": float(forget_loss.detach())}
             if method.config.retain_loss != "none":
                 retain_loss = method.retain_term(hf, retain, None)
                 loss = loss + method.config.retain_coef * retain_loss
