@@ -21,6 +21,17 @@ from fastweight.integrations.trainer import UnlearnTrainer  # noqa: E402
 V, B, T = 53, 3, 9
 
 
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """A Trainer run stopped by an exception leaves accelerate's process-wide GradientState mid-accumulation
+    (sync_gradients False), which would make a later accelerate loop in this process skip optimizer steps."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    GradientState._reset_state()
+    AcceleratorState._reset_state(reset_partial_state=True)
+
 def _model(seed=0):
     cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
