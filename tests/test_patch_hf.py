@@ -12,6 +12,10 @@ import fastweight
 from fastweight._constants import IGNORE_INDEX
 
 transformers = pytest.importorskip("transformers")
+try:  # recent peft reads torch.distributed.tensor as an attribute; transformers 4.45 does not import it
+    import torch.distributed.tensor  # noqa: F401
+except ImportError:
+    pass
 
 V = 97
 
@@ -217,3 +221,148 @@ def test_rescaled_logits_refused():
     model.config.logit_scale = 0.5
     with pytest.raises(ValueError, match="logit_scale"):
         fastweight.patch(model)
+
+
+# --- copies keep their own weights (issue #13 item 1) -------------------------------------------------------
+def _perturbed_copy_loss(copy_fn):
+    """Loss of the patched policy, of a patched copy whose weights were then changed, and of the copy's own
+    weights computed independently (unpatched, GA = -HF cross-entropy)."""
+    model = _model("llama")
+    ids, mask, labels = _batch(seed=11)
+    fastweight.patch(model, "ga")
+    clone = copy_fn(model)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    policy = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    got = clone(input_ids=ids, attention_mask=mask, labels=labels).loss
+    fastweight.unpatch(clone)
+    own = -clone(input_ids=ids, attention_mask=mask, labels=labels).loss
+    return policy, got, own
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_compute_with_their_own_weights(how):
+    import copy
+    import pickle
+
+    fn = copy.deepcopy if how == "deepcopy" else (lambda m: pickle.loads(pickle.dumps(m)))
+    policy, got, own = _perturbed_copy_loss(fn)
+    torch.testing.assert_close(got, own, rtol=1e-5, atol=1e-6)
+    assert abs(float(got.detach() - policy.detach())) > 1e-2, "the copy must not compute with the policy's weights"
+
+
+def test_save_pretrained_roundtrip(tmp_path):
+    model = _model("qwen2", tied=True)
+    ids, mask, labels = _batch(seed=12)
+    fastweight.patch(model, "satimp", beta1=1.0, beta2=1.0)
+    expected = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).float()
+    assert not fastweight.integrations.transformers.is_patched(loaded)  # the patch is runtime state
+    fastweight.patch(loaded, "satimp", beta1=1.0, beta2=1.0)
+    torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask, labels=labels).loss, expected,
+                               rtol=1e-6, atol=1e-7)
+    assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+
+
+def test_options_validated_at_patch_time():
+    model = _model("llama")
+    with pytest.raises(ValueError, match="beta1"):
+        fastweight.patch(model, "satimp", beta1=-1)
+    with pytest.raises(ValueError, match="granularity"):
+        fastweight.patch(model, "satimp", granularity="words")
+    with pytest.raises(ValueError, match="backend"):
+        fastweight.patch(model, "satimp", backend="cuda")
+    assert not fastweight.integrations.transformers.is_patched(model)
+
+
+# --- mixture of experts: the router loss is kept ------------------------------------------------------------
+def _moe(family):
+    common = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=2,
+                  output_router_logits=True, router_aux_loss_coef=0.37)
+    if family == "mixtral":
+        cfg, cls = transformers.MixtralConfig(**common, num_local_experts=4), transformers.MixtralForCausalLM
+    else:
+        cfg = transformers.Qwen2MoeConfig(**common, num_experts=4, moe_intermediate_size=16,
+                                          shared_expert_intermediate_size=16, decoder_sparse_step=1)
+        cls = transformers.Qwen2MoeForCausalLM
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return cls(cfg).float()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_moe_router_aux_loss(family):
+    model = _moe(family)
+    ids, mask, labels = _batch(seed=13)
+    ref = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert ref.aux_loss is not None and float(ref.aux_loss) > 0
+    ref_grads = _loss_and_grads(model, lambda: model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+    fastweight.patch(model, "nll")
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(out.aux_loss, ref.aux_loss, rtol=1e-6, atol=1e-7)
+    assert out.router_logits is not None
+    _assert_same(_loss_and_grads(model, lambda: model(input_ids=ids, attention_mask=mask, labels=labels).loss),
+                 ref_grads)
+    # Switched off per call, exactly like the model's own forward: no aux term, no aux_loss.
+    plain = model(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=False)
+    hf_plain = fastweight.unpatch(model)(input_ids=ids, attention_mask=mask, labels=labels,
+                                         output_router_logits=False)
+    assert plain.aux_loss is None
+    torch.testing.assert_close(plain.loss, hf_plain.loss, rtol=1e-5, atol=1e-6)
+    # The forget loss gets the same router term.
+    fastweight.patch(model, "satimp")
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, labels=labels).loss,
+                               naive_satimp(ref.logits, labels) + 0.37 * ref.aux_loss, rtol=1e-5, atol=1e-6)
+
+
+# --- per-call loss choice and outputs for trainers (issue #13 item 2) --------------------------------------
+def test_per_call_nll_and_default_forget_loss():
+    model = _model("llama")
+    ids, mask, labels = _batch(seed=14)
+    hf = _loss_and_grads(model, lambda: model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+    logits = model(input_ids=ids, attention_mask=mask).logits.detach()
+    fastweight.patch(model, "satimp", beta1=1.0, beta2=1.0)
+    got = _loss_and_grads(model, lambda: model(input_ids=ids, attention_mask=mask, labels=labels,
+                                                fastweight_loss="nll").loss)
+    _assert_same(got, hf)
+    default = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(default, naive_satimp(logits, labels, beta1=1.0, beta2=1.0), rtol=2e-4, atol=1e-6)
+    assert abs(float(default - hf[0])) > 1e-2
+    assert model(input_ids=ids, labels=labels, fastweight_loss="none").loss is None
+
+
+def test_token_logprobs_and_sequence_nll():
+    model = _model("qwen2")
+    ids, mask, labels = _batch(seed=15)
+    logits = model(input_ids=ids, attention_mask=mask).logits.double()
+    fastweight.patch(model, "ga")
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, fastweight_loss="none",
+                fastweight_token_logprobs=True)
+    assert out.loss is None and out.logits is None
+    target = labels[:, 1:]
+    valid = target != IGNORE_INDEX
+    ref = torch.log_softmax(logits[:, :-1], -1).gather(-1, torch.where(valid, target, 0)[..., None]).squeeze(-1)
+    ref = torch.where(valid, ref, 0.0)
+    assert out.token_logprobs.shape == labels.shape and out.token_logprobs.dtype == torch.float32
+    torch.testing.assert_close(out.token_logprobs[:, :-1].double(), ref, rtol=1e-5, atol=1e-6)
+    assert torch.all(out.token_logprobs[:, -1] == 0)
+    torch.testing.assert_close(out.sequence_nll.double(), -ref.sum(-1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.num_tokens, valid.sum(-1))
+    out.sequence_nll.sum().backward()  # differentiable
+    assert model.get_output_embeddings().weight.grad is not None
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"fastweight_loss": "npo"}, ValueError, "fastweight_loss"),
+    ({"fastweight_loss": "bogus"}, ValueError, "fastweight_loss"),
+])
+def test_per_call_errors(kwargs, exc, match):
+    model = fastweight.patch(_model("llama"), "ga")
+    ids, mask, labels = _batch(seed=16)
+    with pytest.raises(exc, match=match):
+        model(input_ids=ids, labels=labels, **kwargs)
+    with pytest.raises(ValueError, match="labels"):
+        model(input_ids=ids, fastweight_loss="nll")

@@ -1,10 +1,30 @@
 """Hugging Face ``transformers`` causal LMs that return a fastweight loss without building logits.
 
 ``patch(model, loss="satimp", **loss_kwargs)`` replaces ``model.forward`` (on the instance, nothing global)
-by a wrapper that, when ``labels`` is given, runs the decoder (``model.get_decoder()``) for the final hidden
-states and computes ``loss(hidden, labels, lm_head=W, bias=b, softcap=c, shift=True)`` on the fused-linear
-path (``fastweight.ops.linear_logprobs``): no ``[B, T, V]`` logits, no ``[B, T, V]`` gradient. Without
-labels (inference, ``generate``) the original forward runs unchanged. ``unpatch(model)`` restores it.
+by a ``FastweightForward`` object that, when ``labels`` is given, runs the decoder (``model.get_decoder()``)
+for the final hidden states and computes ``loss(hidden, labels, lm_head=W, bias=b, softcap=c, shift=True)``
+on the fused-linear path (``fastweight.ops.linear_logprobs``): no ``[B, T, V]`` logits, no ``[B, T, V]``
+gradient. Without labels (inference, ``generate``) the original forward runs unchanged. ``unpatch(model)``
+restores it.
+
+Copies keep their own weights: the forward object holds only a reference to its model, never a closure over
+the decoder, the head or the original bound forward. ``copy.deepcopy`` and ``pickle`` rebuild that reference
+to the copy (the model is memoised before its ``__dict__`` is restored), so a deep-copied reference model,
+or a model sent to a worker process, computes with its own parameters. The patch itself is runtime state:
+``save_pretrained`` writes only the weights and config; patch the model again after ``from_pretrained``.
+
+Per call (all keywords, only meaningful with ``labels``):
+* ``fastweight_loss="nll"`` (or any single-batch loss name; ``"none"`` for no loss) replaces the patched loss
+  for this call only, with the registry defaults; a retain term inside a trainer uses ``"nll"``.
+* ``fastweight_token_logprobs=True`` adds ``token_logprobs`` [B, T] float32 (differentiable; entry t is
+  ``log p(labels[:, t+1] | x_<=t)``, 0 at ignored positions and at t = T-1), ``sequence_nll`` [B] float32
+  (``-sum_t token_logprobs``) and ``num_tokens`` [B] int64 (valid shifted labels) to the output, for
+  NPO/DPO-style losses written by a trainer.
+
+Mixture-of-experts models (Mixtral, Qwen2-MoE, ...) with ``output_router_logits`` (argument or config) get
+the router load-balancing loss exactly as their own forward adds it: ``aux_loss =
+load_balancing_loss_func(router_logits, model.num_experts, model.num_experts_per_tok, attention_mask)`` from
+the model's own modeling module, ``loss += model.router_aux_loss_coef * aux_loss``, ``aux_loss`` returned.
 
 Generic, not per architecture: W and b come from ``model.get_output_embeddings()`` (tied embeddings share
 the input embedding's Parameter, so its gradient accumulates both uses), Gemma-2/3's soft-capping from
@@ -19,26 +39,39 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
 from typing import Any, Callable
 
 import torch
 
 import fastweight.losses as _losses
+from fastweight._constants import IGNORE_INDEX
 
 _STATE = "_fastweight_patch"
 # Forward arguments that concern the logits/loss only and never reach the decoder.
-_HEAD_ONLY = ("labels", "num_items_in_batch", "logits_to_keep", "shift_labels", "return_dict")
+_HEAD_ONLY = ("labels", "num_items_in_batch", "logits_to_keep", "num_logits_to_keep", "shift_labels",
+              "return_dict")
+# Per-call keywords of the patched forward (removed before anything reaches transformers).
+CALL_KEYWORDS = ("fastweight_loss", "fastweight_token_logprobs")
+NO_LOSS = "none"
+# Private hook of fastweight.integrations.trainer: ``model(fastweight_run=fn)`` returns ``fn(hf_model)``.
+RUN_KEYWORD = "fastweight_run"
 # Config attributes of families whose logits are not ``lm_head(h)`` (optionally soft-capped).
 _UNSUPPORTED_SCALES = ("logit_scale", "logits_scaling")
+# Fields of the output added by fastweight_token_logprobs=True.
+EXTRA_FIELDS = ("token_logprobs", "sequence_nll", "num_tokens")
 
 
 @dataclasses.dataclass
 class _PatchState:
+    """Plain, picklable data: everything the forward needs besides the model itself."""
+
     loss_name: str
     loss_fn: Callable[..., torch.Tensor]
     loss_kwargs: dict[str, Any]
-    had_instance_forward: bool
-    instance_forward: Any
+    backend: str
+    positional: list[str]
+    instance_forward: Any  # a forward set on the instance before patch() (e.g. an accelerate hook), or None
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -48,16 +81,19 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _resolve_loss(loss: str | Callable[..., torch.Tensor], loss_kwargs: dict[str, Any]):
+def _resolve_loss(loss: str | Callable[..., torch.Tensor], loss_kwargs: dict[str, Any], arg: str = "loss"):
     """(name, fn, kwargs): registry defaults of the loss's own hyper-parameters, overridden by loss_kwargs."""
     if callable(loss):
         name, fn, kwargs = getattr(loss, "__name__", "custom"), loss, {}
     else:
-        spec = _losses.get(loss)  # ValueError naming the known losses
+        if not isinstance(loss, str) or loss not in _losses.LOSSES:
+            raise ValueError(f"{arg}={loss!r}: unknown loss name; known names: {', '.join(_losses.LOSSES)}")
+        spec = _losses.LOSSES[loss]
         if spec.needs_ref or spec.needs_retain:
             raise ValueError(
-                f"loss {loss!r} needs a reference model or a retain batch; patch() computes a single-batch loss "
-                "from the model's own hidden states. Use fastweight.train for that method.")
+                f"{arg}={loss!r} needs a reference model or a retain batch; the patched forward computes a "
+                "single-batch loss from the model's own hidden states. Use "
+                "fastweight.integrations.trainer.UnlearnTrainer (or fastweight.train) for that method.")
         name, fn = spec.name, spec.fn
         kwargs = {h: spec.defaults[h] for h in spec.hparams if h in spec.defaults}
     params = inspect.signature(fn).parameters
@@ -73,6 +109,14 @@ def _resolve_loss(loss: str | Callable[..., torch.Tensor], loss_kwargs: dict[str
     return name, fn, kwargs
 
 
+def _validate_options(name: str, fn: Callable[..., torch.Tensor], kwargs: dict[str, Any]) -> None:
+    """Run the loss once on a 2-token CPU input so a bad hyper-parameter fails at patch time, named by the loss's
+    own validation (e.g. ``beta1 must be finite and >= 0``), not at the first training step."""
+    hidden, labels, head = torch.zeros(1, 2, 1), torch.zeros(1, 2, dtype=torch.long), torch.zeros(2, 1)
+    with torch.no_grad():
+        fn(hidden, labels, **{**kwargs, "lm_head": head, "shift": True, "backend": "torch"})
+
+
 def _output_layer(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
     """(weight [V, H], bias [V] | None, softcap | None) of the model's output projection."""
     config = getattr(model, "config", None)
@@ -80,7 +124,8 @@ def _output_layer(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | 
         value = getattr(config, attr, None)
         if value not in (None, 1, 1.0):
             raise ValueError(f"model config has {attr}={value}: its logits are rescaled, which the fused path does "
-                             "not reproduce; this model family is not supported by fastweight.patch")
+                             "not reproduce; this model family is not supported by fastweight.patch (train it "
+                             "through its own forward, unpatched)")
     head = model.get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(model).__name__}.get_output_embeddings() is None: not a causal LM with an lm_head")
@@ -94,70 +139,169 @@ def _output_layer(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | 
     return weight, getattr(head, "bias", None), softcap
 
 
+def _router_aux_loss_fn(model: torch.nn.Module):
+    """The modeling module's ``load_balancing_loss_func`` for MoE families (None for dense ones)."""
+    config = getattr(model, "config", None)
+    if not hasattr(config, "output_router_logits"):
+        return None
+    fn = getattr(sys.modules.get(type(model).__module__), "load_balancing_loss_func", None)
+    missing = [a for a in ("num_experts", "num_experts_per_tok", "router_aux_loss_coef") if not hasattr(model, a)]
+    if fn is None or missing:
+        raise ValueError(f"{type(model).__name__} is a mixture-of-experts model whose router loss fastweight.patch "
+                         f"cannot reproduce (no load_balancing_loss_func or missing {missing}); set "
+                         "output_router_logits=False in its config to train without the router loss")
+    return fn
+
+
+_OUTPUT_CLASS: list[type] = []
+
+
+def _output_class() -> type:
+    """``FastweightCausalLMOutput``: transformers' MoE causal-LM output (loss, aux_loss, logits, cache, hidden
+    states, attentions, router_logits) plus ``token_logprobs``, ``sequence_nll``, ``num_tokens``. Built on first
+    use so that ``import fastweight`` does not import transformers."""
+    if not _OUTPUT_CLASS:
+        from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+        namespace = {"__annotations__": {f: "torch.Tensor | None" for f in EXTRA_FIELDS},
+                     **{f: None for f in EXTRA_FIELDS}, "__module__": __name__,
+                     "__qualname__": "FastweightCausalLMOutput"}
+        cls = dataclasses.dataclass(type("FastweightCausalLMOutput", (MoeCausalLMOutputWithPast,), namespace))
+        globals()["FastweightCausalLMOutput"] = cls  # picklable by its module-level name
+        _OUTPUT_CLASS.append(cls)
+    return _OUTPUT_CLASS[0]
+
+
+def __getattr__(name: str):
+    if name == "FastweightCausalLMOutput":
+        return _output_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class FastweightForward:
+    """The patched ``forward`` of one model: a callable holding only ``self.model`` (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        # What Trainer's column filter and loss-kwargs detection read: the class forward plus our keywords.
+        sig = inspect.signature(type(self.model).forward)
+        params = [p for p in sig.parameters.values() if p.name != "self"]
+        extra = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None) for k in CALL_KEYWORDS]
+        var_kw = [p for p in params if p.kind == p.VAR_KEYWORD]
+        params = [p for p in params if p.kind != p.VAR_KEYWORD]
+        return sig.replace(parameters=params + extra + var_kw)
+
+    def _original(self, hf, state: _PatchState):
+        return state.instance_forward if state.instance_forward is not None else type(hf).forward.__get__(hf)
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        hf = self.model
+        state: _PatchState = getattr(hf, _STATE)
+        run = kwargs.pop(RUN_KEYWORD, None)
+        if run is not None:  # UnlearnTrainer under DDP/FSDP: the whole method inside the wrapper's forward
+            if args or kwargs:
+                raise TypeError(f"{RUN_KEYWORD}= takes no other arguments, got {sorted(kwargs)} and {len(args)} "
+                                "positional")
+            return _output_class()(loss=run(hf), logits=None)
+        per_call_loss = kwargs.pop("fastweight_loss", None)
+        want_logp = kwargs.pop("fastweight_token_logprobs", False)
+        call = dict(zip(state.positional, args))
+        call.update(kwargs)
+        labels = call.get("labels")
+        if labels is None:  # inference, generate(): untouched
+            if per_call_loss is not None or want_logp:
+                raise ValueError("fastweight_loss= / fastweight_token_logprobs= need labels=; pass the labels")
+            return self._original(hf, state)(*args, **kwargs)
+        if per_call_loss is None or per_call_loss == state.loss_name:
+            name, fn, loss_kwargs = state.loss_name, state.loss_fn, state.loss_kwargs
+        elif per_call_loss == NO_LOSS:
+            name, fn, loss_kwargs = NO_LOSS, None, {}
+        else:
+            name, fn, loss_kwargs = _resolve_loss(per_call_loss, {}, arg="fastweight_loss")
+        num_items = call.get("num_items_in_batch")
+        shift_labels = call.get("shift_labels")
+        decoder = hf.get_decoder()
+        outputs = decoder(**{k: v for k, v in call.items() if k not in _HEAD_ONLY})
+        hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+        weight, bias, softcap = _output_layer(hf)
+        head = dict(lm_head=weight, bias=bias, softcap=softcap, backend=state.backend)
+        if shift_labels is not None:  # transformers' pre-shifted labels (context parallelism)
+            labels, head["shift"] = shift_labels, False
+        else:
+            head["shift"] = True
+        value = None
+        if fn is not None:
+            if num_items is not None and "reduction" in inspect.signature(fn).parameters:
+                value = fn(hidden, labels, **loss_kwargs, **head, reduction="sum")
+                value = value / torch.as_tensor(num_items, device=value.device).to(value.dtype)
+            else:
+                value = fn(hidden, labels, **loss_kwargs, **head)
+        extra: dict[str, Any] = {}
+        if want_logp:
+            logp = _losses.token_logprobs(hidden, labels, **head)
+            valid = torch.zeros_like(labels, dtype=torch.bool)
+            if head["shift"]:
+                valid[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+            else:
+                valid = labels != IGNORE_INDEX
+            extra.update(token_logprobs=logp, sequence_nll=-logp.sum(-1), num_tokens=valid.sum(-1))
+        aux_fn = _router_aux_loss_fn(hf)
+        use_router = call.get("output_router_logits")
+        if use_router is None:
+            use_router = getattr(hf.config, "output_router_logits", False)
+        if aux_fn is not None and use_router:
+            aux = aux_fn(outputs.router_logits, hf.num_experts, hf.num_experts_per_tok, call.get("attention_mask"))
+            extra["aux_loss"] = aux
+            if value is not None:
+                value = value + hf.router_aux_loss_coef * aux.to(value.device)
+        cls = _output_class()
+        fields = {f.name for f in dataclasses.fields(cls)}
+        items = outputs.items() if hasattr(outputs, "items") else ()
+        passed = {k: v for k, v in items if k in fields and k not in ("loss", "logits", "aux_loss")}
+        return cls(loss=value, logits=None, **passed, **extra)
+
+
 def patch(model: torch.nn.Module, loss: str | Callable[..., torch.Tensor] = "satimp", *,
           backend: str = "auto", **loss_kwargs: Any) -> torch.nn.Module:
     """Make ``model(input_ids, labels=..., ...)`` return a fastweight loss computed without logits.
 
     Args:
-        model: a transformers causal LM (``*ForCausalLM``: Llama, Mistral, Qwen2/3, Phi-3, Gemma/Gemma-2, ...),
-            possibly wrapped by PEFT. Patched in place (instance attribute), and returned.
+        model: a transformers causal LM (``*ForCausalLM``: Llama, Mistral, Mixtral, Qwen2/3, Qwen2-MoE, Phi-3,
+            Gemma/Gemma-2, ...), possibly wrapped by PEFT. Patched in place (instance attribute), and returned.
         loss: a name of ``fastweight.losses.LOSSES`` whose method needs neither a reference model nor a retain
             batch ("satimp", "wga", "simimp", "ga", "nll", "simnpo", ...), or a callable with the loss signature
             ``fn(hidden, labels, *, lm_head, bias, softcap, shift, reduction, backend, **kw)``.
         backend: fastweight backend ("auto" = Triton on CUDA, torch otherwise).
         **loss_kwargs: hyper-parameters of the loss (e.g. ``beta1=5.0, beta2=0.1``); registry defaults otherwise.
+            Validated now: ``patch(m, "satimp", beta1=-1)`` raises ValueError naming ``beta1``.
     Returns:
-        ``model``. With ``labels`` its forward returns ``CausalLMOutputWithPast(loss=<0-d float32>,
-        logits=None, ...)``; the loss follows the chosen function (token mean over labels != -100 for the
-        reweighted family), or ``sum / num_items_in_batch`` when that keyword is passed and the loss has a
-        ``reduction`` argument. Without labels the original forward runs (logits as usual).
+        ``model``. With ``labels`` its forward returns ``FastweightCausalLMOutput(loss=<0-d float32>,
+        logits=None, aux_loss=<MoE router loss or None>, ...)``; the loss follows the chosen function (token mean
+        over labels != -100 for the reweighted family), or ``sum / num_items_in_batch`` when that keyword is
+        passed and the loss has a ``reduction`` argument; MoE models add ``router_aux_loss_coef * aux_loss``.
+        ``fastweight_loss=`` and ``fastweight_token_logprobs=`` choose per call (module docstring). Without
+        labels the original forward runs (logits as usual).
     """
     hf = _unwrap(model)
     if getattr(hf, _STATE, None) is not None:
         unpatch(hf)
+    if not isinstance(backend, str) or backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     name, fn, kwargs = _resolve_loss(loss, loss_kwargs)
+    _validate_options(name, fn, kwargs)
     _output_layer(hf)  # fail now, not at the first training step
+    _router_aux_loss_fn(hf)
     decoder = hf.get_decoder()
     if decoder is hf:
         raise ValueError(f"{type(hf).__name__}.get_decoder() returned the model itself; expected a *ForCausalLM")
-    had = "forward" in vars(hf)
-    original = hf.forward
-    positional = [p.name for p in inspect.signature(original).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    has_reduction = "reduction" in inspect.signature(fn).parameters
-
-    def fastweight_forward(*args, **kwargs_in):
-        call = dict(zip(positional, args))
-        call.update(kwargs_in)
-        labels = call.get("labels")
-        if labels is None:  # inference, generate(): untouched
-            return original(*args, **kwargs_in)
-        num_items = call.get("num_items_in_batch")
-        shift_labels = call.get("shift_labels")
-        outputs = decoder(**{k: v for k, v in call.items() if k not in _HEAD_ONLY})
-        hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
-        weight, bias, softcap = _output_layer(hf)
-        loss_call = dict(kwargs, lm_head=weight, bias=bias, softcap=softcap, backend=backend)
-        if shift_labels is not None:  # transformers' pre-shifted labels (context parallelism)
-            labels, loss_call["shift"] = shift_labels, False
-        else:
-            loss_call["shift"] = True
-        if num_items is not None and has_reduction:
-            loss_call["reduction"] = "sum"
-            value = fn(hidden, labels, **loss_call)
-            value = value / torch.as_tensor(num_items, device=value.device).to(value.dtype)
-        else:
-            value = fn(hidden, labels, **loss_call)
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
-        fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
-        items = outputs.items() if hasattr(outputs, "items") else ()
-        extra = {k: v for k, v in items if k in fields and k not in ("loss", "logits")}
-        return CausalLMOutputWithPast(loss=value, logits=None, **extra)
-
-    hf.forward = fastweight_forward
-    # A previous instance-level forward (e.g. an accelerate hook) is kept and restored by unpatch().
-    setattr(hf, _STATE, _PatchState(name, fn, kwargs, had, original if had else None))
+    previous = vars(hf).get("forward")
+    positional = [p.name for p in inspect.signature(type(hf).forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self"]
+    setattr(hf, _STATE, _PatchState(name, fn, kwargs, backend, positional, previous))
+    hf.forward = FastweightForward(hf)
     return model
 
 
@@ -167,7 +311,7 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     state = getattr(hf, _STATE, None)
     if state is None:
         return model
-    if state.had_instance_forward:
+    if state.instance_forward is not None:
         hf.forward = state.instance_forward
     else:
         del hf.forward
@@ -180,4 +324,4 @@ def is_patched(model: torch.nn.Module) -> bool:
     return getattr(_unwrap(model), _STATE, None) is not None
 
 
-__all__ = ["is_patched", "patch", "unpatch"]
+__all__ = ["CALL_KEYWORDS", "EXTRA_FIELDS", "FastweightForward", "is_patched", "patch", "unpatch"]
