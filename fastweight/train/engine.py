@@ -68,6 +68,8 @@ def check_engine(acc, cfg: TrainConfig, method) -> None:
             if got != "auto" and int(got) != want:
                 raise ValueError(f"DeepSpeed config {key}={got} disagrees with the TrainConfig ({want}); set it "
                                  f"to \"auto\" or to {want}")
+            ds[key] = want
+        ds["train_batch_size"] = cfg.batch_size * cfg.grad_accum * acc.num_processes
         clip = ds.get("gradient_clipping", "auto")
         want_clip = cfg.max_grad_norm or 0.0
         if clip == "auto":

@@ -181,6 +181,11 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     objective.train()
+    # the schedule needs the per-process batch count, known only once the loader is sharded: a callable that
+    # reads it is fixed here, so the scheduler wraps the plain AdamW (whose param_groups the engines use)
+    sched = {}
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_lambda(s, sched["warmup"],
+                                                                                   sched["total"]) if sched else 1.0)
     objective, optimizer, loader = acc.prepare(objective, optimizer, loader)
     inner = acc.unwrap_model(objective)
     policy = inner.policy
@@ -192,8 +197,10 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(steps_per_epoch, total // 2)
     # stepped once per optimizer step by this loop (accelerate's prepared scheduler would step it
     # num_processes times, which ties the schedule to the world size)
-    base_opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
-    scheduler = torch.optim.lr_scheduler.LambdaLR(base_opt, partial(_lr_lambda, warmup=warmup, total=total))
+    sched.update(warmup=warmup, total=total)
+    for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base_lr * _lr_lambda(0, warmup, total)
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
 
     tracker = probes = None
     if cfg.g_effect_every and method is not None:
