@@ -173,3 +173,13 @@ def test_gradient_checkpointing_and_eval_hook(tiny_dir, tmp_path):
     assert res.history[2]["eval_n"] == 3
     for (n, a), b in zip(res.model.named_parameters(), plain.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)  # recomputation changes nothing
+
+
+def test_load_dtype(tiny_dir):
+    from fastweight.train.models import parse_dtype
+
+    model, _ = load_model_and_tokenizer(tiny_dir, dtype="bf16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert parse_dtype("fp16") == torch.float16
+    with pytest.raises(ValueError, match="dtype"):
+        parse_dtype("int8")
