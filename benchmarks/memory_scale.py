@@ -271,9 +271,10 @@ def fit(results: list[dict]) -> tuple[float, float, float]:
     return float(sol.x[0]), float(sol.x[1]), float(sol.x[2]) * 2**20
 
 
-# open-unlearning's TOFU setting for the predictions: bf16 weights, 4 sequences of <= 512 tokens per device
-# and micro-batch (their per_device_train_batch_size 4, max_length 512), TOFU forget10 = 400 answers.
-OU_TOKENS, OU_FORGET_TOKENS = 4 * 512, 400 * 512
+# open-unlearning's setting for the predictions (configs/trainer/finetune.yaml, commit 247bd13: bf16,
+# per_device_train_batch_size 8, gradient_checkpointing True, 32-bit AdamW; TOFU max_length 512): 8 sequences
+# of <= 512 tokens per device and micro-batch; TOFU forget10 = 400 answers for the reference table.
+OU_TOKENS, OU_FORGET_TOKENS = 8 * 512, 400 * 512
 PREDICTION_SETTINGS = (
     ("DDP x8", Setting("ddp", 8, 0, 2, OU_TOKENS, OU_FORGET_TOKENS, True)),
     ("FSDP x8", Setting("fsdp", 8, 0, 2, OU_TOKENS, OU_FORGET_TOKENS, True)),
@@ -303,7 +304,7 @@ def report(json_path: str | None = None, results: list[dict] | None = None) -> d
         lines.append(f"| {rung.name} | {rung.params() / 1e6:.1f}M | {r['method']} | {r['provider']} | "
                      f"{r['peak_bytes'] / 2**20:.0f} | {pred / 2**20:.0f} | {err:+.1%} |")
     lines += ["", f"worst error {worst:.1%}", "", "Predicted peak per rank (GiB), bf16 weights, gradient checkpointing "
-              "unless noted, 4 x 512 tokens per micro-batch:", "",
+              "unless noted, 8 x 512 tokens per micro-batch:", "",
               "| model | setting | NPO fastweight | NPO HF + ref copy | SatImp+NLL fastweight | SatImp+NLL HF |",
               "|---|---|---|---|---|---|"]
     preds = []
