@@ -183,3 +183,11 @@ def test_load_dtype(tiny_dir):
     assert parse_dtype("fp16") == torch.float16
     with pytest.raises(ValueError, match="dtype"):
         parse_dtype("int8")
+
+
+def test_logged_mean_statistics_are_not_summed_over_micro_batches(tiny_dir, tmp_path):
+    model, tok = load_model_and_tokenizer(tiny_dir)
+    res = train(model, QADataset(DATA["full"][:8], tok, "phi", 48), None,
+                TrainConfig(output_dir=str(tmp_path), method="ga", epochs=1, batch_size=1, grad_accum=4,
+                            progress=False))
+    assert [h["mean_weight"] for h in res.history] == pytest.approx([1.0, 1.0])  # GA's weights are all 1

@@ -50,6 +50,7 @@ from fastweight.train.engine import (
 from fastweight.train.objective import UnlearnObjective
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_ADDITIVE = frozenset({"loss", "forget_loss", "retain_loss", "nll"})  # logged values that are loss terms
 
 
 @dataclass
@@ -279,6 +280,7 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
                     if not names:
                         names = ["loss", *sorted(k for k in out["stats"] if k != "loss")]
                         sums = torch.zeros(len(names), dtype=torch.float64)
+                        additive = torch.tensor([n in _ADDITIVE for n in names])
                     vals = torch.tensor([float(out["loss"].detach())] + [out["stats"][k] for k in names[1:]],
                                         dtype=torch.float64)
                     if cfg.check_finite:
@@ -288,7 +290,9 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
                             raise NonFiniteError(f"non-finite {', '.join(bad)} at optimizer step {step + 1} "
                                                  f"(epoch {epoch}, micro-batch {m}); stopped before its "
                                                  f"backward; last checkpoint: {latest_checkpoint(out_dir)}")
-                    sums += vals
+                    # loss terms are already divided by the global count (they add up over micro-batches);
+                    # other statistics (mean weights, kept tokens) are averaged over the micro-batches
+                    sums += torch.where(additive, vals, vals / len(group))
                     acc.backward(out["loss"] * acc.gradient_accumulation_steps)
             group = []
             acc.gradient_state._set_sync_gradients(True)
