@@ -191,3 +191,44 @@ def test_logged_mean_statistics_are_not_summed_over_micro_batches(tiny_dir, tmp_
                 TrainConfig(output_dir=str(tmp_path), method="ga", epochs=1, batch_size=1, grad_accum=4,
                             progress=False))
     assert [h["mean_weight"] for h in res.history] == pytest.approx([1.0, 1.0])  # GA's weights are all 1
+
+
+def _fake_acc(kind, **ds):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    plugin = SimpleNamespace(zero_stage=3, deepspeed_config={"gradient_accumulation_steps": "auto",
+                                                             "train_micro_batch_size_per_gpu": "auto", **ds})
+    return SimpleNamespace(distributed_type=getattr(DistributedType, kind), num_processes=2,
+                           state=SimpleNamespace(deepspeed_plugin=plugin))
+
+
+@pytest.mark.parametrize("kind,ds,kw,match", [
+    ("DEEPSPEED", {}, dict(g_effect_every=1, method="ga"), "g_effect_every"),
+    ("FSDP", {}, dict(g_effect_every=1, method="ga"), "g_effect_every"),
+    ("DEEPSPEED", {}, dict(save_every=2), "save_every"),
+    ("FSDP", {}, dict(resume=True), "resume"),
+    ("DEEPSPEED", {"gradient_accumulation_steps": 8}, dict(grad_accum=4), "gradient_accumulation_steps"),
+    ("DEEPSPEED", {"train_micro_batch_size_per_gpu": 2}, dict(batch_size=4), "train_micro_batch_size_per_gpu"),
+    ("DEEPSPEED", {"gradient_clipping": 0.5}, dict(max_grad_norm=1.0), "gradient_clipping"),
+    ("DEEPSPEED", {"optimizer": {"type": "Adam"}}, {}, "optimizer"),
+    ("MULTI_CPU", {}, dict(method="rmu", lora_r=4, lora_targets=("q_proj",)), "lora_targets"),
+])
+def test_engine_settings_the_trainer_cannot_honour(kind, ds, kw, match):
+    from fastweight.train.engine import check_engine
+
+    cfg = TrainConfig(**kw)
+    method = build_method(cfg.method) if cfg.method else None
+    with pytest.raises(ValueError, match=match):
+        check_engine(_fake_acc(kind, **ds), cfg, method)
+
+
+def test_deepspeed_auto_values_are_filled_from_the_config():
+    from fastweight.train.engine import check_engine
+
+    acc = _fake_acc("DEEPSPEED", gradient_clipping="auto")
+    check_engine(acc, TrainConfig(batch_size=3, grad_accum=5, max_grad_norm=0.7), None)
+    ds = acc.state.deepspeed_plugin.deepspeed_config
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"],
+            ds["gradient_clipping"]) == (3, 5, 30, 0.7)
