@@ -160,7 +160,10 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
         raise ValueError("no trainable parameters (check trainable_layers, lora_targets and the method's "
                          "trainable())")
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
 
     ref = None
@@ -274,6 +277,7 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
             names: list[str] = []
             for m, micro in enumerate(group):
                 last = m == len(group) - 1
+                # what accelerate's accumulate() sets: DeepSpeed's engine steps on the boundary micro-batch
                 acc.gradient_state._set_sync_gradients(last)
                 with (nullcontext() if last else acc.no_sync(objective)), acc.autocast():
                     out = objective(micro["forget"], micro.get("retain"), norm)
