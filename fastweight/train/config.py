@@ -30,6 +30,13 @@ class TrainConfig:
         (intersected with the method's ``trainable``).
     save_every: checkpoint every N optimizer steps (0 = only at the end); ``resume``: continue from the
         latest checkpoint in ``output_dir/checkpoints``.
+    lora_r: LoRA rank (0 = no LoRA): the model is wrapped with ``peft`` and only the adapters train; a model
+        that already is a ``PeftModel`` trains only its adapters too. ``lora_alpha``, ``lora_dropout`` and
+        ``lora_targets`` (module names; None = peft's default for the architecture) as in ``peft.LoraConfig``.
+    gradient_checkpointing: recompute decoder activations in the backward (non-reentrant checkpointing).
+    eval_every / eval_every_epochs: call ``train(..., eval_fn=)`` every N optimizer steps / epochs (0 = never).
+    check_finite: stop with ``NonFiniteError`` on a non-finite loss term or gradient norm, before the optimizer
+        step and before any checkpoint.
     g_effect_every: record the G-effect of the objective on forget and retain probes every N optimizer steps
         (0 = off); ``g_effect_ema`` smooths it (weight of the running value), ``g_effect_probe_size`` items per
         probe batch (the first items of the forget / retain sets).
@@ -56,6 +63,14 @@ class TrainConfig:
     g_effect_every: int = 0
     g_effect_ema: float = 0.6
     g_effect_probe_size: int = 8
+    lora_r: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] | None = None
+    gradient_checkpointing: bool = False
+    eval_every: int = 0
+    eval_every_epochs: int = 0
+    check_finite: bool = True
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "log_every"):
@@ -83,6 +98,34 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}")
         if not isinstance(self.method_args, dict):
             raise TypeError(f"method_args must be a dict, got {type(self.method_args).__name__}")
+        for name in ("lora_r", "eval_every", "eval_every_epochs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or \
+                not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be a number > 0, got {self.lora_alpha!r}")
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) or \
+                not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.lora_targets is not None:
+            if isinstance(self.lora_targets, str):
+                self.lora_targets = tuple(t for t in self.lora_targets.split(",") if t)
+            self.lora_targets = tuple(self.lora_targets)
+            if not self.lora_targets or not all(isinstance(t, str) and t for t in self.lora_targets):
+                raise ValueError(f"lora_targets must be None or non-empty module names, got {self.lora_targets!r}")
+        for name in ("gradient_checkpointing", "check_finite", "resume", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.method is not None:  # unknown method or option: fail here, before any model is loaded
+            from fastweight.train.methods import build_method
+
+            if not isinstance(self.method, str):
+                raise TypeError(f"method must be a str or None, got {type(self.method).__name__}")
+            try:
+                build_method(self.method, **self.method_args)
+            except ValueError as e:
+                raise ValueError(f"method={self.method!r}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

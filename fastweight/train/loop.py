@@ -1,32 +1,27 @@
-"""The one accelerate training loop: plain fine-tuning and unlearning (STYLE.md section 4).
+"""The one accelerate training loop: plain fine-tuning and unlearning on accelerate's engines (STYLE.md 4).
 
 ``train(model, forget, retain, config)``:
-  * ``Accelerator(mixed_precision=...)``, ``prepare(optimizer)``; AdamW over the trainable parameters;
-    linear warm-up (``config.warmup_steps``, default one epoch) then linear decay to 0.
-  * Data: ``ForgetRetainDataset`` (forget item + a retain item drawn per ``(seed, rank, epoch, index)``) read
-    through ``EpochSampler`` (same shuffled order on every rank, disjoint equal shares: no duplicated data).
-    Each process builds its own loader, so a rank never waits on another for a missing batch.
-  * Gradient accumulation by hand: ``grad_accum`` micro-batches per optimizer step (the last group of an
-    epoch may be shorter; each group's loss is averaged over its micro-batches). Gradients are averaged over
-    processes with one all-reduce per optimizer step (no DDP wrapper, so methods may call any model
-    attribute), then clipped to ``max_grad_norm``.
-  * A multi-process CPU run needs ``ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N``:
-    with accelerate 1.x, ``accelerate launch --cpu --num_processes N`` starts one process unless MPI is installed.
-  * The objective: ``method(model, forget, retain, ref_model)`` from
-    ``fastweight.train.methods.build_method(config.method, **config.method_args)``; with ``method=None`` the
-    token-mean NLL of the forget (= training) batch (fine-tuning the target or retain model). A frozen copy
-    of the model is made only when ``method.needs_ref``; parameters are frozen where
-    ``method.trainable(name)`` is False or outside ``config.trainable_layers``.
-  * Logging: one JSON line per optimizer step in ``output_dir/log.jsonl`` (loss, lr, grad_norm, the method's
-    statistics such as token-weight means), tqdm on the main process.
-  * G-effect (``config.g_effect_every``): after the last backward of every N-th optimizer step, the inner
-    product of the accumulated objective gradient with the forget / retain probe NLL gradients, per layer
-    group (``fastweight.analysis``), smoothed by an EMA; written to ``output_dir/g_effect.json`` with plots,
-    and returned in ``TrainResult.g_effect``. Measuring changes neither weights, gradients nor optimizer state.
-  * Checkpoints: ``accelerator.save_state`` (model, optimizer, scheduler, RNG states) into a temporary folder
-    renamed to ``checkpoints/step-XXXXXXXX`` once complete, with ``trainer_state.json`` (step, epoch, batches
-    consumed). ``resume=True`` loads the latest and skips the consumed batches: on CPU the resumed run ends
-    with exactly the weights of an uninterrupted one.
+  * Engine: the objective ``UnlearnObjective(policy, method, ref)`` (``fastweight.train.objective``), the
+    AdamW optimizer and the data loader all go through ``accelerator.prepare``, so whatever ``accelerate
+    launch --config_file`` selects (one process, DDP, FSDP, DeepSpeed ZeRO-2/3) reduces gradients and gathers
+    sharded weights with its own hooks; the loss is computed inside the prepared module's forward.
+  * Data: ``ForgetRetainDataset`` (forget item + a retain item / refusal drawn per ``(seed, epoch, index)``,
+    the same whatever the rank layout) read in a shuffled order that depends only on ``(seed, epoch)``;
+    accelerate's prepared loader gives process r the batches r, r + W, ... (when the batch count does not
+    divide by the world size it wraps around to the start: a few items are seen twice, none is dropped).
+  * Normalisation by the global count: before the micro-batches of an optimizer step run, their loss units
+    (valid tokens, sequences or pairs, per term: ``method.count_units``) are summed over the accumulation
+    group and all processes (Hugging Face's ``num_items_in_batch``); each term is summed and divided by that
+    count. So one process with batch 2, two processes with batch 1, and batch 1 x accumulation 2 give the same
+    update (fp32 rounding aside). Terms with no global form ("local": SatImp group/batch, hard sampling,
+    unmasked KL, RMU) are micro-batch means averaged over the group, as before.
+  * Reference: NPO/TNPO/WTNPO/IdkDPO get a ``RefLogpTable`` computed by the prepared policy before step 1 (no
+    reference model is kept); KL retain / UNDIAL / RMU get a frozen copy prepared with the policy (sharded
+    like it), or for a PEFT model the same model with adapters disabled (no copy).
+  * LoRA (``config.lora_r``), gradient checkpointing, a non-finite stop (``NonFiniteError``, before the
+    optimizer step and any checkpoint), pickle-free checkpoints (``fastweight.train.checkpoint``), linear
+    warm-up then decay, one JSON line per optimizer step in ``output_dir/log.jsonl``, the G-effect tracker.
+  * A multi-process CPU run: ``ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N``.
 """
 from __future__ import annotations
 
@@ -35,7 +30,7 @@ import json
 import math
 import os
 import re
-import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -43,19 +38,26 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-import fastweight
 from fastweight._constants import IGNORE_INDEX
 from fastweight.data.templates import REFUSALS
 from fastweight.data.tofu import EpochSampler, ForgetRetainDataset, QADataset, pad_collate
+from fastweight.losses._seq import valid_mask
+from fastweight.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fastweight.train.config import TrainConfig
+from fastweight.train.engine import (
+    NonFiniteError, build_reference_table, check_engine, is_sharded, make_accelerator, maybe_lora,
+)
+from fastweight.train.objective import UnlearnObjective
 
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_ADDITIVE = frozenset({"loss", "forget_loss", "retain_loss", "nll"})  # logged values that are loss terms
 
 
 @dataclass
 class TrainResult:
-    """``model``: the trained (unwrapped) model; ``history``: one dict per optimizer step (also in log.jsonl)."""
+    """``model``: the trained model (unwrapped; a ``PeftModel`` for LoRA runs; under FSDP / ZeRO-3 its
+    parameters are shards and the gathered weights are in ``output_dir/model.safetensors``);
+    ``history``: one dict per optimizer step (also in log.jsonl)."""
 
     model: Any
     global_step: int
@@ -64,14 +66,9 @@ class TrainResult:
 
 
 def nll_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Token-mean NLL of the labelled tokens (fine-tuning objective), from the last hidden states and the
-    output embedding through the fused-linear path (no logits tensor)."""
-    from fastweight.train.methods import lm_forward
-
-    out = lm_forward(model, batch)
-    loss = fastweight.nll_loss(out.hidden, batch["labels"], lm_head=out.lm_head, bias=out.bias,
-                               softcap=out.softcap, shift=True)
-    return loss, {"nll": float(loss.detach())}
+    """Token-mean NLL of the labelled tokens (fine-tuning objective) through the fused-linear path."""
+    out = UnlearnObjective(model)(batch)
+    return out["loss"], out["stats"]
 
 
 def layer_filter(model, trainable_layers: int | None) -> Callable[[str], bool]:
@@ -93,95 +90,51 @@ def layer_filter(model, trainable_layers: int | None) -> Callable[[str], bool]:
     return keep
 
 
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest complete ``checkpoints/step-*`` folder (one with ``trainer_state.json``), or None."""
-    root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
-        return None
-    done = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))
-            and (p / "trainer_state.json").is_file()]
-    return max(done)[1] if done else None
-
-
-def _save_checkpoint(acc, output_dir: Path, state: dict, keep: int = 1) -> None:
-    root = output_dir / "checkpoints"
-    final = root / f"step-{state['global_step']:08d}"
-    tmp = root / f".tmp-step-{state['global_step']:08d}"
-    if acc.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps(state))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)  # a checkpoint folder exists only once complete
-        older = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))[:-keep]
-        for _, p in older:
-            shutil.rmtree(p)
-    acc.wait_for_everyone()
-
-
-def _to(batch, device):
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items() if k != "index"}
-    return batch.to(device)
-
-
-def _average_gradients(acc, params: list[torch.Tensor]) -> None:
-    """Mean of the gradients over processes (one flat all-reduce); a no-op for one process."""
-    if acc.num_processes == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    flat = acc.reduce(flat, reduction="mean")
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
-        offset += g.numel()
-
-
 def _lr_lambda(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / (warmup + 1)
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
+def _strip(batch):
+    if isinstance(batch, dict):
+        return {k: _strip(v) for k, v in batch.items() if k != "index"}
+    return batch
+
+
+def _units(method, batch: dict) -> list[int]:
+    """[forget units, retain units] of one micro-batch (tokens for plain fine-tuning)."""
+    if method is None:
+        return [int(valid_mask(batch["forget"]["labels"], True, IGNORE_INDEX).sum()), 0]
+    retain = batch.get("retain")
+    return [method.count_units(batch["forget"], "forget"),
+            method.count_units(retain, "retain") if retain is not None else 0]
+
+
 def train(model, forget: QADataset, retain: QADataset | None = None, config: TrainConfig | None = None, *,
           refusals: Sequence[str] | None = None, on_step: Callable[[int, dict], None] | None = None,
-          ) -> TrainResult:
+          eval_fn: Callable[..., dict | None] | None = None) -> TrainResult:
     """Fine-tune (``config.method`` None) or unlearn ``model``; see the module docstring.
 
     Args:
-        model: a causal LM (``transformers`` ``PreTrainedModel`` or any module returning ``.logits``).
+        model: a causal LM (``transformers`` ``PreTrainedModel``, optionally a ``peft`` ``PeftModel``).
         forget: the forget set (the training set when fine-tuning), a ``QADataset``.
         retain: the retain set, used only when the method needs it (``method.needs_retain``).
         config: ``TrainConfig``.
-        refusals: refusal answers for FLAT / IdkDPO forget batches (``idk_*`` keys); default ``REFUSALS``
-            when the method declares ``needs_idk`` or is named "flat" / "idkdpo".
+        refusals: refusal answers for FLAT / IdkDPO forget batches (default ``REFUSALS``).
         on_step: called on every process after each optimizer step with ``(global_step, log dict)``.
+        eval_fn: called on every process as ``eval_fn(model=<unwrapped policy>, step=, epoch=)`` every
+            ``config.eval_every`` steps / ``config.eval_every_epochs`` epochs, in eval mode without gradients;
+            a returned dict of numbers is logged with an ``eval_`` prefix. Under FSDP / ZeRO-3 every process
+            must run the same forwards (the engine gathers the shards in them).
     Returns:
-        ``TrainResult`` with the unwrapped model (trained in place).
+        ``TrainResult``. Raises ``NonFiniteError`` (a ``FloatingPointError``) on a non-finite loss term or
+        gradient norm, before that optimizer step and before any checkpoint of it.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     cfg = config or TrainConfig()
     out_dir = Path(cfg.output_dir)
-    from accelerate.state import AcceleratorState
-
-    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != cfg.mixed_precision:
-        # one process may fine-tune in bf16 and unlearn in fp32: the mixed-precision choice lives in the
-        # process-wide AcceleratorState; the PartialState (process group) is kept
-        AcceleratorState._reset_state(reset_partial_state=False)
-    acc = Accelerator(mixed_precision=cfg.mixed_precision)
-    set_seed(cfg.seed)
-
-    retain_probe_set = retain  # G-effect probes the retain set even for methods without a retain term
     method = None
     if cfg.method is not None:
         from fastweight.train.methods import build_method
@@ -189,26 +142,70 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
         method = build_method(cfg.method, **cfg.method_args)
         if method.needs_retain and retain is None:
             raise ValueError(f"method {method.name!r} needs a retain set; pass retain=")
-        if not method.needs_retain:
-            retain = None
-    else:
+    retain_probe_set = retain  # G-effect probes the retain set even for methods without a retain term
+    if method is None or not method.needs_retain:
         retain = None
-    needs_idk = method is not None and getattr(method, "needs_idk", method.name.lower() in ("flat", "idkdpo"))
-    ref_model = None
-    if method is not None and method.needs_ref:
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False).to(acc.device)
+    acc = make_accelerator(cfg)
+    check_engine(acc, cfg, method)
+    needs_idk = method is not None and method.needs_idk
+    model = maybe_lora(model, cfg)
+    is_peft = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
     keep_layer = layer_filter(model, cfg.trainable_layers)
+    base = {n for n, p in model.named_parameters() if p.requires_grad} if is_peft else None
     for name, p in model.named_parameters():
-        p.requires_grad_(keep_layer(name) and (method is None or bool(method.trainable(name))))
+        p.requires_grad_((base is None or name in base) and keep_layer(name)
+                         and (method is None or bool(method.trainable(name))))
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("no trainable parameters (check trainable_layers and the method's trainable())")
+        raise ValueError("no trainable parameters (check trainable_layers, lora_targets and the method's "
+                         "trainable())")
+    if cfg.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
 
-    data = ForgetRetainDataset(forget, retain, seed=cfg.seed, rank=acc.process_index,
+    ref = None
+    if method is not None and method.ref_kind == "model":
+        if is_peft:
+            from fastweight.train.methods import AdapterDisabled
+
+            ref = AdapterDisabled(model)
+        else:
+            ref = copy.deepcopy(model)  # frozen, prepared (and sharded) together with the policy
+    objective = UnlearnObjective(model, method, ref)
+
+    data = ForgetRetainDataset(forget, retain, seed=cfg.seed, rank=0,  # draws independent of the rank layout
                                refusals=(refusals or REFUSALS) if needs_idk else None)
-    sampler = EpochSampler(len(data), seed=cfg.seed, rank=acc.process_index, world=acc.num_processes)
+    sampler = EpochSampler(len(data), seed=cfg.seed)
     pad = forget.tokenizer.pad_token_id if forget.tokenizer.pad_token_id is not None else \
         forget.tokenizer.eos_token_id
+    collate = partial(pad_collate, pad_token_id=pad)
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    objective.train()
+    # the schedule needs the per-process batch count, known only once the loader is sharded: a callable that
+    # reads it is fixed here, so the scheduler wraps the plain AdamW (whose param_groups the engines use)
+    sched = {}
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_lambda(s, sched["warmup"],
+                                                                                   sched["total"]) if sched else 1.0)
+    objective, optimizer, loader = acc.prepare(objective, optimizer, loader)
+    inner = acc.unwrap_model(objective)
+    policy = inner.policy
+
+    n_batches = len(loader)
+    steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
+    total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps,
+                                                                         cfg.epochs * steps_per_epoch)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(steps_per_epoch, total // 2)
+    # stepped once per optimizer step by this loop (accelerate's prepared scheduler would step it
+    # num_processes times, which ties the schedule to the world size)
+    sched.update(warmup=warmup, total=total)
+    for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base_lr * _lr_lambda(0, warmup, total)
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+
     tracker = probes = None
     if cfg.g_effect_every and method is not None:
         from fastweight.analysis import GEffectTracker
@@ -219,34 +216,21 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
             if ds is None:
                 return None
             items = [ds[i] for i in range(min(cfg.g_effect_probe_size, len(ds)))]
-            return _to(pad_collate(items, pad_token_id=pad), acc.device)
+            return {k: v.to(acc.device) for k, v in collate(items).items() if k != "index"}
 
         probes = (probe(forget), probe(retain_probe_set))
-    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, sampler=sampler,
-                                         collate_fn=partial(pad_collate, pad_token_id=pad))
-    n_batches = len(loader)
-    steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
-    total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps,
-                                                                         cfg.epochs * steps_per_epoch)
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(steps_per_epoch, total // 2)
-
-    model.to(acc.device).train()
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(_lr_lambda, warmup=warmup, total=total))
-    # The model is not wrapped in DistributedDataParallel: methods call model attributes (get_decoder, ...) a
-    # wrapper hides; gradients are averaged across processes by one all-reduce per optimizer step instead.
-    optimizer = acc.prepare(optimizer)
-    acc.register_for_checkpointing(model, scheduler)
 
     state = {"global_step": 0, "epoch": 0, "batch_in_epoch": 0}
     log_path = out_dir / "log.jsonl"
     history: list[dict] = []
     ckpt = latest_checkpoint(out_dir) if cfg.resume else None
+    if method is not None and method.ref_kind == "table":
+        inner.set_ref(build_reference_table(acc, objective, data, sampler, collate, cfg, start_epoch=0))
     if ckpt is not None:
-        acc.load_state(str(ckpt))
-        state = json.loads((ckpt / "trainer_state.json").read_text())
+        state = load_checkpoint(acc, ckpt, policy=policy, optimizer=optimizer, scheduler=scheduler, method=method)
         if log_path.is_file():
-            history = [json.loads(l) for l in log_path.read_text().splitlines() if l.strip()]
+            lines = log_path.read_text().splitlines()
+            history = [json.loads(line) for line in lines if line.strip()]
             history = [h for h in history if h["step"] <= state["global_step"]]
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -254,54 +238,93 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
         tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
         os.replace(tmp, log_path)
 
-    def step_loss(batch) -> tuple[torch.Tensor, dict[str, float]]:
-        if method is None:
-            return nll_loss(model, batch["forget"])
-        out = method(model, batch["forget"], batch.get("retain"), ref_model)
-        return out.loss, dict(out.stats)
+    def run_eval(step: int, epoch: int) -> dict:
+        if eval_fn is None:
+            return {}
+        was = objective.training
+        objective.eval()
+        with torch.no_grad():
+            res = eval_fn(model=policy, step=step, epoch=epoch)
+        objective.train(was)
+        return {f"eval_{k}": float(v) for k, v in (res or {}).items()}
 
+    world = acc.num_processes
+    ckpt_args = dict(policy=policy, optimizer=optimizer, scheduler=scheduler, method=method)
     bar = tqdm(total=total, initial=state["global_step"], disable=not (acc.is_main_process and cfg.progress),
                desc=cfg.method or "fine-tune")
     step, skip = state["global_step"], state["batch_in_epoch"]
     resumed_step = step
-    sums: dict[str, float] = {}
     for epoch in range(state["epoch"], cfg.epochs):
         if step >= total:
             break
         data.set_epoch(epoch)
-        sampler.set_epoch(epoch)
+        # the prepared loader re-applies its own epoch counter to the sampler on every __iter__: set it too
+        loader.set_epoch(epoch) if hasattr(loader, "set_epoch") else sampler.set_epoch(epoch)
+        group: list[dict] = []
         for i, batch in enumerate(loader):
             if i < skip:
                 continue
+            group.append(_strip(batch))
             group_start = (i // cfg.grad_accum) * cfg.grad_accum
-            group_len = min(cfg.grad_accum, n_batches - group_start)
-            last = i - group_start == group_len - 1
-            with acc.autocast():
-                loss, stats = step_loss(_to(batch, acc.device))
-                acc.backward(loss / group_len)
-            for k, v in {"loss": float(loss.detach()), **stats}.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / group_len
-            if not last:
+            if i - group_start + 1 < min(cfg.grad_accum, n_batches - group_start):
                 continue
-            _average_gradients(acc, params)
+            # global counts of this optimizer step: all micro-batches, all processes
+            counts = torch.tensor([sum(c) for c in zip(*(_units(method, b) for b in group))],
+                                  dtype=torch.float64, device=acc.device)
+            counts = acc.reduce(counts, reduction="sum")
+            norm = {"forget": float(counts[0]) / world, "retain": float(counts[1]) / world, "local": len(group)}
+            sums = torch.zeros(0, dtype=torch.float64)
+            names: list[str] = []
+            for m, micro in enumerate(group):
+                last = m == len(group) - 1
+                # what accelerate's accumulate() sets: DeepSpeed's engine steps on the boundary micro-batch
+                acc.gradient_state._set_sync_gradients(last)
+                with (nullcontext() if last else acc.no_sync(objective)), acc.autocast():
+                    out = objective(micro["forget"], micro.get("retain"), norm)
+                    if not names:
+                        names = ["loss", *sorted(k for k in out["stats"] if k != "loss")]
+                        sums = torch.zeros(len(names), dtype=torch.float64)
+                        additive = torch.tensor([n in _ADDITIVE for n in names])
+                    vals = torch.tensor([float(out["loss"].detach())] + [out["stats"][k] for k in names[1:]],
+                                        dtype=torch.float64)
+                    if cfg.check_finite:
+                        seen = acc.reduce(vals.to(acc.device), reduction="sum").cpu()  # NaN anywhere -> here
+                        bad = [n for n, v in zip(names, seen.tolist()) if not math.isfinite(v)]
+                        if bad:
+                            raise NonFiniteError(f"non-finite {', '.join(bad)} at optimizer step {step + 1} "
+                                                 f"(epoch {epoch}, micro-batch {m}); stopped before its "
+                                                 f"backward; last checkpoint: {latest_checkpoint(out_dir)}")
+                    # loss terms are already divided by the global count (they add up over micro-batches);
+                    # other statistics (mean weights, kept tokens) are averaged over the micro-batches
+                    sums += torch.where(additive, vals, vals / len(group))
+                    acc.backward(out["loss"] * acc.gradient_accumulation_steps)
+            group = []
+            acc.gradient_state._set_sync_gradients(True)
             g_log = {}
             if tracker is not None and acc.is_main_process and tracker.due(step + 1):
                 from fastweight.analysis import maybe_record
 
                 scale = acc.scaler.get_scale() if acc.scaler is not None else 1.0
                 with acc.autocast():
-                    res = maybe_record(tracker, step + 1, model, "grad", *probes, grad_scale=scale)
+                    res = maybe_record(tracker, step + 1, policy, "grad", *probes, grad_scale=scale)
                 g_log = {f"g_effect_{k}": v.total for k, v in res.items()}
-            grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
+            grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            grad_norm = None if grad_norm is None else float(grad_norm)
+            if cfg.check_finite and grad_norm is not None and not math.isfinite(grad_norm):
+                raise NonFiniteError(f"non-finite gradient norm ({grad_norm}) at optimizer step {step + 1} (epoch "
+                                     f"{epoch}); stopped before the optimizer step; last checkpoint: "
+                                     f"{latest_checkpoint(out_dir)}")
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            entry = {"step": step, "epoch": epoch, "lr": lr, **sums, **g_log}
+            logged = acc.reduce(sums.to(acc.device), reduction="sum").cpu() / world
+            entry = {"step": step, "epoch": epoch, "lr": lr, **dict(zip(names, logged.tolist())), **g_log}
             if grad_norm is not None:
-                entry["grad_norm"] = float(grad_norm)
-            sums = {}
+                entry["grad_norm"] = grad_norm
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                entry.update(run_eval(step, epoch))
             history.append(entry)
             if acc.is_main_process and (step % cfg.log_every == 0 or step == total):
                 with open(log_path, "a") as fh:
@@ -314,11 +337,15 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
             if step >= total:
                 break
             if cfg.save_every and step % cfg.save_every == 0:
-                _save_checkpoint(acc, out_dir, state)
+                save_checkpoint(acc, out_dir, state, **ckpt_args)
         skip = 0
+        if cfg.eval_every_epochs and (epoch + 1) % cfg.eval_every_epochs == 0 and history:
+            history[-1].update(run_eval(step, epoch))
     bar.close()
-    if state["global_step"] > resumed_step or ckpt is None:
-        _save_checkpoint(acc, out_dir, state)
+    if is_sharded(acc):
+        _save_gathered(acc, objective, out_dir)
+    elif state["global_step"] > resumed_step or ckpt is None:
+        save_checkpoint(acc, out_dir, state, **ckpt_args)
     g_record = None
     if tracker is not None and acc.is_main_process:
         from fastweight.analysis.plots import save_g_effect_plots
@@ -328,8 +355,22 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
         tmp.write_text(json.dumps(g_record))
         os.replace(tmp, out_dir / "g_effect.json")
         save_g_effect_plots(g_record, out_dir)
-    acc.free_memory()
-    return TrainResult(model=model, global_step=step, history=history, g_effect=g_record)
+    objective.eval()
+    return TrainResult(model=policy, global_step=step, history=history, g_effect=g_record)
 
 
-__all__ = ["TrainResult", "latest_checkpoint", "layer_filter", "nll_loss", "train"]
+def _save_gathered(acc, objective, out_dir: Path) -> None:
+    """Under FSDP / ZeRO-3: the full policy weights, gathered by the engine, as ``model.safetensors``."""
+    from safetensors.torch import save_file
+
+    full = acc.get_state_dict(objective)
+    if acc.is_main_process:
+        prefix = "policy."
+        weights = {k[len(prefix):]: v.detach().cpu().contiguous() for k, v in full.items() if k.startswith(prefix)}
+        tmp = out_dir / "model.safetensors.tmp"
+        save_file(weights, str(tmp))
+        os.replace(tmp, out_dir / "model.safetensors")
+    acc.wait_for_everyone()
+
+
+__all__ = ["NonFiniteError", "TrainResult", "latest_checkpoint", "layer_filter", "nll_loss", "train"]

@@ -10,6 +10,20 @@ Batches are dicts of tensors in Hugging Face form: ``input_ids`` [B, T], ``atten
 FLAT and IdkDPO forget batches also carry ``idk_input_ids``, ``idk_attention_mask``, ``idk_labels``: a refusal
 answer to the same question. The reference model runs under ``torch.no_grad`` and only for methods whose
 ``needs_ref`` is true (their loss needs it, or ``retain_loss="kl"``); a missing one is a ValueError.
+
+Reference kinds (``method.ref_kind``): "none"; "table" (NPO, TNPO, WTNPO, IdkDPO without a KL retain term:
+only the reference per-token log-probabilities of fixed sequences are read, so any object with
+``token_logp(batch, prefix) -> [B, T]`` may stand in for the model, e.g. the trainer's precomputed
+``fastweight.train.objective.RefLogpTable``); "model" (UNDIAL, RMU, KL retain: the reference distribution on
+fresh batches). ``AdapterDisabled(peft_model)`` is a reference that is the same PEFT model with its adapters
+switched off (no copy).
+
+Normalisation: ``method(..., norm={"forget": c_f, "retain": c_r})`` sums each term (``reduction="sum"``) and
+divides it by the given count, so a trainer can divide by the *global* number of units (``forget_unit`` /
+``retain_unit``: "tokens", "sequences", "pairs") over all micro-batches and processes (Hugging Face's
+``num_items_in_batch``). ``count_units(batch, "forget" | "retain")`` counts this batch's units. A term whose
+unit is "local" (SatImp group/batch granularity, hard sampling, unmasked KL, RMU) has no global form: it is
+always the micro-batch mean.
 """
 from __future__ import annotations
 
@@ -20,12 +34,18 @@ from typing import Any
 import torch
 
 from fastweight.losses import (
-    DIVERGENCES, GRANULARITIES, LOSSES, METHOD_NAMES, RETAIN_LOSSES, SAMPLINGS, flat_loss, get, idk_dpo_loss,
-    kl_loss, nll_loss, npo_loss, rmu_control_vector, rmu_loss, sequence_nll, simnpo_loss, token_logprobs,
+    LOSSES, METHOD_NAMES, flat_loss, get, idk_dpo_loss,
+    kl_loss, nll_loss, npo_loss, rmu_control_vector, rmu_loss, simnpo_loss, token_logprobs,
     undial_loss,
 )
 from fastweight._constants import IGNORE_INDEX
-from fastweight.losses._seq import check_choice, check_int, check_number, valid_mask
+from fastweight.losses._seq import check_number, valid_mask
+from fastweight.train.method_configs import (  # noqa: F401 - re-exported: the configs are part of this API
+    BetaConfig, FLATConfig, HardSamplingConfig, MethodConfig, RMUConfig, SatImpConfig, SimNPOConfig, WTNPOConfig,
+)
+
+# beta divides the loss (2 / beta) in these methods, so 0 is not a valid value there
+_BETA_POSITIVE = ("npo", "simnpo", "tnpo", "wtnpo", "idkdpo")
 
 METHODS: tuple[str, ...] = METHOD_NAMES
 
@@ -62,12 +82,25 @@ def _batch_get(batch: dict, key: str, prefix: str = "") -> torch.Tensor:
     return batch[prefix + key]
 
 
-def lm_forward(model: torch.nn.Module, batch: dict, prefix: str = "") -> LMHidden:
+class AdapterDisabled:
+    """Reference = ``peft_model`` with its adapters disabled (the base model; no copy is made)."""
+
+    def __init__(self, peft_model) -> None:
+        if not hasattr(peft_model, "disable_adapter"):
+            raise TypeError(f"AdapterDisabled needs a PEFT model, got {type(peft_model).__name__}")
+        self.model = peft_model
+
+
+def lm_forward(model, batch: dict, prefix: str = "") -> LMHidden:
     """Run the decoder of a Hugging Face causal LM on ``batch[prefix + 'input_ids']`` (and attention mask).
 
     Uses ``model.get_decoder()`` so the LM head is not applied; falls back to
     ``model(..., output_hidden_states=True).hidden_states[-1]`` for models without a separate decoder.
+    ``model`` may be ``AdapterDisabled(peft_model)``: the forward then runs with the adapters switched off.
     """
+    if isinstance(model, AdapterDisabled):
+        with model.model.disable_adapter():
+            return lm_forward(model.model, batch, prefix)
     input_ids = _batch_get(batch, "input_ids", prefix)
     attention_mask = batch.get(prefix + "attention_mask")
     head = model.get_output_embeddings()
@@ -85,122 +118,6 @@ def lm_forward(model: torch.nn.Module, batch: dict, prefix: str = "") -> LMHidde
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Configs (no defaults here: build_method fills them from LOSSES)
-@dataclass
-class MethodConfig:
-    """forget_coef * forget term + retain_coef * retain term ("none" | "nll" | "kl"; kl_masked: KL mode)."""
-
-    forget_coef: float
-    retain_coef: float
-    retain_loss: str
-    kl_masked: bool
-
-    def __post_init__(self) -> None:
-        check_number("forget_coef", self.forget_coef, low=0.0)
-        check_number("retain_coef", self.retain_coef, low=0.0)
-        check_choice("retain_loss", self.retain_loss, RETAIN_LOSSES)
-        if not isinstance(self.kl_masked, bool):
-            raise ValueError(f"kl_masked must be a bool, got {self.kl_masked!r}")
-
-
-@dataclass
-class BetaConfig(MethodConfig):
-    """WGA (p**beta), SimImp ((1-p)**beta), NPO, TNPO, IdkDPO (beta), UNDIAL (logit shift beta)."""
-
-    beta: float
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_number("beta", self.beta, low=0.0)
-
-
-@dataclass
-class SatImpConfig(MethodConfig):
-    beta1: float
-    beta2: float
-    granularity: str
-    group_size: int
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_number("beta1", self.beta1, low=0.0)
-        check_number("beta2", self.beta2, low=0.0)
-        check_choice("granularity", self.granularity, GRANULARITIES)
-        check_int("group_size", self.group_size, low=1)
-
-
-@dataclass
-class HardSamplingConfig(MethodConfig):
-    k: float
-    sampling: str
-    seed: int
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_number("k", self.k, low=0.0, high=1.0, low_open=True)
-        check_choice("sampling", self.sampling, SAMPLINGS)
-        check_int("seed", self.seed, low=0)
-
-
-@dataclass
-class SimNPOConfig(BetaConfig):
-    gamma: float
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_number("gamma", self.gamma)
-
-
-@dataclass
-class WTNPOConfig(BetaConfig):
-    alpha: float
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_number("alpha", self.alpha, low=0.0)
-
-
-@dataclass
-class FLATConfig(MethodConfig):
-    divergence: str
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_choice("divergence", self.divergence, DIVERGENCES)
-
-
-@dataclass
-class RMUConfig:
-    """alpha: retain MSE weight; steering_coef: c; layer: decoder layer whose output is steered;
-    trainable_layers / param_keys: only parameters of those layers whose name contains a key are trained;
-    seed: of the random direction u; mask_padding: average the MSEs over attention-mask positions only."""
-
-    alpha: float
-    steering_coef: float
-    layer: int
-    trainable_layers: tuple[int, ...]
-    param_keys: tuple[str, ...]
-    seed: int
-    mask_padding: bool
-
-    def __post_init__(self) -> None:
-        check_number("alpha", self.alpha, low=0.0)
-        check_number("steering_coef", self.steering_coef, low=0.0)
-        check_int("layer", self.layer, low=0)
-        self.trainable_layers = tuple(self.trainable_layers)
-        if not self.trainable_layers:
-            raise ValueError("trainable_layers must name at least one layer")
-        for i in self.trainable_layers:
-            check_int("trainable_layers[i]", i, low=0)
-        self.param_keys = tuple(self.param_keys)
-        if not self.param_keys or not all(isinstance(k, str) and k for k in self.param_keys):
-            raise ValueError(f"param_keys must be non-empty strings, got {self.param_keys!r}")
-        check_int("seed", self.seed, low=0)
-        if not isinstance(self.mask_padding, bool):
-            raise ValueError(f"mask_padding must be a bool, got {self.mask_padding!r}")
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Methods
 def _f(t: torch.Tensor) -> float:
     return float(t.detach())
@@ -210,6 +127,8 @@ class UnlearnMethod:
     """Base: ``forget_coef * forget_term + retain_coef * retain_term``; subclasses define ``forget_term``."""
 
     needs_idk: bool = False  # forget batches must carry idk_input_ids / idk_attention_mask / idk_labels
+    forget_unit: str = "tokens"  # what the forget term averages over (see the module docstring)
+    table_ref: bool = False  # the forget term reads the reference only through token_logp (see ref_kind)
 
     def __init__(self, name: str, config: Any) -> None:
         spec = LOSSES[name]
@@ -217,6 +136,35 @@ class UnlearnMethod:
         retain_loss = getattr(config, "retain_loss", "none")
         self.needs_ref: bool = spec.needs_ref or retain_loss == "kl"
         self.needs_retain: bool = spec.needs_retain or retain_loss != "none"
+        self.ref_kind: str = ("none" if not self.needs_ref else
+                              "table" if self.table_ref and retain_loss != "kl" else "model")
+        self.retain_unit: str = ("none" if retain_loss == "none" else
+                                 "local" if retain_loss == "kl" and not config.kl_masked else "tokens")
+
+    def count_units(self, batch: dict, which: str = "forget") -> int:
+        """Number of ``forget_unit`` (or ``retain_unit``) units in ``batch``: valid shifted tokens, sequences
+        with at least one, or forget/refusal pairs where both have one; 0 for "local" and "none" units."""
+        unit = self.forget_unit if which == "forget" else self.retain_unit
+        if unit in ("local", "none"):
+            return 0
+        valid = valid_mask(_batch_get(batch, "labels"), True, IGNORE_INDEX)
+        if unit == "tokens":
+            return int(valid.sum())
+        rows = valid.any(-1)
+        if unit == "pairs":
+            rows = rows & valid_mask(_batch_get(batch, "labels", "idk_"), True, IGNORE_INDEX).any(-1)
+        return int(rows.sum())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The state of every ``torch.Generator`` the method owns (uint8 tensors), for exact resume."""
+        return {k: v.get_state() for k, v in vars(self).items() if isinstance(v, torch.Generator)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        mine = self.state_dict()
+        if set(state) != set(mine):
+            raise ValueError(f"method state has generators {sorted(state)}, {self.name!r} owns {sorted(mine)}")
+        for k, v in state.items():
+            getattr(self, k).set_state(v.to(torch.uint8).cpu())
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, config={self.config})"
@@ -230,32 +178,66 @@ class UnlearnMethod:
         if self.needs_retain and retain is None:
             raise ValueError(f"method {self.name!r} needs a retain batch (retain=None given)")
 
-    def forget_term(self, model, forget: dict, ref_model) -> tuple[torch.Tensor, dict[str, float]]:
+    def forget_term(self, model, forget: dict, ref_model, reduction: str = "mean"
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
-    def retain_term(self, model, retain: dict, ref_model) -> torch.Tensor:
+    def retain_term(self, model, retain: dict, ref_model, reduction: str = "mean") -> torch.Tensor:
         cfg = self.config
         labels = _batch_get(retain, "labels")
         out = lm_forward(model, retain)
         if cfg.retain_loss == "nll":
-            return nll_loss(out.hidden, labels, shift=True, **out.head())
+            return nll_loss(out.hidden, labels, shift=True, reduction=reduction, **out.head())
         with torch.no_grad():
             ref = lm_forward(ref_model, retain)
-        return kl_loss(out.hidden, ref.hidden, labels, masked=cfg.kl_masked, shift=True, **out.head(),
-                       **ref.ref_head())
+        return kl_loss(out.hidden, ref.hidden, labels, masked=cfg.kl_masked, shift=True, reduction=reduction,
+                       **out.head(), **ref.ref_head())
 
-    def __call__(self, model, forget: dict, retain: dict | None = None, ref_model=None) -> MethodOutput:
+    def _term(self, fn, unit: str, norm: dict | None, key: str):
+        """``fn(reduction)`` as a mean, or as a sum divided by ``norm[key]`` when a global count is given."""
+        if norm is None:
+            return fn("mean")
+        if unit == "local":  # a micro-batch mean, averaged over the micro-batches of the optimizer step
+            return fn("mean") / float(norm.get("local", 1))
+        if key not in norm:
+            raise ValueError(f"norm must give the {key} count, got keys {sorted(norm)}")
+        return fn("sum") / float(max(norm[key], 1e-12))
+
+    def __call__(self, model, forget: dict, retain: dict | None = None, ref_model=None, *,
+                 norm: dict[str, float] | None = None) -> MethodOutput:
+        """``MethodOutput(loss, stats)``; ``norm`` as in the module docstring (None: micro-batch means)."""
         self._check(retain, ref_model)
         cfg = self.config
-        forget_loss, stats = self.forget_term(model, forget, ref_model)
+        stats: dict[str, float] = {}
+
+        def forget_fn(reduction):
+            value, st = self.forget_term(model, forget, ref_model, reduction)
+            stats.update(st)
+            return value
+
+        forget_loss = self._term(forget_fn, self.forget_unit, norm, "forget")
         loss = cfg.forget_coef * forget_loss
         stats["forget_loss"] = _f(forget_loss)
         if cfg.retain_loss != "none":
-            retain_loss = self.retain_term(model, retain, ref_model)
+            retain_loss = self._term(lambda r: self.retain_term(model, retain, ref_model, r), self.retain_unit,
+                                     norm, "retain")
             loss = loss + cfg.retain_coef * retain_loss
             stats["retain_loss"] = _f(retain_loss)
         stats["loss"] = _f(loss)
         return MethodOutput(loss, stats)
+
+
+def ref_token_logp(ref_model, batch: dict, prefix: str = "") -> torch.Tensor:
+    """Reference log-probabilities [B, T] float32 of ``batch[prefix + 'labels']`` (shifted; 0 where ignored),
+    from a table (``ref_model.token_logp``) or a live forward under ``torch.no_grad``."""
+    labels = _batch_get(batch, "labels", prefix)
+    if hasattr(ref_model, "token_logp"):
+        logp = ref_model.token_logp(batch, prefix)
+    else:
+        with torch.no_grad():
+            ref = lm_forward(ref_model, batch, prefix)
+            logp = token_logprobs(ref.hidden, labels, shift=True, **ref.head())
+    return torch.where(valid_mask(labels, True, IGNORE_INDEX), logp.float(), 0.0).detach()
 
 
 def _mean_weight(w: torch.Tensor, labels: torch.Tensor) -> float:
@@ -269,23 +251,30 @@ def _mean_weight(w: torch.Tensor, labels: torch.Tensor) -> float:
 class TokenLossMethod(UnlearnMethod):
     """GA, GD, WGA, SimImp, SatImp (all granularities): ``spec.fn(hidden, labels, **hparams)`` on the forget batch."""
 
-    def forget_term(self, model, forget, ref_model):
+    def __init__(self, name, config):
+        super().__init__(name, config)
+        granularity = getattr(config, "granularity", "token")
+        self.forget_unit = {"token": "tokens", "instance": "sequences"}.get(granularity, "local")
+
+    def forget_term(self, model, forget, ref_model, reduction="mean"):
         labels = _batch_get(forget, "labels")
         out = lm_forward(model, forget)
         hp = {h: getattr(self.config, h) for h in self.spec.hparams}
-        loss, w = self.spec.fn(out.hidden, labels, shift=True, return_weights=True, **hp, **out.head())
+        loss, w = self.spec.fn(out.hidden, labels, shift=True, return_weights=True, reduction=reduction, **hp,
+                               **out.head())
         return loss, {"mean_weight": _mean_weight(w, labels)}
 
 
 class HardSamplingMethod(TokenLossMethod):
-    """SatImp hard sampling; Random draws from one generator per method, seeded once, advanced per step."""
-
+    """SatImp hard sampling; Random draws from one generator per method, seeded once, advanced per step
+    (its state is part of ``state_dict`` so a resumed run draws the same masks)."""
 
     def __init__(self, name, config):
         super().__init__(name, config)
+        self.forget_unit = "local"  # the kept-token count is known only after the forward
         self.generator = torch.Generator().manual_seed(config.seed)
 
-    def forget_term(self, model, forget, ref_model):
+    def forget_term(self, model, forget, ref_model, reduction="mean"):
         labels = _batch_get(forget, "labels")
         out = lm_forward(model, forget)
         cfg = self.config
@@ -295,39 +284,44 @@ class HardSamplingMethod(TokenLossMethod):
 
 
 class NPOMethod(UnlearnMethod):
-    """NPO (``LOSSES['npo']``)."""
+    """NPO (``LOSSES['npo']``); the reference sequence NLL is the sum of ``ref_token_logp``."""
 
-    def forget_term(self, model, forget, ref_model):
+    forget_unit = "sequences"
+    table_ref = True
+
+    def forget_term(self, model, forget, ref_model, reduction="mean"):
         labels = _batch_get(forget, "labels")
-        with torch.no_grad():
-            ref = lm_forward(ref_model, forget)
-            ref_nll, _ = sequence_nll(ref.hidden, labels, shift=True, **ref.head())
+        ref_nll = -ref_token_logp(ref_model, forget).sum(-1)
         out = lm_forward(model, forget)
-        return npo_loss(out.hidden, labels, ref_nll, beta=self.config.beta, shift=True, **out.head()), {}
+        return npo_loss(out.hidden, labels, ref_nll, beta=self.config.beta, shift=True, reduction=reduction,
+                        **out.head()), {}
 
 
 class SimNPOMethod(UnlearnMethod):
     """SimNPO (``LOSSES['simnpo']``)."""
 
-    def forget_term(self, model, forget, ref_model):
+    forget_unit = "sequences"
+
+    def forget_term(self, model, forget, ref_model, reduction="mean"):
         labels = _batch_get(forget, "labels")
         out = lm_forward(model, forget)
         cfg = self.config
-        return simnpo_loss(out.hidden, labels, beta=cfg.beta, gamma=cfg.gamma, shift=True, **out.head()), {}
+        return simnpo_loss(out.hidden, labels, beta=cfg.beta, gamma=cfg.gamma, shift=True, reduction=reduction,
+                           **out.head()), {}
 
 
 class TNPOMethod(UnlearnMethod):
-    """TNPO and WTNPO: per-token reference log-probabilities from the frozen model."""
+    """TNPO and WTNPO: per-token reference log-probabilities (a table or the frozen model)."""
 
+    table_ref = True
 
-    def forget_term(self, model, forget, ref_model):
+    def forget_term(self, model, forget, ref_model, reduction="mean"):
         labels = _batch_get(forget, "labels")
-        with torch.no_grad():
-            ref = lm_forward(ref_model, forget)
-            ref_logp = token_logprobs(ref.hidden, labels, shift=True, **ref.head())
+        ref_logp = ref_token_logp(ref_model, forget)
         out = lm_forward(model, forget)
         hp = {h: getattr(self.config, h) for h in self.spec.hparams}
-        loss, w = self.spec.fn(out.hidden, labels, ref_logp, shift=True, return_weights=True, **hp, **out.head())
+        loss, w = self.spec.fn(out.hidden, labels, ref_logp, shift=True, return_weights=True, reduction=reduction,
+                               **hp, **out.head())
         return loss, {"mean_weight": _mean_weight(w, labels)}
 
 
@@ -337,45 +331,45 @@ class WTNPOMethod(TNPOMethod):
 
 class IdkDPOMethod(UnlearnMethod):
     needs_idk = True
+    forget_unit = "pairs"
+    table_ref = True
 
-    def forget_term(self, model, forget, ref_model):
+    def forget_term(self, model, forget, ref_model, reduction="mean"):
         labels = _batch_get(forget, "labels")
         idk_labels = _batch_get(forget, "labels", "idk_")
-        with torch.no_grad():
-            ref_f = lm_forward(ref_model, forget)
-            ref_e = lm_forward(ref_model, forget, "idk_")
-            ref_f_nll, _ = sequence_nll(ref_f.hidden, labels, shift=True, **ref_f.head())
-            ref_e_nll, _ = sequence_nll(ref_e.hidden, idk_labels, shift=True, **ref_e.head())
+        ref_f_nll = -ref_token_logp(ref_model, forget).sum(-1)
+        ref_e_nll = -ref_token_logp(ref_model, forget, "idk_").sum(-1)
         out_f = lm_forward(model, forget)
         out_e = lm_forward(model, forget, "idk_")
         loss = idk_dpo_loss(out_f.hidden, labels, out_e.hidden, idk_labels, ref_f_nll, ref_e_nll,
-                            beta=self.config.beta, shift=True, **out_f.head())
+                            beta=self.config.beta, shift=True, reduction=reduction, **out_f.head())
         return loss, {}
 
 
 class FLATMethod(UnlearnMethod):
     needs_idk = True
+    forget_unit = "pairs"
 
-    def forget_term(self, model, forget, ref_model):
+    def forget_term(self, model, forget, ref_model, reduction="mean"):
         labels = _batch_get(forget, "labels")
         idk_labels = _batch_get(forget, "labels", "idk_")
         out_f = lm_forward(model, forget)
         out_e = lm_forward(model, forget, "idk_")
         loss = flat_loss(out_f.hidden, labels, out_e.hidden, idk_labels, divergence=self.config.divergence,
-                         shift=True, **out_f.head())
+                         shift=True, reduction=reduction, **out_f.head())
         return loss, {}
 
 
 class UNDIALMethod(UnlearnMethod):
     """UNDIAL (``LOSSES['undial']``)."""
 
-    def forget_term(self, model, forget, ref_model):
+    def forget_term(self, model, forget, ref_model, reduction="mean"):
         labels = _batch_get(forget, "labels")
         with torch.no_grad():
             ref = lm_forward(ref_model, forget)
         out = lm_forward(model, forget)
-        loss = undial_loss(out.hidden, ref.hidden, labels, beta=self.config.beta, shift=True, **out.head(),
-                           **ref.ref_head())
+        loss = undial_loss(out.hidden, ref.hidden, labels, beta=self.config.beta, shift=True, reduction=reduction,
+                           **out.head(), **ref.ref_head())
         return loss, {}
 
 
@@ -413,9 +407,11 @@ def layer_output(model: torch.nn.Module, batch: dict, layer: int) -> torch.Tenso
 class RMUMethod(UnlearnMethod):
     """RMU: steer layer ``layer`` on forget data to ``c * u``, hold it at the reference on retain data."""
 
+    forget_unit = "local"
 
     def __init__(self, name, config):
         super().__init__(name, config)
+        self.retain_unit = "local"
         self.control: torch.Tensor | None = None
 
     def trainable(self, param_name: str) -> bool:
@@ -423,8 +419,9 @@ class RMUMethod(UnlearnMethod):
         return (m is not None and int(m.group(1)) in self.config.trainable_layers
                 and any(k in param_name for k in self.config.param_keys))
 
-    def __call__(self, model, forget: dict, retain: dict | None = None, ref_model=None) -> MethodOutput:
-        self._check(retain, ref_model)
+    def __call__(self, model, forget: dict, retain: dict | None = None, ref_model=None, *,
+                 norm: dict[str, float] | None = None) -> MethodOutput:
+        self._check(retain, ref_model)  # norm is ignored: RMU's MSEs are micro-batch means ("local")
         cfg = self.config
         h_f = layer_output(model, forget, cfg.layer)
         if self.control is None or self.control.shape[-1] != h_f.shape[-1]:
@@ -469,6 +466,10 @@ def build_method(name: str, **overrides: Any) -> UnlearnMethod:
     values = {**spec.defaults, **overrides}
     try:
         config = cfg_cls(**values)
+        if name in _BETA_POSITIVE:
+            check_number("beta", config.beta, low=0.0, low_open=True)
     except TypeError as e:  # a wrongly typed value: same contract as any other bad config
+        raise ValueError(f"bad config for method {name!r}: {e}") from e
+    except ValueError as e:
         raise ValueError(f"bad config for method {name!r}: {e}") from e
     return cls(name, config)

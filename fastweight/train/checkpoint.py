@@ -1,0 +1,124 @@
+"""Checkpoints that load without pickle (issue 15, item 4).
+
+A checkpoint is the folder ``output_dir/checkpoints/step-XXXXXXXX``, written under a temporary name and
+renamed once complete, holding:
+  * ``model.safetensors`` — the trainable parameters of the policy (the frozen ones are those of the model
+    the caller passes in again on resume; LoRA runs store only the adapters);
+  * ``optimizer.pt`` — ``optimizer.state_dict()``: tensors, numbers and strings only, read back with
+    ``torch.load(weights_only=True)``, which refuses any other pickled object instead of running it;
+  * ``rng-<rank>.safetensors`` — the torch CPU (and CUDA) generator states of each process and the state of
+    every generator the method owns (e.g. ``satimp_hard`` random sampling), as uint8 tensors;
+  * ``trainer_state.json`` — step, epoch, batches consumed, the LR scheduler's state, the world size.
+Nothing else in the folder is read: a file planted there (say accelerate's ``random_states_0.pkl``) is never
+opened. Sources: safetensors' format (no code execution on load); PyTorch's ``weights_only`` unpickler.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "trainer_state.json"
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete ``checkpoints/step-*`` folder (one with ``trainer_state.json``), or None."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    done = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))
+            and (p / STATE_FILE).is_file()]
+    return max(done)[1] if done else None
+
+
+def trainable_state(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in policy.named_parameters() if p.requires_grad}
+
+
+def _rng_state(method) -> dict[str, torch.Tensor]:
+    out = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"torch_cuda_{i}"] = s
+    if method is not None:
+        out.update({f"method.{k}": v for k, v in method.state_dict().items()})
+    return out
+
+
+def save_checkpoint(acc, output_dir: Path, state: dict, *, policy, optimizer, scheduler, method,
+                    keep: int = 1) -> Path:
+    """Write the checkpoint of ``state['global_step']`` (all processes call this; see the module docstring)."""
+    from safetensors.torch import save_file
+
+    root = output_dir / "checkpoints"
+    final = root / f"step-{state['global_step']:08d}"
+    tmp = root / f".tmp-step-{state['global_step']:08d}"
+    if acc.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # a torn write of this run; never a finished checkpoint
+        tmp.mkdir()
+    acc.wait_for_everyone()
+    save_file(_rng_state(method), str(tmp / f"rng-{acc.process_index}.safetensors"))
+    if acc.is_main_process:
+        save_file(trainable_state(policy), str(tmp / MODEL_FILE))
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        full = {**state, "scheduler": scheduler.state_dict(), "world_size": acc.num_processes}
+        (tmp / STATE_FILE).write_text(json.dumps(full))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # a checkpoint folder exists only once complete
+        older = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))[:-keep]
+        for _, p in older:
+            shutil.rmtree(p)
+    acc.wait_for_everyone()
+    return final
+
+
+def _load_tensors(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as e:
+        raise ValueError(f"checkpoint file {str(path)!r} is not a plain tensor file; refusing to unpickle it "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def load_checkpoint(acc, ckpt: Path, *, policy, optimizer, scheduler, method) -> dict:
+    """Restore what ``save_checkpoint`` wrote; returns the trainer state dict. No pickle is executed."""
+    from safetensors.torch import load_file
+
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    if state.get("world_size", acc.num_processes) != acc.num_processes:
+        raise ValueError(f"checkpoint {str(ckpt)!r} was written by {state['world_size']} processes; resume with "
+                         f"the same number (got {acc.num_processes}) so the data order and RNG streams match")
+    weights = load_file(str(ckpt / MODEL_FILE))
+    params = dict(policy.named_parameters())
+    want = {n for n, p in params.items() if p.requires_grad}
+    if set(weights) != want:
+        raise ValueError(f"checkpoint {str(ckpt)!r} holds {len(weights)} trainable tensors, the run trains "
+                         f"{len(want)} (different trainable_layers, method or LoRA settings?)")
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t.to(params[n].device))
+    optimizer.load_state_dict(_load_tensors(ckpt / OPTIMIZER_FILE))
+    scheduler.load_state_dict(state.pop("scheduler"))
+    rng = load_file(str(ckpt / f"rng-{acc.process_index}.safetensors"))
+    torch.set_rng_state(rng.pop("torch_cpu"))
+    cuda = sorted(k for k in rng if k.startswith("torch_cuda_"))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([rng[k] for k in cuda])
+    if method is not None:
+        method.load_state_dict({k[len("method."):]: v for k, v in rng.items() if k.startswith("method.")})
+    return state
+
+
+__all__ = ["MODEL_FILE", "OPTIMIZER_FILE", "STATE_FILE", "latest_checkpoint", "load_checkpoint", "save_checkpoint",
+           "trainable_state"]

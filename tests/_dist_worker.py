@@ -1,0 +1,82 @@
+"""Worker for tests/test_distributed.py, run under ``accelerate launch`` (DDP or DeepSpeed ZeRO-3 on CPU).
+
+argv: model_dir out_dir mode, mode in {"ddp", "zero3"}. Writes out_dir/<run>/... and a JSON report per rank.
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+import os
+
+from fastweight.data.synth_tofu import generate_tofu
+from fastweight.data.tofu import QADataset
+from fastweight.train.checkpoint import latest_checkpoint
+from fastweight.train.config import TrainConfig
+from fastweight.train.loop import train
+from fastweight.train.models import load_model_and_tokenizer
+
+model_dir, out, mode = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+if mode == "zero3":
+    # CPU-only DeepSpeed: accelerate sets up the gloo process group only for cpu=True, which in turn disables
+    # its DeepSpeed path; creating the process group first (cpu=True) and then the Accelerator (reading
+    # ACCELERATE_USE_DEEPSPEED) gives DeepSpeed on 2 CPU processes. On GPUs none of this is needed.
+    from accelerate import PartialState
+
+    PartialState(cpu=True)
+data = generate_tofu(seed=1, n_authors=6, questions_per_author=2, n_general=2)
+rank = int(os.environ.get("RANK", "0"))  # PartialState() here would initialise it without cpu=True
+report = {}
+
+
+def sets(tok):
+    return QADataset(data["full"][:8], tok, "phi", 48), QADataset(data["full"][8:], tok, "phi", 48)
+
+
+def run(name, **kw):
+    model, tok = load_model_and_tokenizer(model_dir)
+    forget, retain = sets(tok)
+    base = dict(output_dir=str(out / name), method="npo", method_args={"retain_loss": "nll"}, lr=1e-2, epochs=1,
+                batch_size=1, grad_accum=2, progress=False, seed=5)
+    res = train(model, forget, retain, TrainConfig(**{**base, **kw}))
+    return res, model
+
+
+if mode == "ddp":
+    res, model = run("ddp")
+    if rank == 0:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "ddp.safetensors"))
+    report["history"] = res.history
+    # resume under DDP: stop after step 3 (checkpoint at 2), resume, compare with an uninterrupted run
+    full, _ = run("full", epochs=2, save_every=2)
+
+    class Stop(Exception):
+        pass
+
+    def stop(step, _):
+        if step == 3:
+            raise Stop
+
+    model, tok = load_model_and_tokenizer(model_dir)
+    forget, retain = sets(tok)
+    cfg = dict(output_dir=str(out / "cut"), method="npo", method_args={"retain_loss": "nll"}, lr=1e-2, epochs=2,
+               batch_size=1, grad_accum=2, progress=False, seed=5, save_every=2)
+    try:
+        train(model, forget, retain, TrainConfig(**cfg), on_step=stop)
+    except Stop:
+        pass
+    report["cut_at"] = latest_checkpoint(out / "cut").name
+    model, tok = load_model_and_tokenizer(model_dir)
+    resumed = train(model, *sets(tok), TrainConfig(**{**cfg, "resume": True}))
+    want = full.model.state_dict()
+    report["resume_equal"] = all(torch.equal(v, want[k]) for k, v in resumed.model.state_dict().items())
+    report["resume_steps"] = resumed.global_step
+else:
+    res, model = run("zero3")
+    report["history"] = res.history
+    params = list(res.model.parameters())
+    report["local_numel"] = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    report["full_numel"] = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+(out / f"report-{mode}-{rank}.json").write_text(json.dumps(report))
