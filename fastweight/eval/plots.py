@@ -243,9 +243,9 @@ def muse_figure(columns: Mapping[str, Mapping[str, float]], reference: str | Non
     ax1.set_ylabel("score (0-1)")
     ax1.set_title("memorisation", fontsize=9)
     ax1.legend(fontsize=7, loc="best")
-    _bars(ax2, columns, [leak], reference if leak == "privleak_auc" else None, None)
+    _bars(ax2, columns, [leak], reference, None)
     if leak == "privleak":
-        ax2.axhline(0.0, color="black", linestyle="--", linewidth=1, label="retrained model")
+        ax2.axhline(0.0, color="black", linestyle="--", linewidth=1, label="0 = retrained")
         ax2.set_ylabel("PrivLeak (0 = retrained)")
     else:
         ax2.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="AUC 0.5")
