@@ -128,3 +128,23 @@ def test_finetuned_with_retain_model_never_fine_tunes(tiny, tmp_path, monkeypatc
     assert calls == []  # no fine-tuning of the target or the retain model
     assert "forget_quality" in res.metrics["target (before)"] and "retain model" in res.metrics
     assert not (tmp_path / "c").exists() or not any((tmp_path / "c").glob("target-*"))
+
+
+def test_evaluation_progress_bar_only_on_a_terminal(monkeypatch, capsys):
+    import io
+
+    calls = []
+    monkeypatch.setattr(tofu, "evaluate_tofu", lambda *a, splits, **k: calls.append(splits) or {"n": len(calls)})
+    sets = {"forget": [1], "retain": [1], "real_authors": [], "world_facts": [1]}
+    assert tofu._evaluate(None, None, sets, None, Path("."), None, "target") == {"n": 3}
+    assert calls == [["forget"], ["retain"], ["world_facts"]]  # one split per call, empty splits skipped
+    assert "TOFU eval" not in capsys.readouterr().err  # not a terminal: no bar
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    fake = Tty()
+    monkeypatch.setattr(sys, "stderr", fake)
+    tofu._evaluate(None, None, sets, None, Path("."), None, "target")
+    assert "TOFU eval target" in fake.getvalue()
