@@ -8,7 +8,8 @@
   ``overwrite``, which moves the old folder aside); ``status.json`` marks a run "running" until the final
   ``results.json`` is written atomically; evaluations and checkpoints are keyed by fingerprints (``keyed``).
 * ``finetune_cached``: fine-tune a copy of the base model, cached under a content fingerprint.
-* ``markdown_table``, ``provenance`` (package versions, git commit), ``Reporter`` (accelerate trackers).
+* ``markdown_table``, ``provenance`` (package versions, git commit); ``Reporter`` (accelerate trackers, in
+  ``tracking.py``).
 """
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 from fastweight.pipelines.config import MixedPrecision, ReportTo, opt
+from fastweight.pipelines.tracking import Reporter, check_report_to, step_hook
 from fastweight.train import models as _models
 from fastweight.train.config import TrainConfig
 from fastweight.train.methods import build_method
@@ -444,71 +446,6 @@ def provenance(cfg: BaseConfig, **fingerprints: str) -> dict[str, Any]:
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-# ------------------------------------------------------------------------------------------------ trackers
-class Reporter:
-    """Scalars to an accelerate tracker (``report_to`` "tensorboard" | "wandb"; "none" does nothing).
-
-    TensorBoard event files go to ``<output_dir>/tensorboard/<run_name>``. Losses, learning rate and the
-    method's statistics are logged per unlearning step under ``train/<name>``, evaluations under
-    ``eval/<column>/<metric>``."""
-
-    def __init__(self, kind: str, output_dir: Path, run_name: str, config: Mapping[str, Any]) -> None:
-        self.kind, self.tracker = kind, None
-        if kind == "none":
-            return
-        if kind == "tensorboard":
-            try:
-                import tensorboard  # noqa: F401
-            except ImportError:
-                raise ImportError("--report-to tensorboard needs TensorBoard: pip install 'fastweight[track]' "
-                                  "(or pip install tensorboard)") from None
-            from accelerate.tracking import TensorBoardTracker
-
-            self.tracker = TensorBoardTracker(run_name, str(output_dir / "tensorboard"))
-        elif kind == "wandb":
-            try:
-                import wandb  # noqa: F401
-            except ImportError:
-                raise ImportError("--report-to wandb needs wandb: pip install wandb") from None
-            from accelerate.tracking import WandBTracker
-
-            self.tracker = WandBTracker(run_name, dir=str(output_dir))
-        else:
-            raise ValueError(f"report_to must be 'none', 'tensorboard' or 'wandb', got {kind!r}")
-        if hasattr(self.tracker, "start"):
-            self.tracker.start()
-        flat = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v, default=str))
-                for k, v in config.items() if v is not None}
-        self.tracker.store_init_configuration(flat)
-
-    def log(self, values: Mapping[str, Any], step: int, prefix: str) -> None:
-        if self.tracker is None:
-            return
-        scalars = {f"{prefix}/{k}": float(v) for k, v in values.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch")}
-        if scalars:
-            self.tracker.log(scalars, step=step)
-
-    def finish(self) -> None:
-        if self.tracker is not None:
-            self.tracker.finish()
-
-
-def step_hook(reporter: Reporter, every: int, evaluate: Callable[[int], dict[str, float]] | None,
-              during: list[dict[str, Any]]) -> Callable[[int, dict], None]:
-    """The ``on_step`` callback given to ``train``: logs each step to the tracker and, every ``every`` steps,
-    evaluates the model being trained (``evaluate(step) -> summary``) and records it in ``during``."""
-
-    def on_step(step: int, entry: dict) -> None:
-        reporter.log(entry, step, "train")
-        if evaluate is not None and every and step % every == 0:
-            summary = evaluate(step)
-            during.append({"step": step, "metrics": summary})
-            reporter.log(summary, step, "eval/during")
-
-    return on_step
-
-
 class PipelineWarning(UserWarning):
     """A setting that changes results silently otherwise (cut answers, capped generations)."""
 
@@ -518,7 +455,7 @@ def warn(msg: str) -> None:
     warnings.warn(msg, PipelineWarning, stacklevel=2)
 
 
-__all__ = ["BaseConfig", "EMBEDDED", "OutputDir", "Reporter", "Results", "check_model_spec", "data_fingerprint",
+__all__ = ["BaseConfig", "EMBEDDED", "OutputDir", "Reporter", "Results", "check_model_spec", "check_report_to", "data_fingerprint",
            "finetune_cached", "fingerprint", "ft_key", "git_commit", "load_model", "markdown_table",
            "model_fingerprint", "PipelineWarning", "provenance", "repair_log", "resolve_method_args", "step_hook",
            "unlearn_train_config", "warn"]

@@ -153,6 +153,7 @@ def run(cfg: TofuConfig) -> C.Results:
     outdir = C.OutputDir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)
     outdir.check()
     C.check_model_spec(cfg.model)
+    C.check_report_to(cfg.report_to)
     if cfg.retain_model is not None:
         C.check_model_spec(cfg.retain_model, "retain_model")
     method_args = C.resolve_method_args(cfg.method, cfg.method_args, TUNED_METHOD_ARGS)

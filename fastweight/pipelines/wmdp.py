@@ -117,6 +117,7 @@ def run(cfg: WmdpConfig) -> C.Results:
     outdir = C.OutputDir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)
     outdir.check()
     C.check_model_spec(cfg.model)
+    C.check_report_to(cfg.report_to)
     wmdp, mmlu, forget_text, retain_text, subject, generated = load_sets(cfg)
     for name, rows in (("wmdp", wmdp), ("mmlu", mmlu), ("forget corpus", forget_text), ("retain corpus", retain_text)):
         if not rows:
