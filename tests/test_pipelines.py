@@ -103,6 +103,10 @@ def test_real_data_defaults_are_the_papers():
     assert tofu.resolved_lengths(tofu.TofuConfig()) == (64, 24)
     assert tofu.resolved_lengths(tofu.TofuConfig(data="locuslab/TOFU")) == (512, 200)
     assert tofu.resolved_lengths(tofu.TofuConfig(data="x", max_length=128)) == (128, 200)
+    from fastweight.pipelines import muse
+
+    assert muse.generation_lengths(muse.MuseConfig()) == (64, 16)
+    assert muse.generation_lengths(muse.MuseConfig(data="news")) == (128, 32)
     assert tofu.family_template("open-unlearning/tofu_Llama-2-7b-chat-hf_full") == "llama2"
     assert tofu.family_template("microsoft/phi-1_5") == "phi"
     assert tofu.family_template("org/other", tokenizer=type("T", (), {"chat_template": "x"})()) == "chat"

@@ -50,8 +50,10 @@ class MuseConfig(C.BaseConfig):
     ft_epochs: int = opt(6, "fine-tuning epochs")
     ft_batch_size: int = opt(2, "fine-tuning micro-batch")
     n_articles: int = opt(4, "generated data: articles per forget / holdout set (retain: twice as many)")
-    verbmem_max_new_tokens: int = opt(64, "VerbMem generation length (MUSE uses 128)")
-    knowmem_max_new_tokens: int = opt(16, "KnowMem generation length (MUSE uses 32)")
+    verbmem_max_new_tokens: int | None = opt(None, "VerbMem generation length; default 64 (generated data) / "
+                                                   "128 (--data, MUSE's setting)")
+    knowmem_max_new_tokens: int | None = opt(None, "KnowMem generation length; default 16 (generated data) / "
+                                                   "32 (--data, MUSE's setting)")
     output_dir: str = opt("runs/muse_unlearn", "results folder (must be empty or new unless --resume/--overwrite)")
 
     def __post_init__(self) -> None:
@@ -62,8 +64,16 @@ class MuseConfig(C.BaseConfig):
             raise ValueError(f"retain_split must be 'retain1' or 'retain2', got {self.retain_split!r}")
         if self.window is not None:
             C._check_int("window", self.window, low=2)
-        for name in ("n_articles", "verbmem_max_new_tokens", "knowmem_max_new_tokens"):
-            C._check_int(name, getattr(self, name), low=1)
+        C._check_int("n_articles", self.n_articles, low=1)
+        for name in ("verbmem_max_new_tokens", "knowmem_max_new_tokens"):
+            if getattr(self, name) is not None:
+                C._check_int(name, getattr(self, name), low=1)
+
+
+def generation_lengths(cfg: MuseConfig) -> tuple[int, int]:
+    """(VerbMem, KnowMem) max new tokens: given values, else the demo's (generated data) or MUSE's (--data)."""
+    verb, know = (64, 16) if cfg.data is None else (128, 32)
+    return cfg.verbmem_max_new_tokens or verb, cfg.knowmem_max_new_tokens or know
 
 
 def _data_source(cfg: MuseConfig) -> str:
@@ -94,8 +104,9 @@ def run(cfg: MuseConfig) -> C.Results:
             raise ValueError(f"--data {data_src!r}: the {name.replace('_text', '')} corpus is empty")
     window = cfg.window or (EMBEDDED_WINDOW if cfg.data is None else DEFAULT_WINDOW)
     data_fp = C.data_fingerprint({k: v for k, v in vars(data).items() if k != "source"})
-    ecfg = MuseEvalConfig(batch_size=cfg.eval_batch_size, verbmem_max_new_tokens=cfg.verbmem_max_new_tokens,
-                          knowmem_max_new_tokens=cfg.knowmem_max_new_tokens, max_items=cfg.max_eval_items)
+    verb_new, know_new = generation_lengths(cfg)
+    ecfg = MuseEvalConfig(batch_size=cfg.eval_batch_size, verbmem_max_new_tokens=verb_new,
+                          knowmem_max_new_tokens=know_new, max_items=cfg.max_eval_items)
     tc = C.unlearn_train_config(cfg, Path(cfg.output_dir), method_args,
                                 trainable_layers=None if cfg.method == "rmu" else cfg.trainable_layers)
     out = outdir.open()
@@ -103,7 +114,7 @@ def run(cfg: MuseConfig) -> C.Results:
     note = None
     if cfg.model == C.EMBEDDED and cfg.data is None:
         note = EMBEDDED_NOTE.format(n=cfg.n_articles, window=window, layers=cfg.trainable_layers or "all",
-                                    verb=cfg.verbmem_max_new_tokens)
+                                    verb=verb_new)
         print("NOTE:", note)
 
     t0 = time.time()
@@ -182,4 +193,4 @@ def parse_args(argv=None) -> MuseConfig:
     return config_from_args(parser, parser.parse_args(argv), MuseConfig)
 
 
-__all__ = ["MuseConfig", "TABLE_KEYS", "TUNED_METHOD_ARGS", "parse_args", "run"]
+__all__ = ["MuseConfig", "generation_lengths", "TABLE_KEYS", "TUNED_METHOD_ARGS", "parse_args", "run"]
