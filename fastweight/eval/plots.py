@@ -91,7 +91,9 @@ def _scale_for(ax, values: Sequence[float]) -> str:
         ax.set_yscale("log")
         return "log"
     if signed and span > 1e2:
-        ax.set_yscale("symlog", linthresh=max(min(nonzero), max(nonzero) * 1e-4))
+        # decade-aligned linear threshold: ticks at 0 and +-10^k, not crowded inside the linear band
+        thresh = max(min(nonzero), max(nonzero) * 1e-4)
+        ax.set_yscale("symlog", linthresh=10.0 ** math.floor(math.log10(thresh)))
         return "symlog"
     return "linear"
 
