@@ -438,11 +438,12 @@ def git_commit() -> str | None:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def provenance(cfg: BaseConfig, **fingerprints: str) -> dict[str, Any]:
-    """Versions, git commit, the config and the content fingerprints that produced a result."""
+def provenance(cfg: BaseConfig, commit: str | None, **fingerprints: str) -> dict[str, Any]:
+    """Versions, git commit (``commit``: ``git_commit()`` taken when the run started, i.e. the code that ran),
+    the config and the content fingerprints that produced a result."""
     dists = ("fastweight", "torch", "transformers", "accelerate", "datasets", "numpy", "triton")
     return {"versions": {"python": sys.version.split()[0], **{d: _version(d) for d in dists}},
-            "git_commit": git_commit(), "config": asdict(cfg), "fingerprints": dict(fingerprints),
+            "git_commit": commit, "config": asdict(cfg), "fingerprints": dict(fingerprints),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 

@@ -89,7 +89,7 @@ def _data_source(cfg: MuseConfig) -> str:
 def run(cfg: MuseConfig) -> C.Results:
     """Fine-tune (unless ``finetuned``), unlearn and evaluate; see the module docstring. Configuration errors
     are raised before a model is loaded."""
-    t_start = time.time()
+    t_start, commit = time.time(), C.git_commit()
     outdir = C.OutputDir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)
     outdir.check()
     C.check_model_spec(cfg.model)
@@ -182,7 +182,7 @@ def run(cfg: MuseConfig) -> C.Results:
     (out / "table.md").write_text(table + "\n")
     results = C.Results(metrics=columns, table=table, output_dir=out, config=vars(cfg).copy(), history=history,
                         during=during, note=note, plots=plots,
-                        provenance=C.provenance(cfg, data=data_fp, model=model_fp, target=target_fp),
+                        provenance=C.provenance(cfg, commit, data=data_fp, model=model_fp, target=target_fp),
                         extra={"window": window, "method_args": method_args}, seconds=round(time.time() - t_start, 1))
     outdir.finish(results.to_dict())
     return results

@@ -148,7 +148,7 @@ def _evaluate(model, tokenizer, sets, ecfg, folder: Path, retain_tr, label: str)
 def run(cfg: TofuConfig) -> C.Results:
     """Fine-tune (unless ``finetuned``), unlearn and evaluate; see the module docstring. Every configuration
     error (method and options, data rows, model path, output folder) is raised before a model is loaded."""
-    t_start = time.time()
+    t_start, commit = time.time(), C.git_commit()
     # ---- everything that can be checked without a model ------------------------------------------------
     outdir = C.OutputDir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)
     outdir.check()
@@ -259,7 +259,7 @@ def run(cfg: TofuConfig) -> C.Results:
     (out / "table.md").write_text(table + "\n")
     results = C.Results(metrics=columns, table=table, output_dir=out, config=vars(cfg).copy(), history=history,
                         during=during, g_effect=g_effect, note=note, plots=plots,
-                        provenance=C.provenance(cfg, data=data_fp, model=model_fp, target=target_fp),
+                        provenance=C.provenance(cfg, commit, data=data_fp, model=model_fp, target=target_fp),
                         extra={"template": template, "max_length": max_length, "max_new_tokens": max_new_tokens,
                                "method_args": method_args, "truncation": truncation},
                         seconds=round(time.time() - t_start, 1))

@@ -113,7 +113,7 @@ def load_sets(cfg: WmdpConfig):
 def run(cfg: WmdpConfig) -> C.Results:
     """(Fine-tune,) unlearn and score; see the module docstring. Configuration errors are raised before a model
     is loaded."""
-    t_start = time.time()
+    t_start, commit = time.time(), C.git_commit()
     outdir = C.OutputDir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)
     outdir.check()
     C.check_model_spec(cfg.model)
@@ -192,7 +192,7 @@ def run(cfg: WmdpConfig) -> C.Results:
     (out / "table.md").write_text(table + "\n")
     results = C.Results(metrics=columns, table=table, output_dir=out, config=vars(cfg).copy(), history=history,
                         during=during, note=note, plots=plots,
-                        provenance=C.provenance(cfg, data=data_fp, model=model_fp, target=target_fp),
+                        provenance=C.provenance(cfg, commit, data=data_fp, model=model_fp, target=target_fp),
                         extra={"answer_format": fmt, "method_args": method_args, "ft_epochs": ft_epochs},
                         seconds=round(time.time() - t_start, 1))
     outdir.finish(results.to_dict())
