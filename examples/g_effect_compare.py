@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from fastweight.analysis import GEffectTracker, maybe_record
 from fastweight.analysis.plots import layer_profile, plot_compare
@@ -50,7 +51,7 @@ class CompareConfig:
     ema: float = 0.6
     seed: int = 0
     output_dir: str = "runs/g_effect_compare"
-    dpi: int = 80
+    dpi: int = 150
     threads: int | None = None  # torch intra-op threads (None: torch's default)
 
     def __post_init__(self) -> None:
@@ -110,7 +111,8 @@ def unlearn(name: str, model, ref, forget, retain, cfg: CompareConfig) -> dict:
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     tracker = GEffectTracker(every=1, ema=cfg.ema)
     losses, start = [], time.perf_counter()
-    for step in range(1, cfg.steps + 1):
+    # a bar per method (steps + G-effect probes), only on a terminal: log files get no bar spam
+    for step in tqdm(range(1, cfg.steps + 1), desc=f"{name}: step + G-effect probes", disable=None, leave=False):
         out = method(model, forget, retain if method.needs_retain else None, ref if method.needs_ref else None)
         out.loss.backward()
         maybe_record(tracker, step, model, "grad", forget, retain)

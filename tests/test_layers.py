@@ -1,7 +1,7 @@
 """Layering (STYLE.md section 1): every module's imports, parsed with ast, point down only.
 
     kernels/ (triton only) <- fastweight/ops/ <- fastweight/losses/ <- fastweight/{data,train,eval,
-    integrations,analysis}/ <- examples/ (public API only)
+    integrations,analysis}/ <- fastweight/pipelines/ <- examples/ (public API only)
 
 Extra rules: ops import fastweight.kernels and triton only lazily (inside functions), so the torch path
 runs where Triton is absent; nothing but ops touches fastweight.kernels; no library module imports
@@ -83,6 +83,8 @@ def layer(mod: str):
         return 2
     if under(mod, *(f"fastweight.{u}" for u in UPPER)):
         return 3
+    if under(mod, "fastweight.pipelines"):
+        return 4
     if under(mod, "fastweight.reference"):
         return "reference"
     if mod == "fastweight" or under(mod, "fastweight.__init__"):
@@ -92,14 +94,14 @@ def layer(mod: str):
 
 def violations_of(src: str, target: str, lazy: bool) -> list[str]:
     out = []
-    src_layer = layer(src) if not src.startswith("examples.") else 4
+    src_layer = layer(src) if not src.startswith("examples.") else "examples"
     if src_layer == 0:  # kernels: triton and the shared device helpers only
         if not under(target, "fastweight.kernels") and target not in KERNEL_ALLOWED and not under(target, "triton"):
             out.append("kernels may import only triton, triton.language and fastweight.kernels._tl")
         elif under(target, "fastweight.kernels") and not under(target, "fastweight.kernels._tl") and target != "fastweight.kernels":
             out.append("kernels may share code only through fastweight.kernels._tl")
         return out
-    if src_layer == 4:  # examples: public API only
+    if src_layer == "examples":  # examples: public API only
         if under(target, "fastweight"):
             parts = target.split(".")
             if any(p.startswith("_") for p in parts) or (len(parts) > 1 and parts[1] in ("kernels", "ops", "reference")):
@@ -123,8 +125,8 @@ def violations_of(src: str, target: str, lazy: bool) -> list[str]:
     if src_layer in (1, 2) and under(target, *MODEL_LIBS):
         out.append("ops and losses never import model libraries (transformers, accelerate, datasets)")
     tgt_layer = layer(target)
-    if tgt_layer == 5 and src_layer == 3:
-        return out  # data/train/eval may use the public API root (it re-exports only losses)
+    if tgt_layer == 5 and src_layer in (3, 4):
+        return out  # data/train/eval/pipelines may use the public API root (it re-exports only losses)
     if isinstance(src_layer, int) and isinstance(tgt_layer, int) and tgt_layer > src_layer and src_layer != 5:
         out.append(f"upward import (layer {src_layer} -> {tgt_layer})")
     return out
@@ -164,6 +166,8 @@ def test_no_upward_imports(name, path, is_pkg):
     ("examples.tofu_unlearn", "fastweight.losses._input", False),
     ("fastweight.losses.reweighted", "fastweight", False),
     ("fastweight.ops._common", "fastweight", True),
+    ("fastweight.eval.tofu", "fastweight.pipelines.common", True),
+    ("fastweight.train.loop", "fastweight.pipelines", False),
 ])
 def test_checker_catches(src, target, lazy):
     # The checker itself must be able to fail: each of these is a forbidden arrow.
@@ -178,6 +182,9 @@ def test_checker_catches(src, target, lazy):
     ("fastweight.kernels.token_logprobs", "fastweight.kernels._tl", False),
     ("fastweight.reference.reweighted", "fastweight._constants", False),
     ("examples.tofu_unlearn", "fastweight", False),
+    ("examples.tofu_unlearn", "fastweight.pipelines.tofu", False),
+    ("fastweight.pipelines.tofu", "fastweight.train.loop", False),
+    ("fastweight.pipelines.common", "fastweight.eval.store", False),
 ])
 def test_checker_allows(src, target, lazy):
     assert not violations_of(src, target, lazy)

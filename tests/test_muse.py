@@ -274,12 +274,12 @@ def test_example_smoke(tiny, tmp_path):
             "--eval-batch-size", "8",
             "--verbmem-max-new-tokens", "4", "--knowmem-max-new-tokens", "4", "--seed", "3"]
     res = muse_unlearn.run(muse_unlearn.parse_args(argv))
-    assert set(res["metrics"]) == {"target (before)", "satimp (after)", "retrained"}
-    assert "privleak" in res["metrics"]["satimp (after)"]
+    assert set(res.metrics) == {"target (before)", "satimp (after)", "retrained"}
+    assert "privleak" in res.metrics["satimp (after)"]
     for name in ("results.json", "table.md", "muse.png", "training.png", "log.jsonl"):
         assert (out / name).is_file(), name
     # resume: nothing left to do, the same numbers come back
     again = muse_unlearn.run(muse_unlearn.parse_args(argv + ["--resume"]))
-    assert again["metrics"] == res["metrics"]
+    assert again.metrics == res.metrics
     with pytest.raises(SystemExit):
         muse_unlearn.parse_args(["--method", "flat"])

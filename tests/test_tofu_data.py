@@ -190,3 +190,19 @@ def test_epoch_sampler_shards():
         EpochSampler(4, rank=2, world=2)
     with pytest.raises(ValueError, match="world"):
         EpochSampler(1, world=2)
+
+
+def test_answer_cut_tokens_counts_what_encode_qa_drops(tok, small):
+    from fastweight.data.tofu import answer_cut_tokens, answer_token_lengths
+
+    rows = small["forget10"][:4]
+    lengths = answer_token_lengths(tok, "phi", rows)
+    # independent count: the answer's own tokens (prefix " " + text), EOS excluded
+    assert lengths == [len(tok(" " + r["answer"], add_special_tokens=False)["input_ids"]) for r in rows]
+    assert answer_cut_tokens(tok, "phi", rows, 512) == [0] * len(rows)
+    cuts = answer_cut_tokens(tok, "phi", rows, 16)
+    assert any(c > 0 for c in cuts)
+    for r, cut in zip(rows, cuts):
+        prompt = len(encode_prompt(tok, "phi", r["question"]))
+        kept = max(16 - min(prompt, 14), 0)  # encode_qa keeps at most max_length - 2 prompt tokens
+        assert cut == max(0, len(tok(" " + r["answer"], add_special_tokens=False)["input_ids"]) + 1 - kept)

@@ -154,13 +154,17 @@ def test_example_smoke(tiny, tmp_path):
             "--n-entities", "2", "--n-general", "2", "--window", "32", "--ft-epochs", "1", "--epochs", "1",
             "--seed", "1", "--eval-base", "--method-arg", "layer=1", "--method-arg", "trainable_layers=[0,1]",
             "--steering-coef", "5"]
-    res = wmdp_unlearn.run(wmdp_unlearn.parse_args(argv))
-    assert set(res["metrics"]) == {"base", "target (before)", "rmu (after)"}
-    assert set(res["metrics"]["rmu (after)"]) == {"wmdp_acc", "mmlu_acc", "mmlu_island_geography_acc",
+    res = wmdp_unlearn.run(wmdp_unlearn.parse_args(argv + ["--eval-every", "2"]))
+    assert [d["step"] for d in res.during] == [2] and "wmdp_acc" in res.during[0]["metrics"]
+    assert (out / "eval" / "step-000002" / "WMDP_SUMMARY.json").is_file()
+    assert set(res.metrics) == {"base", "target (before)", "rmu (after)"}
+    assert set(res.metrics["rmu (after)"]) == {"wmdp_acc", "mmlu_acc", "mmlu_island_geography_acc",
                                                  "mmlu_general_knowledge_acc"}
     for name in ("results.json", "table.md", "wmdp.png", "training.png", "log.jsonl"):
         assert (out / name).is_file(), name
-    res = wmdp_unlearn.run(wmdp_unlearn.parse_args(argv[:-6] + ["--method", "satimp", "--retain-loss", "nll"]))
-    assert set(res["metrics"]) == {"target (before)", "satimp (after)"}  # fine-tuned model reused from the cache
+    res = wmdp_unlearn.run(wmdp_unlearn.parse_args(argv[:-7] + ["--method", "satimp", "--retain-loss", "nll",
+                                                                "--overwrite"]))
+    assert set(res.metrics) == {"target (before)", "satimp (after)"}  # fine-tuned model reused from the cache
+    assert list(tmp_path.glob("run.old-*"))  # --overwrite moved the first run aside
     with pytest.raises(SystemExit):
         wmdp_unlearn.parse_args(["--wmdp", "cais/wmdp"])

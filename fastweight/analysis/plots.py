@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 from fastweight.analysis.g_effect import merge_groups
 
 Record = Mapping[str, Any]  # one GEffectTracker.to_dict()
+DPI = 150
 
 
 def _runs(records: Record | Mapping[str, Record]) -> dict[str, Record]:
@@ -81,9 +82,10 @@ def _draw_curves(ax, runs: Mapping[str, Record], probe: str, smoothed: bool, ysc
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("step")
-    ax.set_ylabel("G-effect" + (" (EMA)" if smoothed else ""))
-    ax.set_title(f"{probe} probe")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("G-effect, grad. inner product" + (" (EMA)" if smoothed else ""), fontsize=8)
+    better = "lower = more forgetting" if probe == "forget" else "higher = less damage"
+    ax.set_title(f"{probe} probe ({better})", fontsize=9)
     if any(runs):
         ax.legend(fontsize="small")
 
@@ -95,7 +97,7 @@ def _check_scale(yscale: str) -> None:
 
 def plot_curves(records: Record | Mapping[str, Record], path: str | os.PathLike, *,
                 probes: Sequence[str] | None = None, smoothed: bool = True, yscale: str = "symlog",
-                dpi: int = 100) -> Path:
+                dpi: int = DPI) -> Path:
     """Total G-effect per step, one panel per probe, one line per run (EMA values when ``smoothed``).
 
     records: one ``GEffectTracker.to_dict()`` or ``{label: to_dict()}``. yscale: "symlog" (objectives
@@ -141,7 +143,7 @@ def _imshow(fig, ax, matrix, cbar_label: str):
 
 
 def plot_heatmap(record: Record, path: str | os.PathLike, *, probe: str = "forget", by: str = "block",
-                 smoothed: bool = True, dpi: int = 100) -> Path:
+                 smoothed: bool = True, dpi: int = DPI) -> Path:
     """One run's per-group G-effect on one probe: groups (rows, model order) x recorded steps (columns).
 
     by: "block" (embed, each decoder block, final norm, head), "kind" (attn / mlp / norm summed over
@@ -157,7 +159,7 @@ def plot_heatmap(record: Record, path: str | os.PathLike, *, probe: str = "forge
     ax.set_yticks(range(len(names)), names, fontsize="small")
     ticks = list(range(0, len(p["step"]), max(1, len(p["step"]) // 10)))
     ax.set_xticks(ticks, [str(p["step"][i]) for i in ticks])
-    ax.set_xlabel("step")
+    ax.set_xlabel("optimizer step")
     ax.set_title(f"G-effect per layer group, {probe} probe")
     return _save(fig, path)
 
@@ -171,7 +173,7 @@ def layer_profile(record: Record, probe: str, *, by: str = "block", smoothed: bo
 
 def plot_compare(records: Mapping[str, Record], path: str | os.PathLike, *,
                  probes: Sequence[str] | None = None, by: str = "block", smoothed: bool = True,
-                 yscale: str = "symlog", dpi: int = 100) -> Path:
+                 yscale: str = "symlog", dpi: int = DPI) -> Path:
     """Compare runs (e.g. objectives): top row, total G-effect curves per probe; bottom row, per probe, a
     heat map of runs x layer groups of the mean per-step G-effect, each row divided by its largest magnitude
     (the colour shows where an objective acts and with which sign; the curves show how strongly)."""
@@ -203,7 +205,7 @@ def plot_compare(records: Mapping[str, Record], path: str | os.PathLike, *,
 
 
 def save_g_effect_plots(record: Record, out_dir: str | os.PathLike, *, prefix: str = "g_effect",
-                        dpi: int = 100) -> list[Path]:
+                        dpi: int = DPI) -> list[Path]:
     """A trainer's figures for one run: ``<prefix>_curves.png`` (all probes) and one
     ``<prefix>_layers_<probe>.png`` heat map per recorded probe. Returns the written paths (none when
     nothing was recorded)."""

@@ -122,6 +122,26 @@ def encode_qa(tokenizer, template: PromptTemplate | str, question: str, answer: 
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE_INDEX] * len(prompt) + answer}
 
 
+def answer_token_lengths(tokenizer, template: PromptTemplate | str, rows: Sequence[dict],
+                         answer_key: str = "answer") -> list[int]:
+    """Tokens of each row's answer as the model sees it (answer prefix + text, without the EOS)."""
+    template = get_template(template) if isinstance(template, str) else template
+    return [len(_answer_ids(tokenizer, template, r[answer_key])) - 1 for r in rows]
+
+
+def answer_cut_tokens(tokenizer, template: PromptTemplate | str, rows: Sequence[dict], max_length: int,
+                      answer_key: str = "answer") -> list[int]:
+    """Per row, how many answer tokens (EOS included) ``encode_qa(..., max_length)`` drops (0 = none)."""
+    template = get_template(template) if isinstance(template, str) else template
+    out = []
+    for r in rows:
+        full = len(_answer_ids(tokenizer, template, r[answer_key]))
+        kept = sum(1 for t in encode_qa(tokenizer, template, r["question"], r[answer_key], max_length)["labels"]
+                   if t != IGNORE_INDEX)
+        out.append(full - kept)
+    return out
+
+
 class TokenizedDataset(torch.utils.data.Dataset):
     """Pre-tokenised items (``self.items``: dicts of int lists); ``__getitem__`` only indexes.
 
@@ -265,4 +285,4 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 __all__ = ["EpochSampler", "FORGET_PERCENTS", "ForgetRetainDataset", "QADataset", "TokenizedDataset", "REFUSALS", "SPLITS", "Split",
-           "TOFU_CONFIG_FIELDS", "encode_prompt", "encode_qa", "load_tofu", "pad_collate", "split_configs"]
+           "TOFU_CONFIG_FIELDS", "answer_cut_tokens", "answer_token_lengths", "encode_prompt", "encode_qa", "load_tofu", "pad_collate", "split_configs"]

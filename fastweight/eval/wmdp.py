@@ -255,8 +255,11 @@ def evaluate_mcq_sets(model, tokenizer, sets: Mapping[str, tuple[Sequence[Mappin
         return store.summary()
     was_training = model.training
     model.eval()
-    try:
-        for name in todo:
+    from tqdm.auto import tqdm
+
+    try:  # a bar per set only on a terminal (disable=None): log files get no bar spam
+        for name in tqdm(todo, desc=f"{cfg.bench} eval", unit="set", disable=None if shard.rank == 0 else True,
+                         leave=False):
             rows, subject = sets[name]
             key = f"{name}_acc"
             rows = check_mcq_rows(list(rows)[:cfg.max_items], name)

@@ -1,0 +1,196 @@
+"""MUSE end to end as a library call: fine-tune target and retrained models, unlearn the forget corpus, evaluate.
+
+    from fastweight.pipelines import muse
+    results = muse.run(muse.MuseConfig(method="npo", output_dir="runs/muse"))
+    print(results.table)
+
+The target model is the base model fine-tuned on forget + retain text, the retrained model (the reference of
+PrivLeak) the base model fine-tuned on retain text only. Without ``data``: a generated MUSE-format corpus of
+invented local news, 128-token windows -- a CPU-sized demonstration, not MUSE numbers. With ``data`` (``news``,
+``books``, a hub name or a local MUSE-layout folder): MUSE's 2048-token windows.
+
+Outputs (``output_dir``): ``results.json``, ``table.md``, ``status.json``, ``eval/<model>/MUSE_EVAL.json`` +
+``MUSE_SUMMARY.json`` (+ ``FINGERPRINT.json``), ``log.jsonl``, ``training.png``, ``muse.png``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastweight.data.muse import DEFAULT_WINDOW, MUSE_HUB, TextChunkDataset, load_muse
+from fastweight.data.synth_muse import write_muse_folder
+from fastweight.eval.muse import MuseEvalConfig, evaluate_muse
+from fastweight.eval.plots import plot_muse, plot_training
+from fastweight.pipelines import common as C
+from fastweight.pipelines.config import build_parser, config_from_args, opt
+
+BENCH = "muse"
+EMBEDDED_WINDOW = 128  # the generated articles are ~90 tokens; 2048-token windows would give one step per epoch
+NEEDS_QA = ("flat", "idkdpo")  # refusal-answer methods need questions; MUSE trains on raw text
+TUNED_METHOD_ARGS = {"*": {"retain_loss": "nll", "retain_coef": 1.0}}
+EMBEDDED_NOTE = ("embedded default: generated news corpus ({n} forget / {n} retain / {n} holdout articles), "
+                 "{window}-token windows, only the last {layers} decoder layers trained, VerbMem from {verb} "
+                 "generated tokens -- a CPU-sized demonstration, not MUSE numbers")
+TABLE_KEYS = ("forget_verbmem", "forget_knowmem", "retain_knowmem", "privleak_auc", "privleak")
+
+
+@dataclass
+class MuseConfig(C.BaseConfig):
+    data: str | None = opt(None, f"MUSE source: {' / '.join(MUSE_HUB)} (hub), a hub dataset name, or a local "
+                                 "folder in MUSE layout; default: generate a news corpus into --cache-dir")
+    retain_split: str = opt("retain1", "raw retain split: retain1 or retain2")
+    window: int | None = opt(None, f"training window in tokens (default {DEFAULT_WINDOW}; {EMBEDDED_WINDOW} for "
+                                   "generated data)")
+    retrain_model: str | None = opt(None, "model trained without the forget corpus (PrivLeak reference); default: "
+                                          "fine-tune one on the retain text (with --finetuned: none)")
+    # embedded demo: 20 SatImp steps at 5e-4 halve forget VerbMem (5e-5 x 10 steps barely moved)
+    lr: float = opt(5e-4, "unlearning learning rate")
+    batch_size: int = opt(2, "per-process micro-batch of windows")
+    ft_epochs: int = opt(6, "fine-tuning epochs")
+    ft_batch_size: int = opt(2, "fine-tuning micro-batch")
+    n_articles: int = opt(4, "generated data: articles per forget / holdout set (retain: twice as many)")
+    verbmem_max_new_tokens: int | None = opt(None, "VerbMem generation length; default 64 (generated data) / "
+                                                   "128 (--data, MUSE's setting)")
+    knowmem_max_new_tokens: int | None = opt(None, "KnowMem generation length; default 16 (generated data) / "
+                                                   "32 (--data, MUSE's setting)")
+    output_dir: str = opt("runs/muse_unlearn", "results folder (must be empty or new unless --resume/--overwrite)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.method in NEEDS_QA:
+            raise ValueError(f"method {self.method!r} needs question/refusal pairs; MUSE trains on raw text")
+        if self.retain_split not in ("retain1", "retain2"):
+            raise ValueError(f"retain_split must be 'retain1' or 'retain2', got {self.retain_split!r}")
+        if self.window is not None:
+            C._check_int("window", self.window, low=2)
+        C._check_int("n_articles", self.n_articles, low=1)
+        for name in ("verbmem_max_new_tokens", "knowmem_max_new_tokens"):
+            if getattr(self, name) is not None:
+                C._check_int(name, getattr(self, name), low=1)
+
+
+def generation_lengths(cfg: MuseConfig) -> tuple[int, int]:
+    """(VerbMem, KnowMem) max new tokens: given values, else the demo's (generated data) or MUSE's (--data)."""
+    verb, know = (64, 16) if cfg.data is None else (128, 32)
+    return cfg.verbmem_max_new_tokens or verb, cfg.knowmem_max_new_tokens or know
+
+
+def _data_source(cfg: MuseConfig) -> str:
+    if cfg.data is not None:
+        return cfg.data
+    folder = Path(cfg.cache_dir) / f"muse-s{cfg.seed}-n{cfg.n_articles}"
+    if not (folder / "raw" / "forget.jsonl").is_file():
+        write_muse_folder(folder, cfg.seed, n_forget=cfg.n_articles, n_retain=2 * cfg.n_articles,
+                          n_holdout=cfg.n_articles)
+    return str(folder)
+
+
+def run(cfg: MuseConfig) -> C.Results:
+    """Fine-tune (unless ``finetuned``), unlearn and evaluate; see the module docstring. Configuration errors
+    are raised before a model is loaded."""
+    t_start, commit = time.time(), C.git_commit()
+    outdir = C.OutputDir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+    outdir.check()
+    C.check_model_spec(cfg.model)
+    C.check_report_to(cfg.report_to)
+    if cfg.retrain_model is not None:
+        C.check_model_spec(cfg.retrain_model, "retrain_model")
+    method_args = C.resolve_method_args(cfg.method, cfg.method_args, TUNED_METHOD_ARGS)
+    data_src = _data_source(cfg)
+    data = load_muse(data_src, retain_split=cfg.retain_split)
+    for name in ("forget_text", "retain_text"):
+        if not getattr(data, name):
+            raise ValueError(f"--data {data_src!r}: the {name.replace('_text', '')} corpus is empty")
+    window = cfg.window or (EMBEDDED_WINDOW if cfg.data is None else DEFAULT_WINDOW)
+    data_fp = C.data_fingerprint({k: v for k, v in vars(data).items() if k != "source"})
+    verb_new, know_new = generation_lengths(cfg)
+    ecfg = MuseEvalConfig(batch_size=cfg.eval_batch_size, verbmem_max_new_tokens=verb_new,
+                          knowmem_max_new_tokens=know_new, max_items=cfg.max_eval_items)
+    tc = C.unlearn_train_config(cfg, Path(cfg.output_dir), method_args,
+                                trainable_layers=None if cfg.method == "rmu" else cfg.trainable_layers)
+    out = outdir.open()
+    reporter = C.Reporter(cfg.report_to, out, f"{BENCH}-{cfg.method}", tc.to_dict())
+    note = None
+    if cfg.model == C.EMBEDDED and cfg.data is None:
+        note = EMBEDDED_NOTE.format(n=cfg.n_articles, window=window, layers=cfg.trainable_layers or "all",
+                                    verb=verb_new)
+        print("NOTE:", note)
+
+    t0 = time.time()
+    base, tokenizer = C.load_model(cfg.model)
+    print(f"loaded {cfg.model} in {time.time() - t0:.0f} s")
+    model_fp = C.model_fingerprint(cfg.model)
+    eval_key = {"data": data_fp, "eval": vars(ecfg)}
+    columns: dict[str, dict[str, float]] = {}
+    retrain_auc = None
+    cap = cfg.ft_max_rows
+    if cfg.retrain_model is not None or not cfg.finetuned:
+        if cfg.retrain_model is not None:
+            retrained, _ = C.load_model(cfg.retrain_model)
+            retrain_fp = C.model_fingerprint(cfg.retrain_model)
+        else:
+            texts = data.retain_text[:cap]
+            key = C.ft_key(cfg, model_fp, C.data_fingerprint(texts), window=window)
+            retrained = C.finetune_cached(base, tokenizer, TextChunkDataset(texts, tokenizer, window), cfg,
+                                          Path(cfg.cache_dir) / f"muse-retrain-{C.fingerprint(key)}", key, "retrain")
+            retrain_fp = C.fingerprint(key)
+        folder = outdir.keyed("eval/retrained", {**eval_key, "model": retrain_fp})
+        columns["retrained"] = evaluate_muse(retrained, tokenizer, data, ecfg, output_dir=folder)
+        retrain_auc = columns["retrained"]["privleak_auc"]
+        del retrained
+    if cfg.finetuned:
+        target, target_fp = base, model_fp
+    else:
+        texts = data.forget_text[:cap] + data.retain_text[:cap]
+        key = C.ft_key(cfg, model_fp, C.data_fingerprint(texts), window=window)
+        target = C.finetune_cached(base, tokenizer, TextChunkDataset(texts, tokenizer, window), cfg,
+                                   Path(cfg.cache_dir) / f"muse-target-{C.fingerprint(key)}", key, "target")
+        target_fp = C.fingerprint(key)
+    del base
+    folder = outdir.keyed("eval/target", {**eval_key, "model": target_fp, "retrain_auc": retrain_auc})
+    columns = {"target (before)": evaluate_muse(target, tokenizer, data, ecfg, output_dir=folder,
+                                                retrain_auc=retrain_auc), **columns}
+    reporter.log(columns["target (before)"], 0, "eval/target")
+    history, during, plots = [], [], []
+    if not cfg.eval_only:
+        unlearn_key = {"target": target_fp, "data": data_fp, "train": tc.to_dict() | {"resume": None},
+                       "window": window}
+        outdir.prepare_training(unlearn_key)
+
+        def evaluate_at(step: int) -> dict[str, float]:
+            f = outdir.keyed(f"eval/step-{step:06d}", {**eval_key, "unlearn": unlearn_key, "step": step})
+            summary = evaluate_muse(target, tokenizer, data, ecfg, output_dir=f, retrain_auc=retrain_auc)
+            target.train()
+            return summary
+
+        t0 = time.time()
+        res = C.train(target, TextChunkDataset(data.forget_text, tokenizer, window),
+                      TextChunkDataset(data.retain_text, tokenizer, window), tc,
+                      on_step=C.step_hook(reporter, cfg.eval_every, evaluate_at if cfg.eval_every else None, during))
+        history = res.history
+        print(f"[{cfg.method}] {res.global_step} steps in {time.time() - t0:.0f} s")
+        folder = outdir.keyed("eval/unlearned", {**eval_key, "unlearn": unlearn_key, "retrain_auc": retrain_auc})
+        after = evaluate_muse(res.model, tokenizer, data, ecfg, output_dir=folder, retrain_auc=retrain_auc)
+        reporter.log(after, res.global_step, "eval/unlearned")
+        columns = {"target (before)": columns.pop("target (before)"), f"{cfg.method} (after)": after, **columns}
+        if history:
+            plots.append(str(plot_training(history, out / "training.png", title=f"{cfg.method} on MUSE forget")))
+    plots.append(str(plot_muse(columns, out / "muse.png", reference="retrained" if "retrained" in columns else None)))
+    reporter.finish()
+    table = C.markdown_table(columns, TABLE_KEYS, fmt=".3f")
+    (out / "table.md").write_text(table + "\n")
+    results = C.Results(metrics=columns, table=table, output_dir=out, config=vars(cfg).copy(), history=history,
+                        during=during, note=note, plots=plots,
+                        provenance=C.provenance(cfg, commit, data=data_fp, model=model_fp, target=target_fp),
+                        extra={"window": window, "method_args": method_args}, seconds=round(time.time() - t_start, 1))
+    outdir.finish(results.to_dict())
+    return results
+
+
+def parse_args(argv=None) -> MuseConfig:
+    parser = build_parser(MuseConfig, __doc__)
+    return config_from_args(parser, parser.parse_args(argv), MuseConfig)
+
+
+__all__ = ["MuseConfig", "generation_lengths", "TABLE_KEYS", "TUNED_METHOD_ARGS", "parse_args", "run"]

@@ -1,0 +1,89 @@
+"""Experiment trackers for the pipelines: accelerate's TensorBoard / wandb trackers, and the ``on_step`` hook that
+logs every unlearning step and runs ``eval_every`` evaluations."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+
+def check_report_to(kind: str) -> None:
+    """Fail before any model is loaded when the tracker's package is missing."""
+    needs = {"tensorboard": ("tensorboard", "pip install 'fastweight[track]' (or pip install tensorboard)"),
+             "wandb": ("wandb", "pip install wandb")}
+    if kind == "none":
+        return
+    if kind not in needs:
+        raise ValueError(f"report_to must be 'none', 'tensorboard' or 'wandb', got {kind!r}")
+    import importlib.util
+
+    module, how = needs[kind]
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(f"--report-to {kind} needs {module}: {how}")
+
+
+class Reporter:
+    """Scalars to an accelerate tracker (``report_to`` "tensorboard" | "wandb"; "none" does nothing).
+
+    TensorBoard event files go to ``<output_dir>/tensorboard/<run_name>``. Losses, learning rate and the
+    method's statistics are logged per unlearning step under ``train/<name>``, evaluations under
+    ``eval/<column>/<metric>``."""
+
+    def __init__(self, kind: str, output_dir: Path, run_name: str, config: Mapping[str, Any]) -> None:
+        self.kind, self.tracker = kind, None
+        if kind == "none":
+            return
+        if kind == "tensorboard":
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                raise ImportError("--report-to tensorboard needs TensorBoard: pip install 'fastweight[track]' "
+                                  "(or pip install tensorboard)") from None
+            from accelerate.tracking import TensorBoardTracker
+
+            self.tracker = TensorBoardTracker(run_name, str(output_dir / "tensorboard"))
+        elif kind == "wandb":
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise ImportError("--report-to wandb needs wandb: pip install wandb") from None
+            from accelerate.tracking import WandBTracker
+
+            self.tracker = WandBTracker(run_name, dir=str(output_dir))
+        else:
+            raise ValueError(f"report_to must be 'none', 'tensorboard' or 'wandb', got {kind!r}")
+        if hasattr(self.tracker, "start"):
+            self.tracker.start()
+        flat = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v, default=str))
+                for k, v in config.items() if v is not None}
+        self.tracker.store_init_configuration(flat)
+
+    def log(self, values: Mapping[str, Any], step: int, prefix: str) -> None:
+        if self.tracker is None:
+            return
+        scalars = {f"{prefix}/{k}": float(v) for k, v in values.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch")}
+        if scalars:
+            self.tracker.log(scalars, step=step)
+
+    def finish(self) -> None:
+        if self.tracker is not None:
+            self.tracker.finish()
+
+
+def step_hook(reporter: Reporter, every: int, evaluate: Callable[[int], dict[str, float]] | None,
+              during: list[dict[str, Any]]) -> Callable[[int, dict], None]:
+    """The ``on_step`` callback given to ``train``: logs each step to the tracker and, every ``every`` steps,
+    evaluates the model being trained (``evaluate(step) -> summary``) and records it in ``during``."""
+
+    def on_step(step: int, entry: dict) -> None:
+        reporter.log(entry, step, "train")
+        if evaluate is not None and every and step % every == 0:
+            summary = evaluate(step)
+            during.append({"step": step, "metrics": summary})
+            reporter.log(summary, step, "eval/during")
+
+    return on_step
+
+
+__all__ = ["Reporter", "check_report_to", "step_hook"]

@@ -1,0 +1,154 @@
+"""fastweight.pipelines on a tiny random model: TOFU's run(config), equal to its example's output (MUSE and WMDP
+run through their examples in test_muse.py / test_wmdp.py);
+--eval-every, trackers, results provenance, real-data defaults and truncation warnings (issue 14 item 4)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastweight.data.synth_muse import generate_muse
+from fastweight.data.synth_tofu import generate_tofu, write_tofu_folder
+from fastweight.data.synth_wmdp import generate_wmdp
+from fastweight.data.templates import REFUSALS
+from fastweight.pipelines import common as C
+from fastweight.pipelines import tofu
+from fastweight.train.models import save_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TOFU_FAST = dict(n_authors=6, questions_per_author=2, n_general=6, ft_epochs=1, epochs=2, max_new_tokens=4,
+                 mixed_precision="no", max_eval_items=2)
+
+
+def _texts(obj) -> list[str]:
+    if isinstance(obj, str):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _texts(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _texts(v)]
+    return []
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    texts = _texts(generate_tofu(seed=0, n_authors=6, questions_per_author=2, n_general=6))
+    for gen in (lambda: generate_muse(0), lambda: generate_wmdp(0)):
+        try:
+            texts += _texts(gen())
+        except TypeError:
+            pass
+    return str(save_tiny_model(tmp_path_factory.mktemp("tiny"), texts + ["Question: Answer:", *REFUSALS]))
+
+
+def _example(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def test_tofu_run_end_to_end_with_eval_every_and_tracker(tiny, cache, tmp_path):
+    tb = importlib.util.find_spec("tensorboard") is not None
+    cfg = tofu.TofuConfig(model=tiny, output_dir=str(tmp_path / "lib"), cache_dir=cache, eval_every=1,
+                          report_to="tensorboard" if tb else "none", **{**TOFU_FAST, "epochs": 1})
+    res = tofu.run(cfg)
+    assert list(res.metrics) == ["target (before)", "satimp (after)", "retain model"]
+    assert [d["step"] for d in res.during] == list(range(1, len(res.history) + 1)) and res.during
+    assert set(res.during[0]["metrics"]) >= {"forget_es", "forget_prob"}
+    saved = json.loads((tmp_path / "lib" / "results.json").read_text())
+    assert saved["metrics"] == json.loads(json.dumps(res.metrics))
+    prov = saved["provenance"]
+    assert prov["versions"]["torch"] and prov["config"]["method"] == "satimp" and len(prov["fingerprints"]["data"]) == 16
+    assert "git_commit" in prov
+    assert json.loads((tmp_path / "lib" / "status.json").read_text())["state"] == "complete"
+    for name in ("table.md", "training.png", "es.png", "fq_mu.png", "eval/step-000001/TOFU_SUMMARY.json"):
+        assert (tmp_path / "lib" / name).is_file(), name
+    if tb:  # TensorBoard event files with the expected scalar tags
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        tags = set()
+        for f in (tmp_path / "lib" / "tensorboard").rglob("events.out.tfevents.*"):
+            acc = EventAccumulator(str(f.parent))
+            acc.Reload()
+            tags |= set(acc.Tags()["scalars"])
+        assert {"train/loss", "train/lr", "train/grad_norm", "eval/target/forget_es", "eval/unlearned/forget_es",
+                "eval/during/forget_es"} <= tags
+
+
+def test_example_output_equals_library_run(tiny, cache, tmp_path, capsys):
+    fast = {**TOFU_FAST, "eval_only": True}
+    res = tofu.run(tofu.TofuConfig(model=tiny, output_dir=str(tmp_path / "lib"), cache_dir=cache, **fast))
+    args = ["--model", tiny, "--output-dir", str(tmp_path / "cli"), "--cache-dir", cache]
+    for k, v in fast.items():
+        args += [f"--{k.replace('_', '-')}"] if v is True else [f"--{k.replace('_', '-')}", str(v)]
+    capsys.readouterr()
+    assert _example("tofu_unlearn").main(args) == 0
+    printed = capsys.readouterr().out
+    assert "[target] cached" in printed and "[retain] cached" in printed and res.table in printed
+    assert json.loads((tmp_path / "cli" / "results.json").read_text())["metrics"] == \
+        json.loads(json.dumps(res.metrics))
+
+
+def test_real_data_defaults_are_the_papers():
+    assert tofu.resolved_lengths(tofu.TofuConfig()) == (64, 24)
+    assert tofu.resolved_lengths(tofu.TofuConfig(data="locuslab/TOFU")) == (512, 200)
+    assert tofu.resolved_lengths(tofu.TofuConfig(data="x", max_length=128)) == (128, 200)
+    from fastweight.pipelines import muse
+
+    assert muse.generation_lengths(muse.MuseConfig()) == (64, 16)
+    assert muse.generation_lengths(muse.MuseConfig(data="news")) == (128, 32)
+    assert tofu.family_template("open-unlearning/tofu_Llama-2-7b-chat-hf_full") == "llama2"
+    assert tofu.family_template("microsoft/phi-1_5") == "phi"
+    assert tofu.family_template("org/other", tokenizer=type("T", (), {"chat_template": "x"})()) == "chat"
+
+
+def test_data_with_truncating_max_length_warns_with_counts(tiny, tmp_path):
+    data = tmp_path / "tofu"
+    write_tofu_folder(data, 0, n_authors=6, questions_per_author=2, n_general=6)
+    cfg = tofu.TofuConfig(model=tiny, data=str(data), max_length=12, max_new_tokens=4, finetuned=True,
+                          eval_only=True, max_eval_items=1, output_dir=str(tmp_path / "o"), mixed_precision="no")
+    with pytest.warns(C.PipelineWarning, match=r"max_length 12 cuts \d+ of \d+ forget10 answers") as rec:
+        res = tofu.run(cfg)
+    assert any("max_new_tokens 4 is shorter than" in str(w.message) for w in rec)
+    assert res.extra["truncation"]["forget10"]["cut_by_max_length"] > 0
+
+
+def test_finetuned_with_retain_model_never_fine_tunes(tiny, tmp_path, monkeypatch):
+    calls = []
+    real = C.train
+    monkeypatch.setattr(C, "train", lambda *a, **k: calls.append(a[3].method) or real(*a, **k))
+    res = tofu.run(tofu.TofuConfig(model=tiny, retain_model=tiny, finetuned=True, output_dir=str(tmp_path / "o"),
+                                   cache_dir=str(tmp_path / "c"), **{**TOFU_FAST, "eval_only": True}))
+    assert calls == []  # no fine-tuning of the target or the retain model
+    assert "forget_quality" in res.metrics["target (before)"] and "retain model" in res.metrics
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").glob("target-*"))
+
+
+def test_evaluation_progress_bar_only_on_a_terminal(monkeypatch, capsys):
+    import io
+
+    calls = []
+    monkeypatch.setattr(tofu, "evaluate_tofu", lambda *a, splits, **k: calls.append(splits) or {"n": len(calls)})
+    sets = {"forget": [1], "retain": [1], "real_authors": [], "world_facts": [1]}
+    assert tofu._evaluate(None, None, sets, None, Path("."), None, "target") == {"n": 3}
+    assert calls == [["forget"], ["retain"], ["world_facts"]]  # one split per call, empty splits skipped
+    assert "TOFU eval" not in capsys.readouterr().err  # not a terminal: no bar
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    fake = Tty()
+    monkeypatch.setattr(sys, "stderr", fake)
+    tofu._evaluate(None, None, sets, None, Path("."), None, "target")
+    assert "TOFU eval target" in fake.getvalue()
