@@ -48,7 +48,9 @@ per row block: ~ (N / BLOCK_N) * V * H + N * H elements; backward the same plus 
 import triton
 import triton.language as tl
 
-from fastweight.kernels._tl import tl_expm1, tl_importance_weight, tl_linear_logits_tile
+from fastweight.kernels._tl import (
+    tl_expm1, tl_importance_weight, tl_linear_backprop_tile, tl_linear_logits_tile,
+)
 
 
 @triton.jit
@@ -189,35 +191,9 @@ def _linear_logprobs_bwd(
             zc = z / softcap
             u = u * (1.0 - zc * zc)
         u = tl.where(valid[:, None] & mask_v[None, :], u, 0.0)
-        if HAS_BIAS:
-            if COMPUTE_DW:
-                tl.atomic_add(db_ptr + offs_v, tl.sum(u * g[:, None], 0), mask=mask_v)
-        # d lm_head takes the rows scaled by g / g_max (relative to the block's largest row) and g_max after.
-        g_max = tl.max(tl.abs(g), 0)
-        if UPCAST_DOT:
-            u_in = u
-            ug_in = u * (g / g_max)[:, None]
-        else:
-            u_in = u.to(hidden_ptr.dtype.element_ty)
-            ug_in = (u * (g / g_max)[:, None]).to(hidden_ptr.dtype.element_ty)
 
-        # 2. d hidden[rows] += g * (u @ lm_head[tile]);  d lm_head[tile] += da^T @ hidden[rows]  (float32 atomics).
-        for h0 in range(0, H, BLOCK_H):
-            offs_h = h0 + tl.arange(0, BLOCK_H)
-            mask_h = offs_h < H
-            if COMPUTE_DH:
-                w = tl.load(lm_head_ptr + offs_v[:, None] * stride_lm_head_v + offs_h[None, :],
-                            mask=mask_v[:, None] & mask_h[None, :], other=0.0)
-                if UPCAST_DOT:
-                    w = w.to(tl.float32)
-                dh = tl.dot(u_in, w, input_precision=DOT_PRECISION) * g[:, None]
-                tl.atomic_add(dh_ptr + offs_n[:, None] * stride_dh_n + offs_h[None, :], dh,
-                              mask=mask_n[:, None] & mask_h[None, :])
-            if COMPUTE_DW:
-                h = tl.load(hidden_ptr + offs_n[:, None] * stride_hidden_n + offs_h[None, :],
-                            mask=mask_n[:, None] & mask_h[None, :], other=0.0)
-                if UPCAST_DOT:
-                    h = h.to(tl.float32)
-                dw = tl.dot(tl.trans(ug_in), h, input_precision=DOT_PRECISION) * g_max
-                tl.atomic_add(dw_ptr + offs_v[:, None] * stride_dw_v + offs_h[None, :], dw,
-                              mask=mask_v[:, None] & mask_h[None, :])
+        # 2. d hidden[rows] += g * (u @ lm_head[tile]);  d lm_head[tile] += da^T @ hidden[rows];  d bias.
+        tl_linear_backprop_tile(u, g, offs_n, offs_v, mask_n, mask_v, H,
+                                hidden_ptr, stride_hidden_n, lm_head_ptr, stride_lm_head_v,
+                                dh_ptr, stride_dh_n, dw_ptr, stride_dw_v, db_ptr,
+                                HAS_BIAS, BLOCK_H, DOT_PRECISION, UPCAST_DOT, COMPUTE_DH, COMPUTE_DW)

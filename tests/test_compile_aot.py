@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of every Triton kernel for sm_80 and sm_90 exactly as a launch builds it, no GPU.
 
 Cases come from ``aot_cases()`` of every module of ``fastweight.ops`` that defines it. Each case's
-``_launch_args`` call is recorded (the op module's ``_launch_args`` is wrapped while ``aot_cases`` runs), and
+``_launch_args`` call is recorded (``fastweight.ops._aot.recorded_cases``), and
 ``fastweight.ops._aot.compile_launch`` feeds those real launch arguments through Triton's own JIT binder, so
 the build carries the launch's specialisation (16-byte divisibility hints, stride-1 constants) — a bare
 signature compiles a different binary (issue #16: 49 KB shared and 448 B of spill where the launch build
@@ -29,39 +29,11 @@ triton = pytest.importorskip("triton")
 torch = pytest.importorskip("torch")
 
 import fastweight.ops  # noqa: E402
-from fastweight.ops._aot import SHARED_LIMIT, compile_launch, cuobjdump_path, resource_usage  # noqa: E402
+from fastweight.ops._aot import (  # noqa: E402
+    SHARED_LIMIT, compile_launch, cuobjdump_path, recorded_cases, relaunch, resource_usage,
+)
 
 ALIGN = 16
-
-
-def _recorded_cases(module):
-    """aot_cases() of ``module`` with, for each case, the (args, kwargs) of the _launch_args call behind it."""
-    calls = {}
-    original = module._launch_args
-
-    def recording(*args, **kwargs):
-        la = original(*args, **kwargs)
-        calls[id(la["signature"])] = (args, kwargs)
-        return la
-
-    module._launch_args = recording
-    try:
-        cases = module.aot_cases()
-    finally:
-        module._launch_args = original
-    out = []
-    for case in cases:
-        if id(case["signature"]) not in calls:
-            raise AssertionError(f"{module.__name__}: case {case['name']} does not carry _launch_args' signature")
-        out.append((case, calls[id(case["signature"])]))
-    return out
-
-
-def _aligned(x):
-    if not isinstance(x, torch.Tensor):
-        return x
-    shape = [-(-s // ALIGN) * ALIGN for s in x.shape]
-    return torch.zeros(shape, dtype=x.dtype, device=x.device)
 
 
 def _collect():
@@ -69,7 +41,7 @@ def _collect():
     for mod in pkgutil.iter_modules(fastweight.ops.__path__):
         module = importlib.import_module(f"fastweight.ops.{mod.name}")
         if hasattr(module, "aot_cases"):
-            for case, call in _recorded_cases(module):
+            for case, call in recorded_cases(module):
                 params.append(pytest.param(module, case, call, id=f"{mod.name}:{case['name']}"))
     return params
 
@@ -78,12 +50,8 @@ CASES = _collect()
 
 
 def _launch(module, case, call, aligned: bool):
-    args, kwargs = call
-    if aligned:
-        args = tuple(_aligned(a) for a in args)
-        kwargs = {k: _aligned(v) for k, v in kwargs.items()}
-    la = module._launch_args(*args, **kwargs)
-    assert la["signature"] == case["signature"] or aligned, "recorded call does not rebuild the case"
+    la = relaunch(module, call, align=ALIGN if aligned else None)
+    assert aligned or la["signature"] == case["signature"], "recorded call does not rebuild the case"
     return la
 
 

@@ -68,3 +68,44 @@ def resource_usage(kernel) -> dict[str, int]:
     reg, stack, static_shared, local = map(int, m.groups())
     return dict(registers=reg, stack=stack, static_shared=static_shared, local=local,
                 shared=int(kernel.metadata.shared))
+
+
+def recorded_cases(module) -> list[tuple[dict[str, Any], tuple[tuple, dict]]]:
+    """``module.aot_cases()`` with, for each case, the (args, kwargs) of the ``_launch_args`` call behind it.
+
+    The module's ``_launch_args`` is wrapped while ``aot_cases`` runs; a case is matched to its call by the
+    identity of the signature dict it carries, so no op has to return its call arguments.
+    """
+    calls = {}
+    original = module._launch_args
+
+    def recording(*args, **kwargs):
+        la = original(*args, **kwargs)
+        calls[id(la["signature"])] = (args, kwargs)
+        return la
+
+    module._launch_args = recording
+    try:
+        cases = module.aot_cases()
+    finally:
+        module._launch_args = original
+    out = []
+    for case in cases:
+        if id(case["signature"]) not in calls:
+            raise RuntimeError(f"{module.__name__}: case {case['name']} does not carry _launch_args' signature")
+        out.append((case, calls[id(case["signature"])]))
+    return out
+
+
+def relaunch(module, call: tuple[tuple, dict], *, align: int | None = None) -> dict[str, Any]:
+    """``module._launch_args`` for a recorded call; with ``align``, every tensor dimension is rounded up to a
+    multiple of ``align`` first (real models' hidden and vocabulary sizes, which turn divisibility hints on)."""
+    import torch
+
+    def resize(x):
+        if align is None or not isinstance(x, torch.Tensor):
+            return x
+        return torch.zeros([-(-s // align) * align for s in x.shape], dtype=x.dtype, device=x.device)
+
+    args, kwargs = call
+    return module._launch_args(*(resize(a) for a in args), **{k: resize(v) for k, v in kwargs.items()})

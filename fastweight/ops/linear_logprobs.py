@@ -48,6 +48,7 @@ class TileConfig:
     BLOCK_H: int
     num_warps: int = 8
     num_stages: int = 3
+    maxnreg: int | None = None  # ptxas register ceiling (None: ptxas picks, sometimes 128 plus a small spill)
 
 
 _TILES_16 = {"fwd": TileConfig(64, 128, 64), "bwd": TileConfig(64, 128, 64)}
@@ -140,7 +141,7 @@ def _launch_args(hidden, lm_head, bias, labels, opts: LinearLogprobsOptions, *, 
     """Grid, kernel arguments and constexprs for one launch; the compile test calls this too.
 
     ``kernel``: "fwd" | "finalize" | "bwd". Returns {"grid", "args", "constexprs", "num_warps", "num_stages",
-    "outputs", "signature"}; "outputs" holds the buffers the launch writes (float32). Launch with
+    "maxnreg", "outputs", "signature"}; "outputs" holds the buffers the launch writes (float32). Launch with
     ``launch_kernel`` so every launch option comes from here.
     """
     N, H = hidden.shape
@@ -197,7 +198,8 @@ def _launch_args(hidden, lm_head, bias, labels, opts: LinearLogprobsOptions, *, 
     else:
         raise ValueError(f"kernel must be 'fwd', 'finalize' or 'bwd', got {kernel!r}")
     return dict(grid=grid, args=args, constexprs=constexprs, num_warps=num_warps, num_stages=num_stages,
-                outputs=outputs, signature=signature_of(args, constexprs))
+                maxnreg=tile.maxnreg if kernel != "finalize" else None, outputs=outputs,
+                signature=signature_of(args, constexprs))
 
 
 def triton_cdiv(a: int, b: int) -> int:
