@@ -2,7 +2,7 @@
 
     python -m benchmarks.report run.json                  # table on stdout, chart in run.png
     python -m benchmarks.report run.json --md table.md --png chart.png
-    python -m benchmarks.report --resources [--only linear] [--md resources.md]   # kernel resource table
+    python -m benchmarks.report --resources [--only linear] [--cce] [--md resources.md]   # kernel resources
 
 One table per group (shape, dtype, mode), rows sorted by time:
 
@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 from collections import defaultdict
+from typing import Any
 
 OUTPUTS = ("loss", "d_hidden", "d_lm_head")
 MIB = 2 ** 20
@@ -189,6 +190,70 @@ def resource_rows(only: str | None = None, ccs=(80, 90)) -> list[dict]:
     return rows
 
 
+def _capture_launch(kernel, launch) -> tuple[Any, dict]:
+    """Run ``launch()`` (a library's own launcher, on 'meta' tensors) with the innermost JITFunction's ``run``
+    replaced by a recorder: returns that JITFunction and the launch dict (args, constexprs, warps, stages)
+    its heuristics produced, ready for ``compile_launch``. Nothing executes."""
+    jit = kernel
+    while not hasattr(jit, "params"):  # Heuristics / Autotuner wrappers keep the next level in .fn
+        jit = jit.fn
+    seen = {}
+
+    def record(*args, grid, warmup, **kwargs):
+        seen["args"], seen["kwargs"] = args, kwargs
+
+    jit.run = record
+    try:
+        launch()
+    finally:
+        del jit.run
+    names = [p.name for p in jit.params]
+    values = dict(zip(names, seen["args"]))
+    values.update({k: v for k, v in seen["kwargs"].items() if k in names})
+    constexprs = {p.name: values.pop(p.name) for p in jit.params if p.is_constexpr and p.name in values}
+    options = {k: seen["kwargs"][k] for k in ("num_warps", "num_stages") if k in seen["kwargs"]}
+    return jit, dict(args=values, constexprs=constexprs, **options)
+
+
+def cce_resource_rows(ccs=(80, 90)) -> list[dict]:
+    """cut-cross-entropy's forward-LSE and backward kernels, launched through its own launchers (default
+    heuristics config, filter_eps "high" as ``linear_cross_entropy``) at N=4096, H=576, V=49152, compiled
+    like ours. Empty when cut-cross-entropy is not installed."""
+    try:
+        from cut_cross_entropy import cce_backward, cce_lse_forward
+        from cut_cross_entropy.utils import _handle_eps
+    except ImportError:
+        return []
+    import torch
+
+    from fastweight.ops._aot import compile_launch, resource_usage
+
+    rows = []
+    meta = dict(device="meta")
+    for dtype in (torch.bfloat16, torch.float16):
+        e = torch.zeros(4096, 576, dtype=dtype, **meta)
+        c = torch.zeros(49152, 576, dtype=dtype, **meta).requires_grad_()
+        targets = torch.zeros(4096, dtype=torch.int64, **meta)
+        lse = torch.zeros(4096, dtype=torch.float32, **meta)
+        tag = str(dtype).replace("torch.", "")
+        launches = (
+            ("fwd", cce_lse_forward._cce_lse_forward_kernel,
+             lambda: cce_lse_forward.cce_lse_forward_kernel(e, c, None, None, True)),
+            ("bwd", cce_backward._cce_backward_kernel,
+             lambda: cce_backward.cce_backward_kernel(lse, e, c, lse, None, None, _handle_eps("high", dtype),
+                                                      targets)),
+        )
+        for kind, kernel, launch in launches:
+            jit, la = _capture_launch(kernel, launch)
+            row = dict(kernel=jit.__name__, case=f"cce_{kind}_{tag}", num_warps=la.get("num_warps"),
+                       num_stages=la.get("num_stages"),
+                       block={k: v for k, v in la["constexprs"].items() if k.startswith("BLOCK_")})
+            for cc in ccs:
+                row[cc] = resource_usage(compile_launch(jit, la, cc))
+            rows.append(row)
+    return rows
+
+
 def resource_table(rows: list[dict], ccs=(80, 90)) -> str:
     head = "| case | tiles | warps / stages | " + " | ".join(
         f"sm_{cc} regs | sm_{cc} spill B | sm_{cc} shared KiB" for cc in ccs) + " |"
@@ -211,9 +276,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--png", help="chart path (default: the JSON path with .png)")
     p.add_argument("--resources", action="store_true", help="kernel resource table instead (no JSON)")
     p.add_argument("--only", help="with --resources: cases whose name contains this string")
+    p.add_argument("--cce", action="store_true", help="with --resources: add cut-cross-entropy's kernels")
     args = p.parse_args(argv)
     if args.resources:
-        text = resource_table(resource_rows(args.only))
+        rows = resource_rows(args.only)
+        if args.cce:
+            rows += cce_resource_rows()
+        text = resource_table(rows)
         print(text)
         if args.md:
             with open(args.md, "w") as f:
