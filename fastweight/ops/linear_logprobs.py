@@ -60,14 +60,16 @@ TILES = {
 FWD_PROGRAMS = 512
 FINALIZE_BLOCK_N = 128
 FINALIZE_NUM_WARPS = 4
-# Tuning (torch): 8 Mi float32 (32 MiB) per [c, V] chunk buffer, c = 170 rows at V = 49152. The buffer is
+# Tuning (torch): 12 Mi float32 (48 MiB) per [c, V] chunk buffer, c = 256 rows at V = 49152. The buffer is
 # written by the GEMM and read by exp_/sum and the two gradient GEMMs while it is still (mostly) cached.
 # c is also the inner dimension K of the dW += da_c^T @ h_c update, which reads and writes the whole [V, H]
 # float32 accumulator once per chunk: small chunks make that update and the M = c logits GEMM inefficient
 # (measured on the 2-core CI CPU at N=1024, H=576, V=49152: c = 64 / 128 / 256 / 512 gave 1.71 / 1.57 /
-# 1.34 / 1.08 x the 3-GEMM floor under load), large ones raise peak memory by c * V * 4 bytes; 32 MiB keeps
-# hidden-size 576 / vocabulary 49152 SatImp under 200 MB of extra memory including d lm_head itself.
-TORCH_CHUNK_ELEMENTS = 1 << 23
+# 1.34 / 1.08 x the 3-GEMM floor under load), large ones raise peak memory by c * V * 4 bytes. At the
+# reference size (N=4096, H=576, V=49152 SatImp, docs/performance.md) c = 170 / 256 / 341 ran at 0.96 /
+# 0.87 / 0.89 x cut-cross-entropy's time side by side (loaded machine), and c = 256 peaks at 176 MB extra
+# (fresh-process RSS, d lm_head's 113 MB included; c = 170: 159 MB), inside the 200 MB budget.
+TORCH_CHUNK_ELEMENTS = 3 << 22
 # exp(z) without max-subtraction is exact to fp32 rounding while the row sum stays in [2**-60, 2**100]
 # (the largest logit then lies in [-42 - log V, 69]); chunks outside fall back to the max-shifted pass.
 _SUM_LO, _SUM_HI = 2.0 ** -60, 2.0 ** 100
