@@ -2,6 +2,7 @@
 
     python -m benchmarks.report run.json                  # table on stdout, chart in run.png
     python -m benchmarks.report run.json --md table.md --png chart.png
+    python -m benchmarks.report --resources [--only linear] [--cce] [--md resources.md]   # kernel resources
 
 One table per group (shape, dtype, mode), rows sorted by time:
 
@@ -13,6 +14,12 @@ One table per group (shape, dtype, mode), rows sorted by time:
   x floor = peak / ``bytes * (N*H + V*H)`` (the two gradients; forward-only floor is O(N));
 * rel. error: max |x - x64| / max |x64| against the float64 reference for loss, d hidden, d lm_head.
 Skipped providers are listed with their reasons.
+
+``--resources`` needs no JSON: it compiles every kernel case of ``fastweight.ops`` (each op's
+``aot_cases``) as a launch would build it at hidden / vocabulary sizes that are multiples of 16 (Triton's
+JIT specialisation, ``fastweight.ops._aot``) for sm_80 and sm_90 and tabulates registers per thread,
+spill (ptxas stack) bytes per thread and shared memory per block, read with the Triton wheel's
+``cuobjdump -res-usage``. No GPU is needed; compiled kernels are cached by Triton.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import argparse
 import json
 import os
 from collections import defaultdict
+from typing import Any
 
 OUTPUTS = ("loss", "d_hidden", "d_lm_head")
 MIB = 2 ** 20
@@ -156,12 +164,132 @@ def chart(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def resource_rows(only: str | None = None, ccs=(80, 90)) -> list[dict]:
+    """One row per aot case (aligned launch build) with registers / stack / shared for each architecture."""
+    import importlib
+    import pkgutil
+
+    import fastweight.ops
+    from fastweight.ops._aot import compile_launch, recorded_cases, relaunch, resource_usage
+
+    rows = []
+    for mod in pkgutil.iter_modules(fastweight.ops.__path__):
+        module = importlib.import_module(f"fastweight.ops.{mod.name}")
+        if not hasattr(module, "aot_cases"):
+            continue
+        for case, call in recorded_cases(module):
+            if only and only not in case["name"]:
+                continue
+            la = relaunch(module, call, align=16)
+            row = dict(kernel=case["fn"].__name__, case=case["name"], num_warps=la["num_warps"],
+                       num_stages=la.get("num_stages"), block={k: v for k, v in la["constexprs"].items()
+                                                               if k.startswith("BLOCK_")})
+            for cc in ccs:
+                row[cc] = resource_usage(compile_launch(case["fn"], la, cc))
+            rows.append(row)
+    return rows
+
+
+def _capture_launch(kernel, launch) -> tuple[Any, dict]:
+    """Run ``launch()`` (a library's own launcher, on 'meta' tensors) with the innermost JITFunction's ``run``
+    replaced by a recorder: returns that JITFunction and the launch dict (args, constexprs, warps, stages)
+    its heuristics produced, ready for ``compile_launch``. Nothing executes."""
+    jit = kernel
+    while not hasattr(jit, "params"):  # Heuristics / Autotuner wrappers keep the next level in .fn
+        jit = jit.fn
+    seen = {}
+
+    def record(*args, grid, warmup, **kwargs):
+        seen["args"], seen["kwargs"] = args, kwargs
+
+    jit.run = record
+    try:
+        launch()
+    finally:
+        del jit.run
+    names = [p.name for p in jit.params]
+    values = dict(zip(names, seen["args"]))
+    values.update({k: v for k, v in seen["kwargs"].items() if k in names})
+    constexprs = {p.name: values.pop(p.name) for p in jit.params if p.is_constexpr and p.name in values}
+    options = {k: seen["kwargs"][k] for k in ("num_warps", "num_stages") if k in seen["kwargs"]}
+    return jit, dict(args=values, constexprs=constexprs, **options)
+
+
+def cce_resource_rows(ccs=(80, 90)) -> list[dict]:
+    """cut-cross-entropy's forward-LSE and backward kernels, launched through its own launchers (default
+    heuristics config, filter_eps "high" as ``linear_cross_entropy``) at N=4096, H=576, V=49152, compiled
+    like ours. Empty when cut-cross-entropy is not installed."""
+    try:
+        from cut_cross_entropy import cce_backward, cce_lse_forward
+        from cut_cross_entropy.utils import _handle_eps
+    except ImportError:
+        return []
+    import torch
+
+    from fastweight.ops._aot import compile_launch, resource_usage
+
+    rows = []
+    meta = dict(device="meta")
+    for dtype in (torch.bfloat16, torch.float16):
+        e = torch.zeros(4096, 576, dtype=dtype, **meta)
+        c = torch.zeros(49152, 576, dtype=dtype, **meta).requires_grad_()
+        targets = torch.zeros(4096, dtype=torch.int64, **meta)
+        lse = torch.zeros(4096, dtype=torch.float32, **meta)
+        tag = str(dtype).replace("torch.", "")
+        launches = (
+            ("fwd", cce_lse_forward._cce_lse_forward_kernel,
+             lambda: cce_lse_forward.cce_lse_forward_kernel(e, c, None, None, True)),
+            ("bwd", cce_backward._cce_backward_kernel,
+             lambda: cce_backward.cce_backward_kernel(lse, e, c, lse, None, None, _handle_eps("high", dtype),
+                                                      targets)),
+        )
+        for kind, kernel, launch in launches:
+            jit, la = _capture_launch(kernel, launch)
+            row = dict(kernel=jit.__name__, case=f"cce_{kind}_{tag}", num_warps=la.get("num_warps"),
+                       num_stages=la.get("num_stages"),
+                       block={k: v for k, v in la["constexprs"].items() if k.startswith("BLOCK_")})
+            for cc in ccs:
+                row[cc] = resource_usage(compile_launch(jit, la, cc))
+            rows.append(row)
+    return rows
+
+
+def resource_table(rows: list[dict], ccs=(80, 90)) -> str:
+    head = "| case | tiles | warps / stages | " + " | ".join(
+        f"sm_{cc} regs | sm_{cc} spill B | sm_{cc} shared KiB" for cc in ccs) + " |"
+    lines = [head, "|" + "---|" * (3 + 3 * len(ccs))]
+    for r in rows:
+        tiles = " x ".join(str(v) for v in r["block"].values())
+        cells = []
+        for cc in ccs:
+            u = r[cc]
+            cells += [str(u["registers"]), str(u["stack"] + u["local"]), f"{u['shared'] / 1024:.0f}"]
+        lines.append(f"| {r['case']} | {tiles} | {r['num_warps']} / {r['num_stages'] or '-'} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("json", help="file written by pytest benchmarks/ --benchmark-json=FILE")
+    p.add_argument("json", nargs="?", help="file written by pytest benchmarks/ --benchmark-json=FILE")
     p.add_argument("--md", help="also write the Markdown table to this file")
     p.add_argument("--png", help="chart path (default: the JSON path with .png)")
+    p.add_argument("--resources", action="store_true", help="kernel resource table instead (no JSON)")
+    p.add_argument("--only", help="with --resources: cases whose name contains this string")
+    p.add_argument("--cce", action="store_true", help="with --resources: add cut-cross-entropy's kernels")
     args = p.parse_args(argv)
+    if args.resources:
+        rows = resource_rows(args.only)
+        if args.cce:
+            rows += cce_resource_rows()
+        text = resource_table(rows)
+        print(text)
+        if args.md:
+            with open(args.md, "w") as f:
+                f.write(text)
+        return
+    if args.json is None:
+        p.error("a benchmark JSON file is required unless --resources is given")
     with open(args.json) as f:
         data = json.load(f)
     rows = rows_from_json(data)

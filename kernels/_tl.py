@@ -137,3 +137,48 @@ def tl_linear_logits_tile(hidden_ptr, stride_hidden_n, lm_head_ptr, stride_lm_he
     if HAS_SOFTCAP:
         acc = softcap * tl_tanh(acc / softcap)
     return acc
+
+
+@triton.jit
+def tl_linear_backprop_tile(u, g, offs_n, offs_v, mask_n, mask_v, H,
+                            hidden_ptr, stride_hidden_n, lm_head_ptr, stride_lm_head_v,
+                            dh_ptr, stride_dh_n, dw_ptr, stride_dw_v, db_ptr,
+                            HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                            UPCAST_DOT: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr):
+    """Back-propagate the logits-gradient tile da = g[:, None] * u through z = hidden @ lm_head.T + bias.
+
+    u [BLOCK_N, BLOCK_V] float32 (|u| <= 1, zero on masked / ignored entries), g [BLOCK_N] float32 with
+    max |g| > 0. Float32 atomics: d hidden[rows] += g * (u @ lm_head[tile]), d lm_head[tile] +=
+    g_max * ((u * g / g_max)^T @ hidden[rows]), d bias[tile] += sum_rows g * u. g stays outside the 16-bit
+    dot operands (and d lm_head's rows are scaled relative to the block's largest |g|) so small per-row
+    coefficients do not underflow in bf16 / fp16.
+    """
+    if HAS_BIAS:
+        if COMPUTE_DW:
+            tl.atomic_add(db_ptr + offs_v, tl.sum(u * g[:, None], 0), mask=mask_v)
+    g_max = tl.max(tl.abs(g), 0)
+    if UPCAST_DOT:
+        u_in = u
+        ug_in = u * (g / g_max)[:, None]
+    else:
+        u_in = u.to(hidden_ptr.dtype.element_ty)
+        ug_in = (u * (g / g_max)[:, None]).to(hidden_ptr.dtype.element_ty)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < H
+        if COMPUTE_DH:
+            w = tl.load(lm_head_ptr + offs_v[:, None] * stride_lm_head_v + offs_h[None, :],
+                        mask=mask_v[:, None] & mask_h[None, :], other=0.0)
+            if UPCAST_DOT:
+                w = w.to(tl.float32)
+            dh = tl.dot(u_in, w, input_precision=DOT_PRECISION) * g[:, None]
+            tl.atomic_add(dh_ptr + offs_n[:, None] * stride_dh_n + offs_h[None, :], dh,
+                          mask=mask_n[:, None] & mask_h[None, :])
+        if COMPUTE_DW:
+            h = tl.load(hidden_ptr + offs_n[:, None] * stride_hidden_n + offs_h[None, :],
+                        mask=mask_n[:, None] & mask_h[None, :], other=0.0)
+            if UPCAST_DOT:
+                h = h.to(tl.float32)
+            dw = tl.dot(tl.trans(ug_in), h, input_precision=DOT_PRECISION) * g_max
+            tl.atomic_add(dw_ptr + offs_v[:, None] * stride_dw_v + offs_h[None, :], dw,
+                          mask=mask_v[:, None] & mask_h[None, :])

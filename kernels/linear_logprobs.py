@@ -27,11 +27,13 @@ Kernels and grids:
                                g outside the 16-bit operands stops small coefficients from underflowing.
                                Row blocks whose g is all zero (ignored rows) do nothing.
 Constexprs:
-    HAS_BIAS       add bias [V] to the logits (and produce d bias in the backward when compute_dw).
+    HAS_BIAS       add bias [V] to the logits (and produce d bias in the backward when COMPUTE_DW).
     HAS_SOFTCAP    final-logit soft-capping; ``softcap`` is a runtime float.
     HAS_WEIGHTS    finalize computes w_t (else w_t = 1 on valid rows).
-Runtime flags (uniform branches, not constexprs, to halve the compiled variants): ``compute_dh`` (backward
-writes d hidden), ``compute_dw`` (backward writes d lm_head and d bias).
+    COMPUTE_DH     backward writes d hidden.  COMPUTE_DW  backward writes d lm_head (and d bias).
+                   Constexprs, not runtime flags: a runtime flag keeps both branches' registers live (the
+                   bf16 backward spilled 136 B on sm_80 that way) and Triton would specialise an int 1
+                   into a constant anyway, so each combination is its own build either way.
     BLOCK_N, BLOCK_V, BLOCK_H  tile sizes (powers of two, >= 16 for tl.dot).
     DOT_PRECISION  tl.dot input precision: "ieee" for float32 inputs (matches torch's default fp32 matmul),
                    ignored for bf16/fp16 inputs.
@@ -46,7 +48,9 @@ per row block: ~ (N / BLOCK_N) * V * H + N * H elements; backward the same plus 
 import triton
 import triton.language as tl
 
-from fastweight.kernels._tl import tl_expm1, tl_importance_weight, tl_linear_logits_tile
+from fastweight.kernels._tl import (
+    tl_expm1, tl_importance_weight, tl_linear_backprop_tile, tl_linear_logits_tile,
+)
 
 
 @triton.jit
@@ -148,7 +152,7 @@ def _linear_logprobs_bwd(
     dw_ptr, stride_dw_v,
     db_ptr,
     N, V, H, ignore_index,
-    softcap, compute_dh, compute_dw,
+    softcap,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -156,6 +160,8 @@ def _linear_logprobs_bwd(
     BLOCK_H: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    COMPUTE_DH: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -185,35 +191,9 @@ def _linear_logprobs_bwd(
             zc = z / softcap
             u = u * (1.0 - zc * zc)
         u = tl.where(valid[:, None] & mask_v[None, :], u, 0.0)
-        if HAS_BIAS:
-            if compute_dw:
-                tl.atomic_add(db_ptr + offs_v, tl.sum(u * g[:, None], 0), mask=mask_v)
-        # d lm_head takes the rows scaled by g / g_max (relative to the block's largest row) and g_max after.
-        g_max = tl.max(tl.abs(g), 0)
-        if UPCAST_DOT:
-            u_in = u
-            ug_in = u * (g / g_max)[:, None]
-        else:
-            u_in = u.to(hidden_ptr.dtype.element_ty)
-            ug_in = (u * (g / g_max)[:, None]).to(hidden_ptr.dtype.element_ty)
 
-        # 2. d hidden[rows] += g * (u @ lm_head[tile]);  d lm_head[tile] += da^T @ hidden[rows]  (float32 atomics).
-        for h0 in range(0, H, BLOCK_H):
-            offs_h = h0 + tl.arange(0, BLOCK_H)
-            mask_h = offs_h < H
-            if compute_dh:
-                w = tl.load(lm_head_ptr + offs_v[:, None] * stride_lm_head_v + offs_h[None, :],
-                            mask=mask_v[:, None] & mask_h[None, :], other=0.0)
-                if UPCAST_DOT:
-                    w = w.to(tl.float32)
-                dh = tl.dot(u_in, w, input_precision=DOT_PRECISION) * g[:, None]
-                tl.atomic_add(dh_ptr + offs_n[:, None] * stride_dh_n + offs_h[None, :], dh,
-                              mask=mask_n[:, None] & mask_h[None, :])
-            if compute_dw:
-                h = tl.load(hidden_ptr + offs_n[:, None] * stride_hidden_n + offs_h[None, :],
-                            mask=mask_n[:, None] & mask_h[None, :], other=0.0)
-                if UPCAST_DOT:
-                    h = h.to(tl.float32)
-                dw = tl.dot(tl.trans(ug_in), h, input_precision=DOT_PRECISION) * g_max
-                tl.atomic_add(dw_ptr + offs_v[:, None] * stride_dw_v + offs_h[None, :], dw,
-                              mask=mask_v[:, None] & mask_h[None, :])
+        # 2. d hidden[rows] += g * (u @ lm_head[tile]);  d lm_head[tile] += da^T @ hidden[rows];  d bias.
+        tl_linear_backprop_tile(u, g, offs_n, offs_v, mask_n, mask_v, H,
+                                hidden_ptr, stride_hidden_n, lm_head_ptr, stride_lm_head_v,
+                                dh_ptr, stride_dh_n, dw_ptr, stride_dw_v, db_ptr,
+                                HAS_BIAS, BLOCK_H, DOT_PRECISION, UPCAST_DOT, COMPUTE_DH, COMPUTE_DW)

@@ -69,3 +69,28 @@ def test_auto_backend_picks_triton_on_cuda():
     z, y = _cuda(*make_logits(4, 100, torch.float32, seed=7))
     assert y.max() < 100 and IGNORE_INDEX < 0
     torch.testing.assert_close(fastweight.token_logprobs(z, y), fastweight.token_logprobs(z, y, backend="triton"))
+
+
+@pytest.mark.parametrize("variant", ["plain", "undial_softcap"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+def test_linear_kl_div_triton(dtype, variant):
+    from fastweight.ops.linear_kl_div import linear_kl_div
+    from fastweight.reference.linear_kl_div import linear_kl_div as lkl_ref
+
+    full = variant != "plain"
+    h, W, b, y = _cuda(*make_hidden(130, 96, 2051, dtype, seed=8, bias=full, ignore_rows=[1, 7]))
+    rh, rW, rb, _ = _cuda(*make_hidden(130, 96, 2051, dtype, seed=9, bias=full))
+    rh, rW = (h.float() + 0.3 * rh.float()).to(dtype), (W.float() + 0.3 * rW.float()).to(dtype)
+    kw = dict(ref_shift=10.0, softcap=4.0, ref_softcap=3.0) if full else {}
+    y = y if full else None
+    up = upstream_like((130,), dtype).cuda()
+    # ulp scales as in tests/test_linear_kl_div.py: eps * |lse| for values, 2 |lse| |g| max(|W|, |h|) for grads.
+    lse = max(float(torch.logsumexp(torch.nn.functional.linear(x.double(), m.double()), -1).abs().max())
+              for x, m in ((h, W), (rh, rW)))
+    gscale = 2 * lse * float(up.abs().max()) * max(1.0, float(W.abs().max()), float(h.abs().max()))
+    tensors = [h, W] + ([b] if full else [])
+    compare_with_reference(
+        lambda x, w, bb=None: linear_kl_div(x, w, rh, rW, y, bias=bb, ref_bias=rb, backend="triton", **kw),
+        lambda x, w, bb=None: lkl_ref(x, w, rh, rW, y, bias=bb, ref_bias=rb, **kw),
+        tensors, dtype=dtype, upstream=up, c=16.0, value_scale=max(1.0, lse), grad_scale=gscale,
+        names=["hidden", "lm_head", "bias"][: len(tensors)])

@@ -210,3 +210,13 @@ def autocast_cast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, .
 def no_autocast(device: torch.device):
     """Context that turns autocast off for the ops' own GEMMs (they accumulate in float32 themselves)."""
     return torch.autocast(device_type=device.type if device.type in ("cpu", "cuda") else "cpu", enabled=False)
+
+
+def launch_kernel(fn, launch: dict[str, Any], **args: Any) -> None:
+    """``fn[grid](...)`` with the grid, arguments, constexprs and launch options of a ``_launch_args`` result.
+
+    ``args`` replace launch arguments (real inputs in place of the placeholders ``_launch_args`` allocated).
+    The compile test builds from the same dict, so what it checks is what launches.
+    """
+    options = {k: launch[k] for k in ("num_warps", "num_stages", "maxnreg") if launch.get(k) is not None}
+    fn[launch["grid"]](**{**launch["args"], **args}, **launch["constexprs"], **options)

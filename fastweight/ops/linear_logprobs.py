@@ -29,27 +29,47 @@ import torch
 from fastweight._constants import IGNORE_INDEX, Reduction
 from fastweight.ops._common import (
     acc_dtype, autocast_cast, check_finite, check_float_tensor, check_labels, check_weight_options,
-    importance_weight_torch, no_autocast, resolve_backend, signature_of, triton_interpret,
+    importance_weight_torch, launch_kernel, no_autocast, resolve_backend, signature_of, triton_interpret,
 )
 
 # ---------------------------------------------------------------------------------------------------------
-# Tuning (Triton): tl.dot tiles. 64 x 128 logits tile in float32 registers (32 values per thread at 8 warps),
-# BLOCK_H 32 fp32 / 64 16-bit keeps each operand tile at 8-16 KiB of shared memory; FWD_PROGRAMS ~ 4 waves on
-# a 132-SM GPU decides how many vocabulary splits the forward uses when N / BLOCK_N is small.
-BLOCK_N = 64
-BLOCK_V = 128
-BLOCK_H = {torch.float32: 32, torch.bfloat16: 64, torch.float16: 64}
-NUM_WARPS = 8
+# Tuning (Triton): one tile config per (input dtype, kernel), chosen from `cuobjdump -res-usage` of the
+# launch-specialised builds for sm_80 and sm_90 (tests/test_compile_aot.py, docs/performance.md), none spills.
+# 16-bit: 64 x 128 logits tile (32 float32 values per thread at 8 warps) fed to the tensor cores with 64-wide
+# H steps. float32 ("ieee" tl.dot runs on the FMA units, whose operands live in registers): the 64 x 128 /
+# BLOCK_H 32 tile needed 255 registers plus 8-48 B (forward) and ~2 KB (backward) of spill per thread; a
+# 64 x 64 tile with 16-wide H steps needs <= 184 registers and none in the forward; the backward spilled
+# 16-24 B in some bias / softcap variants with 2 pipeline stages (ptxas settles at 128 registers) and none,
+# at <= 156 registers, with 1.
+@dataclass(frozen=True)
+class TileConfig:
+    BLOCK_N: int
+    BLOCK_V: int
+    BLOCK_H: int
+    num_warps: int = 8
+    num_stages: int = 3
+    maxnreg: int | None = None  # ptxas register ceiling (None: ptxas picks, sometimes 128 plus a small spill)
+
+
+_TILES_16 = {"fwd": TileConfig(64, 128, 64), "bwd": TileConfig(64, 128, 64)}
+TILES = {
+    torch.float32: {"fwd": TileConfig(64, 64, 16, 8, 3), "bwd": TileConfig(64, 64, 16, 8, 1)},
+    torch.bfloat16: _TILES_16,
+    torch.float16: _TILES_16,
+}
 FWD_PROGRAMS = 512
 FINALIZE_BLOCK_N = 128
-# Tuning (torch): 8 Mi float32 (32 MiB) per [c, V] chunk buffer, c = 170 rows at V = 49152. The buffer is
+FINALIZE_NUM_WARPS = 4
+# Tuning (torch): 12 Mi float32 (48 MiB) per [c, V] chunk buffer, c = 256 rows at V = 49152. The buffer is
 # written by the GEMM and read by exp_/sum and the two gradient GEMMs while it is still (mostly) cached.
 # c is also the inner dimension K of the dW += da_c^T @ h_c update, which reads and writes the whole [V, H]
 # float32 accumulator once per chunk: small chunks make that update and the M = c logits GEMM inefficient
 # (measured on the 2-core CI CPU at N=1024, H=576, V=49152: c = 64 / 128 / 256 / 512 gave 1.71 / 1.57 /
-# 1.34 / 1.08 x the 3-GEMM floor under load), large ones raise peak memory by c * V * 4 bytes; 32 MiB keeps
-# hidden-size 576 / vocabulary 49152 SatImp under 200 MB of extra memory including d lm_head itself.
-TORCH_CHUNK_ELEMENTS = 1 << 23
+# 1.34 / 1.08 x the 3-GEMM floor under load), large ones raise peak memory by c * V * 4 bytes. At the
+# reference size (N=4096, H=576, V=49152 SatImp, docs/performance.md) c = 170 / 256 / 341 ran at 0.96 /
+# 0.87 / 0.89 x cut-cross-entropy's time side by side (loaded machine), and c = 256 peaks at 176 MB extra
+# (fresh-process RSS, d lm_head's 113 MB included; c = 170: 159 MB), inside the 200 MB budget.
+TORCH_CHUNK_ELEMENTS = 3 << 22
 # exp(z) without max-subtraction is exact to fp32 rounding while the row sum stays in [2**-60, 2**100]
 # (the largest logit then lies in [-42 - log V, 69]); chunks outside fall back to the max-shifted pass.
 _SUM_LO, _SUM_HI = 2.0 ** -60, 2.0 ** 100
@@ -122,25 +142,27 @@ def _launch_args(hidden, lm_head, bias, labels, opts: LinearLogprobsOptions, *, 
                  compute_dh: bool = True, compute_dw: bool = True) -> dict[str, Any]:
     """Grid, kernel arguments and constexprs for one launch; the compile test calls this too.
 
-    ``kernel``: "fwd" | "finalize" | "bwd". Returns {"grid", "args", "constexprs", "num_warps", "outputs",
-    "signature"}; "outputs" holds the buffers the launch writes (float32).
+    ``kernel``: "fwd" | "finalize" | "bwd". Returns {"grid", "args", "constexprs", "num_warps", "num_stages",
+    "maxnreg", "outputs", "signature"}; "outputs" holds the buffers the launch writes (float32). Launch with
+    ``launch_kernel`` so every launch option comes from here.
     """
     N, H = hidden.shape
     V = lm_head.shape[0]
     dev = hidden.device
     f32 = dict(dtype=torch.float32, device=dev)
-    block_h = BLOCK_H[hidden.dtype]
-    common = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None, BLOCK_N=BLOCK_N,
-                  BLOCK_V=BLOCK_V, BLOCK_H=block_h,
+    tile = TILES[hidden.dtype]["bwd" if kernel == "bwd" else "fwd"]
+    common = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None, BLOCK_N=tile.BLOCK_N,
+                  BLOCK_V=tile.BLOCK_V, BLOCK_H=tile.BLOCK_H,
                   DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
                   UPCAST_DOT=hidden.dtype == torch.bfloat16 and triton_interpret())
     softcap = float(opts.softcap) if opts.softcap is not None else 1.0
     bias_arg = bias if bias is not None else lm_head  # never read when HAS_BIAS is False
-    n_blocks = triton_cdiv(N, BLOCK_N)
+    n_blocks = triton_cdiv(N, tile.BLOCK_N)
+    num_warps, num_stages = tile.num_warps, tile.num_stages
     if kernel == "fwd":
-        v_tiles = triton_cdiv(V, BLOCK_V)
+        v_tiles = triton_cdiv(V, tile.BLOCK_V)
         splits = max(1, min(v_tiles, FWD_PROGRAMS // max(n_blocks, 1)))
-        v_per_split = triton_cdiv(v_tiles, splits) * BLOCK_V
+        v_per_split = triton_cdiv(v_tiles, splits) * tile.BLOCK_V
         splits = triton_cdiv(V, v_per_split)  # every split owns >= 1 real column
         part_max = torch.empty(splits, N, **f32)
         part_sum = torch.empty(splits, N, **f32)
@@ -160,6 +182,7 @@ def _launch_args(hidden, lm_head, bias, labels, opts: LinearLogprobsOptions, *, 
                     ignore_index=opts.ignore_index, beta1=float(opts.beta1), beta2=float(opts.beta2))
         grid = (triton_cdiv(N, FINALIZE_BLOCK_N),)
         constexprs = dict(HAS_WEIGHTS=opts.weighted, BLOCK_N=FINALIZE_BLOCK_N)
+        num_warps, num_stages = FINALIZE_NUM_WARPS, None
         outputs = dict(logp=logp, lse=lse, weight=w)
     elif kernel == "bwd":
         lse, logp, g = torch.empty(N, **f32), torch.empty(N, **f32), torch.empty(N, **f32)
@@ -170,14 +193,14 @@ def _launch_args(hidden, lm_head, bias, labels, opts: LinearLogprobsOptions, *, 
                     stride_lm_head_v=lm_head.stride(0), bias_ptr=bias_arg, labels_ptr=labels, lse_ptr=lse,
                     logp_ptr=logp, g_ptr=g, dh_ptr=dh if dh is not None else lse, stride_dh_n=H,
                     dw_ptr=dw if dw is not None else lse, stride_dw_v=H, db_ptr=db if db is not None else lse,
-                    N=N, V=V, H=H, ignore_index=opts.ignore_index, softcap=softcap,
-                    compute_dh=int(compute_dh), compute_dw=int(compute_dw))
-        grid = (n_blocks, triton_cdiv(V, BLOCK_V))
-        constexprs = common
+                    N=N, V=V, H=H, ignore_index=opts.ignore_index, softcap=softcap)
+        grid = (n_blocks, triton_cdiv(V, tile.BLOCK_V))
+        constexprs = dict(common, COMPUTE_DH=bool(compute_dh), COMPUTE_DW=bool(compute_dw))
         outputs = dict(lse=lse, logp=logp, g=g, dh=dh, dw=dw, db=db)
     else:
         raise ValueError(f"kernel must be 'fwd', 'finalize' or 'bwd', got {kernel!r}")
-    return dict(grid=grid, args=args, constexprs=constexprs, num_warps=NUM_WARPS, outputs=outputs,
+    return dict(grid=grid, args=args, constexprs=constexprs, num_warps=num_warps, num_stages=num_stages,
+                maxnreg=tile.maxnreg if kernel != "finalize" else None, outputs=outputs,
                 signature=signature_of(args, constexprs))
 
 
@@ -186,29 +209,44 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 def aot_cases() -> list[dict[str, Any]]:
-    """One compile case per kernel x dtype x constexpr combination ``_launch_args`` can emit."""
+    """One compile case per kernel x dtype x constexpr combination ``_launch_args`` can emit.
+
+    Built on 'meta' tensors with odd sizes (H = 5, V = 7). The backward's COMPUTE_DH / COMPUTE_DW pairs
+    (1, 0) and (0, 1) drop one of the two gradient loops of the (1, 1) build, so they are compiled for the
+    heaviest variant (bias and softcap) only. ``odd=False`` marks cases that differ from an odd-size case only
+    in constexpr flags; the compile test builds them at aligned sizes only.
+    """
     from fastweight.kernels import linear_logprobs as k
 
     cases = []
-    labels = torch.zeros(3, dtype=torch.int64)
+    meta = dict(device="meta")
+    labels = torch.zeros(3, dtype=torch.int64, **meta)
+
+    def case(name, fn, la, odd=True):
+        cases.append(dict(name=name, fn=fn, signature=la["signature"], constexprs=la["constexprs"],
+                          num_warps=la["num_warps"], num_stages=la["num_stages"], odd=odd))
+
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        hidden, lm_head = torch.zeros(3, 5, dtype=dtype), torch.zeros(7, 5, dtype=dtype)
+        hidden, lm_head = torch.zeros(3, 5, dtype=dtype, **meta), torch.zeros(7, 5, dtype=dtype, **meta)
         for has_bias in (False, True):
-            bias = torch.zeros(7, dtype=dtype) if has_bias else None
+            bias = torch.zeros(7, dtype=dtype, **meta) if has_bias else None
             for softcap in (None, 30.0):
                 opts = LinearLogprobsOptions(softcap=softcap)
                 tag = f"{dtype}".replace("torch.", "") + f"_bias{int(has_bias)}_cap{int(softcap is not None)}"
-                la = _launch_args(hidden, lm_head, bias, labels, opts, kernel="fwd")
-                cases.append(dict(name=f"linear_fwd_{tag}", fn=k._linear_logprobs_fwd, signature=la["signature"],
-                                  constexprs=la["constexprs"], num_warps=la["num_warps"]))
-                la = _launch_args(hidden, lm_head, bias, labels, opts, kernel="bwd")
-                cases.append(dict(name=f"linear_bwd_{tag}", fn=k._linear_logprobs_bwd, signature=la["signature"],
-                                  constexprs=la["constexprs"], num_warps=la["num_warps"]))
+                plain = not has_bias and softcap is None
+                case(f"linear_fwd_{tag}", k._linear_logprobs_fwd,
+                     _launch_args(hidden, lm_head, bias, labels, opts, kernel="fwd"), plain)
+                case(f"linear_bwd_{tag}", k._linear_logprobs_bwd,
+                     _launch_args(hidden, lm_head, bias, labels, opts, kernel="bwd"), plain)
+                if has_bias and softcap is not None:
+                    for dh, dw in ((True, False), (False, True)):
+                        la = _launch_args(hidden, lm_head, bias, labels, opts, kernel="bwd", compute_dh=dh,
+                                          compute_dw=dw)
+                        case(f"linear_bwd_{tag}_dh{int(dh)}_dw{int(dw)}", k._linear_logprobs_bwd, la, False)
     for weighted in (False, True):  # float32 partials whatever the input dtype
-        la = _launch_args(torch.zeros(3, 5), torch.zeros(7, 5), None, labels,
+        la = _launch_args(torch.zeros(3, 5, **meta), torch.zeros(7, 5, **meta), None, labels,
                           LinearLogprobsOptions(weighted=weighted), kernel="finalize")
-        cases.append(dict(name=f"linear_finalize_w{int(weighted)}", fn=k._linear_logprobs_finalize,
-                          signature=la["signature"], constexprs=la["constexprs"], num_warps=la["num_warps"]))
+        case(f"linear_finalize_w{int(weighted)}", k._linear_logprobs_finalize, la)
     return cases
 
 
@@ -227,11 +265,10 @@ def linear_logprobs_forward_triton(hidden, lm_head, bias, labels, opts, *, grad_
     fo = _launch_args(hidden, lm_head, bias, labels, opts, kernel="finalize")
     out = fo["outputs"]
     if N > 0:
-        _linear_logprobs_fwd[la["grid"]](**la["args"], **la["constexprs"], num_warps=la["num_warps"])
+        launch_kernel(_linear_logprobs_fwd, la)
         p = la["outputs"]
-        args = dict(fo["args"], part_max_ptr=p["part_max"], part_sum_ptr=p["part_sum"], z_y_ptr=p["z_y"],
-                    num_splits=p["splits"])
-        _linear_logprobs_finalize[fo["grid"]](**args, **fo["constexprs"], num_warps=4)
+        launch_kernel(_linear_logprobs_finalize, fo, part_max_ptr=p["part_max"], part_sum_ptr=p["part_sum"],
+                      z_y_ptr=p["z_y"], num_splits=p["splits"])
     grads = None
     if grad_scale is not None:
         g = grad_scale.to(torch.float32) * out["weight"]
@@ -254,9 +291,8 @@ def linear_logprobs_backward_triton(hidden, lm_head, bias, labels, lse, logp, g,
                       compute_dw=need_dw)
     out = la["outputs"]
     if hidden.shape[0] > 0 and (needs[0] or need_dw):
-        args = dict(la["args"], lse_ptr=lse.float().contiguous(), logp_ptr=logp.float().contiguous(),
-                    g_ptr=g.float().contiguous())
-        _linear_logprobs_bwd[la["grid"]](**args, **la["constexprs"], num_warps=la["num_warps"])
+        launch_kernel(_linear_logprobs_bwd, la, lse_ptr=lse.float().contiguous(),
+                      logp_ptr=logp.float().contiguous(), g_ptr=g.float().contiguous())
     grads = (out["dh"] if needs[0] else None, out["dw"] if needs[1] else None,
              out["db"] if bias is not None and needs[2] else None)
     return _cast_grads(grads, hidden, lm_head, bias) if cast else grads
