@@ -56,6 +56,29 @@ def test_kl_hidden_input():
                            dtype=torch.float32, names=["hidden", "lm_head"])
 
 
+@pytest.mark.parametrize("loss", ["kl_masked", "kl", "undial"])
+def test_kl_undial_hidden_input_never_forms_logits(monkeypatch, loss):
+    """Hidden states of both models go through the fused-linear KL op: the logits helper and the logits KL op
+    must not run, and values and gradients still equal the float64 reference (UNDIAL unmasked included)."""
+    import fastweight.losses.retain as retain_mod
+
+    def _forbidden(*args, **kwargs):
+        raise AssertionError("an [N, V] logits tensor was formed on the hidden-state path")
+
+    monkeypatch.setattr(retain_mod, "_logit_rows", _forbidden)
+    monkeypatch.setattr(retain_mod, "kl_div", _forbidden)
+    gen = torch.Generator().manual_seed(2)
+    h, h_ref = torch.randn(B, T, H, generator=gen), torch.randn(B, T, H, generator=gen)
+    W, W_ref = torch.randn(V, H, generator=gen) * 0.5, torch.randn(V, H, generator=gen) * 0.5
+    _, _, labels = _batch(torch.float32)
+    impl, naive, opts = {"kl_masked": (kl_loss, ref.kl_loss, dict(masked=True)),
+                         "kl": (kl_loss, ref.kl_loss, {}),
+                         "undial": (undial_loss, ref.undial_loss, dict(beta=3.0))}[loss]
+    compare_with_reference(lambda x, w: impl(x, h_ref, labels, lm_head=w, ref_lm_head=W_ref, shift=True, **opts),
+                           lambda x, w: naive(x, h_ref, labels, lm_head=w, ref_lm_head=W_ref, shift=True, **opts),
+                           [h, W], dtype=torch.float32, names=["hidden", "lm_head"])
+
+
 def test_kl_of_identical_models_is_zero():
     z, _, labels = _batch(torch.float32)
     x = z.clone().requires_grad_()

@@ -2,8 +2,9 @@
 
 ``nll_loss`` is one fused token-logprob pass. ``kl_loss`` and ``undial_loss`` run the fused row-wise KL
 op (``fastweight.ops.kl_div``) over the trained model's logits and the frozen reference's logits: one
-online pass over both rows, never a softmax tensor. With hidden-state input the logits of each side are
-formed by ``x @ lm_head.T`` (+ bias, softcap) first — the KL head itself has no fused-linear kernel yet.
+online pass over both rows, never a softmax tensor. With hidden-state input (``lm_head`` and
+``ref_lm_head``) they run the fused-linear KL op (``fastweight.ops.linear_kl_div``), which forms neither
+model's ``[N, V]`` logits.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from fastweight.losses._input import weighted_logprobs
 from fastweight.losses._seq import check_number, reduce_tokens
 from fastweight.ops._common import check_float_tensor, check_reduction, flatten_rows
 from fastweight.ops.kl_div import kl_div
+from fastweight.ops.linear_kl_div import linear_kl_div
 
 
 def nll_loss(x: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.Tensor | None = None,
@@ -65,8 +67,19 @@ def _kl_rows(x, ref, labels, *, lm_head, bias, softcap, ref_lm_head, ref_bias, r
         raise ValueError(f"ref leading dims {tuple(ref.shape[:-1])} must equal the input's {tuple(x.shape[:-1])}")
     if lm_head is not None and ref_lm_head is None:
         raise ValueError("hidden-state input (lm_head given) needs ref_lm_head for the reference hidden states")
-    z = _logit_rows("x", x, lm_head, bias, softcap)
-    r = _logit_rows("ref", ref.detach(), ref_lm_head, ref_bias, ref_softcap).detach()
+    fused = lm_head is not None
+    if fused:  # hidden states of both models: the fused-linear op, neither [N, V] logits tensor is formed
+        check_float_tensor("x", x, min_dim=2)
+        check_float_tensor("ref", ref, min_dim=2)
+        for name, w, h in (("lm_head", lm_head, x), ("ref_lm_head", ref_lm_head, ref)):
+            check_float_tensor(name, w, min_dim=2)
+            if w.dim() != 2 or w.shape[1] != h.shape[-1]:
+                raise ValueError(f"{name} must be [V, H] with H = {h.shape[-1]}, got {tuple(w.shape)}")
+        V = lm_head.shape[0]
+    else:
+        z = _logit_rows("x", x, lm_head, bias, softcap)
+        r = _logit_rows("ref", ref.detach(), ref_lm_head, ref_bias, ref_softcap).detach()
+        V = z.shape[-1]
     if masked or every_labelled_slot:
         if labels is None:
             raise ValueError("labels are required when masked=True (pass masked=False to count every position)")
@@ -75,7 +88,6 @@ def _kl_rows(x, ref, labels, *, lm_head, bias, softcap, ref_lm_head, ref_bias, r
         flat_labels = None
     op_labels, counted = flat_labels, None
     if every_labelled_slot and not masked:
-        V = z.shape[-1]
         slot = torch.ones_like(flat_labels, dtype=torch.bool)
         if shift:  # the last position of each sequence has no next token (open-unlearning drops it)
             slot = slot.view(*labels.shape[:-1], labels.shape[-1])
@@ -87,8 +99,17 @@ def _kl_rows(x, ref, labels, *, lm_head, bias, softcap, ref_lm_head, ref_bias, r
         op_labels = torch.where(slot, torch.where(flat_labels == ignore_index, wrapped, flat_labels),
                                 torch.full_like(flat_labels, ignore_index))
         counted = slot
-    kl = kl_div(z, r, op_labels, ref_shift=ref_shift, ignore_index=ignore_index, backend=backend,
-                check_finite=check_finite)
+    if fused:
+        rows = x.reshape(-1, x.shape[-1])
+        dtype = rows.dtype  # the op takes one dtype: the frozen reference side is cast to the policy's
+        ref_rows = ref.detach().reshape(-1, ref.shape[-1]).to(dtype)
+        kl = linear_kl_div(rows, lm_head, ref_rows, ref_lm_head.detach().to(dtype), op_labels, bias=bias,
+                           ref_bias=None if ref_bias is None else ref_bias.detach().to(dtype), softcap=softcap,
+                           ref_softcap=ref_softcap, ref_shift=ref_shift, ignore_index=ignore_index,
+                           backend=backend, check_finite=check_finite)
+    else:
+        kl = kl_div(z, r, op_labels, ref_shift=ref_shift, ignore_index=ignore_index, backend=backend,
+                    check_finite=check_finite)
     if counted is None:
         counted = (flat_labels != ignore_index) if masked else torch.ones_like(kl, dtype=torch.bool)
     return kl.reshape(x.shape[:-1]), counted.reshape(x.shape[:-1])
