@@ -192,7 +192,9 @@ def _compare(handler, tmp_path, args, prompt=3):
 CASES = [("GradAscent", {}), ("GradDiff", {"gamma": 0.8, "alpha": 0.5}), ("NPO", {}), ("NPO", {"alpha": 0.0}),
          ("SimNPO", {}), ("SimNPO", {"beta": 2.5, "delta": 4.5, "alpha": 0.0}), ("DPO", {"beta": 0.5, "alpha": 0.0}),
          ("WGA", {"alpha": 0.0}), ("SatImp", {}), ("SatImp", {"beta1": 1.0, "beta2": 0.5, "gamma": 0.7, "alpha": 0.0}),
-         ("UNDIAL", {}), ("UNDIAL", {"beta": 3.0, "alpha": 0.5})]
+         ("UNDIAL", {}), ("UNDIAL", {"beta": 3.0, "alpha": 0.5}),
+         # KL retain term: both average over every position (fastweight's unmasked default, as open-unlearning)
+         ("GradDiff", {"retain_loss_type": "KL"})]
 
 
 @pytest.mark.parametrize("handler,args", CASES, ids=[f"{h}-{i}" for i, (h, _) in enumerate(CASES)])
@@ -226,7 +228,7 @@ if __name__ == "__main__":  # the table of docs/integrations.md
     import tempfile
     from pathlib import Path
 
-    rows = CASES + [("GradDiff", {"retain_loss_type": "KL"})]
+    rows = CASES
     print("| open-unlearning | args | fastweight method | theirs | fastweight | abs diff | max grad rel diff |")
     print("|---|---|---|---|---|---|---|")
     for handler, args in rows:
