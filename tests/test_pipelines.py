@@ -65,6 +65,11 @@ def test_tofu_run_end_to_end_with_eval_every_and_tracker(tiny, cache, tmp_path):
     assert list(res.metrics) == ["target (before)", "satimp (after)", "retain model"]
     assert [d["step"] for d in res.during] == list(range(1, len(res.history) + 1)) and res.during
     assert set(res.during[0]["metrics"]) >= {"forget_es", "forget_prob"}
+    # the during-training evaluations see the model being trained: the last one is an evaluation of the final
+    # model (computed again, in another folder, after train() returned) and differs from the target's
+    assert res.during[-1]["step"] == len(res.history)
+    assert res.during[-1]["metrics"] == res.metrics["satimp (after)"]
+    assert res.during[-1]["metrics"] != res.metrics["target (before)"]
     saved = json.loads((tmp_path / "lib" / "results.json").read_text())
     assert saved["metrics"] == json.loads(json.dumps(res.metrics))
     prov = saved["provenance"]
@@ -152,3 +157,12 @@ def test_evaluation_progress_bar_only_on_a_terminal(monkeypatch, capsys):
     monkeypatch.setattr(sys, "stderr", fake)
     tofu._evaluate(None, None, sets, None, Path("."), None, "target")
     assert "TOFU eval target" in fake.getvalue()
+
+
+def test_eval_hook_evaluates_the_model_train_passes_in():
+    seen, during = [], []
+    hook = C.eval_hook(C.Reporter("none", Path("."), "x", {}), lambda m, step: seen.append((m, step)) or {"a": 1.0},
+                       during)
+    trained = object()
+    assert hook(model=trained, step=3, epoch=0) is None
+    assert seen == [(trained, 3)] and during == [{"step": 3, "metrics": {"a": 1.0}}]

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
 
 from fastweight.pipelines.config import MixedPrecision, ReportTo, opt
-from fastweight.pipelines.tracking import Reporter, check_report_to, step_hook
+from fastweight.pipelines.tracking import Reporter, check_report_to, eval_hook, step_hook
 from fastweight.train import models as _models
 from fastweight.train.config import TrainConfig
 from fastweight.train.methods import build_method
@@ -372,7 +372,13 @@ def unlearn_train_config(cfg: BaseConfig, out: Path, method_args: Mapping[str, A
                        epochs=cfg.epochs, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                        max_steps=cfg.max_steps, trainable_layers=kw.pop("trainable_layers", cfg.trainable_layers),
                        seed=cfg.seed, mixed_precision=kw.pop("mixed_precision", cfg.mixed_precision),
-                       save_every=cfg.save_every, resume=cfg.resume, **kw)
+                       save_every=cfg.save_every, resume=cfg.resume, eval_every=cfg.eval_every, **kw)
+
+
+def train_key(tc: TrainConfig) -> dict[str, Any]:
+    """The unlearning ``TrainConfig`` as a fingerprint key: the options that do not change the trained weights
+    (``resume``, ``eval_every``) are left out, so a resumed run or another evaluation cadence reuses checkpoints."""
+    return tc.to_dict() | {"resume": None, "eval_every": None}
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -459,4 +465,4 @@ def warn(msg: str) -> None:
 __all__ = ["BaseConfig", "EMBEDDED", "OutputDir", "Reporter", "Results", "check_model_spec", "check_report_to", "data_fingerprint",
            "finetune_cached", "fingerprint", "ft_key", "git_commit", "load_model", "markdown_table",
            "model_fingerprint", "PipelineWarning", "provenance", "repair_log", "resolve_method_args", "step_hook",
-           "unlearn_train_config", "warn"]
+           "eval_hook", "train_key", "unlearn_train_config", "warn"]

@@ -154,20 +154,18 @@ def run(cfg: MuseConfig) -> C.Results:
     reporter.log(columns["target (before)"], 0, "eval/target")
     history, during, plots = [], [], []
     if not cfg.eval_only:
-        unlearn_key = {"target": target_fp, "data": data_fp, "train": tc.to_dict() | {"resume": None},
+        unlearn_key = {"target": target_fp, "data": data_fp, "train": C.train_key(tc),
                        "window": window}
         outdir.prepare_training(unlearn_key)
 
-        def evaluate_at(step: int) -> dict[str, float]:
+        def evaluate_at(trained, step: int) -> dict[str, float]:  # the model train() is training
             f = outdir.keyed(f"eval/step-{step:06d}", {**eval_key, "unlearn": unlearn_key, "step": step})
-            summary = evaluate_muse(target, tokenizer, data, ecfg, output_dir=f, retrain_auc=retrain_auc)
-            target.train()
-            return summary
+            return evaluate_muse(trained, tokenizer, data, ecfg, output_dir=f, retrain_auc=retrain_auc)
 
         t0 = time.time()
         res = C.train(target, TextChunkDataset(data.forget_text, tokenizer, window),
                       TextChunkDataset(data.retain_text, tokenizer, window), tc,
-                      on_step=C.step_hook(reporter, cfg.eval_every, evaluate_at if cfg.eval_every else None, during))
+                      on_step=C.step_hook(reporter), eval_fn=C.eval_hook(reporter, evaluate_at, during))
         history = res.history
         print(f"[{cfg.method}] {res.global_step} steps in {time.time() - t0:.0f} s")
         folder = outdir.keyed("eval/unlearned", {**eval_key, "unlearn": unlearn_key, "retrain_auc": retrain_auc})
