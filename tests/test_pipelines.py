@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastweight.data.synth_muse import generate_muse
 from fastweight.data.synth_tofu import generate_tofu, write_tofu_folder
@@ -166,3 +167,58 @@ def test_eval_hook_evaluates_the_model_train_passes_in():
     trained = object()
     assert hook(model=trained, step=3, epoch=0) is None
     assert seen == [(trained, 3)] and during == [{"step": 3, "metrics": {"a": 1.0}}]
+
+
+def test_trainer_flags_reach_the_unlearning_train_config(tmp_path):
+    cfg = tofu.parse_args(["--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0.1", "--lora-targets",
+                           "q_proj, v_proj", "--gradient-checkpointing", "--torch-dtype", "bf16", "--eval-every", "3"])
+    assert cfg.torch_dtype == "bf16"
+    tc = C.unlearn_train_config(cfg, tmp_path, {})
+    assert (tc.lora_r, tc.lora_alpha, tc.lora_dropout, tc.lora_targets) == (4, 8.0, 0.1, ("q_proj", "v_proj"))
+    assert tc.gradient_checkpointing and tc.eval_every == 3
+    assert C.train_key(tc)["eval_every"] is None  # another evaluation cadence reuses the checkpoints
+    assert C.model_fingerprint("org/name", "bf16") != C.model_fingerprint("org/name")
+
+
+@pytest.mark.parametrize("kw,match", [({"lora_r": -1}, "lora_r"), ({"lora_alpha": 0}, "lora_alpha"),
+                                      ({"lora_dropout": 1.0}, "lora_dropout"), ({"lora_targets": "q_proj,"},
+                                                                                "lora_targets"),
+                                      ({"torch_dtype": "fp8"}, "torch_dtype"),
+                                      ({"torch_dtype": "fp16", "mixed_precision": "fp16"}, "fp16"),
+                                      ({"torch_dtype": "fp16", "unlearn_mixed_precision": "fp16"}, "fp16")])
+def test_trainer_options_fail_at_config_time(kw, match):
+    with pytest.raises(ValueError, match=match):
+        tofu.TofuConfig(**kw)
+
+
+def test_lora_pipeline_run_trains_adapters_only(tiny, tmp_path, monkeypatch):
+    pytest.importorskip("peft")
+    from fastweight.train.models import load_model_and_tokenizer
+
+    runs = []
+
+    def spy(*args, **kwargs):
+        runs.append(C_train(*args, **kwargs))
+        return runs[-1]
+
+    C_train = C.train
+    monkeypatch.setattr(C, "train", spy)
+    cfg = tofu.TofuConfig(model=tiny, output_dir=str(tmp_path / "lora"), cache_dir=str(tmp_path / "cache"),
+                          finetuned=True, lora_r=2, lora_targets="q_proj,v_proj", trainable_layers=0, eval_every=2,
+                          **{**TOFU_FAST, "epochs": 2, "max_steps": 2})
+    res = tofu.run(cfg)
+    (trained,) = [r.model for r in runs]
+    assert hasattr(trained, "peft_config") and len(res.history) == 2 and [d["step"] for d in res.during] == [2]
+    assert res.during[-1]["metrics"] == res.metrics["satimp (after)"]  # evaluated the PeftModel being trained
+    fresh = dict(load_model_and_tokenizer(tiny)[0].named_parameters())
+    n_lora = 0
+    for name, p in trained.named_parameters():
+        if "lora_" in name:
+            n_lora += 1
+            assert p.requires_grad
+            if "lora_B" in name:  # initialised to zero, moved by training
+                assert p.detach().abs().sum() > 0, name
+        else:
+            base = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            assert not p.requires_grad and torch.equal(p.detach(), fresh[base].detach()), name
+    assert n_lora == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)

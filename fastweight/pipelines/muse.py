@@ -118,17 +118,17 @@ def run(cfg: MuseConfig) -> C.Results:
         print("NOTE:", note)
 
     t0 = time.time()
-    base, tokenizer = C.load_model(cfg.model)
+    base, tokenizer = C.load_model(cfg.model, cfg.torch_dtype)
     print(f"loaded {cfg.model} in {time.time() - t0:.0f} s")
-    model_fp = C.model_fingerprint(cfg.model)
+    model_fp = C.model_fingerprint(cfg.model, cfg.torch_dtype)
     eval_key = {"data": data_fp, "eval": vars(ecfg)}
     columns: dict[str, dict[str, float]] = {}
     retrain_auc = None
     cap = cfg.ft_max_rows
     if cfg.retrain_model is not None or not cfg.finetuned:
         if cfg.retrain_model is not None:
-            retrained, _ = C.load_model(cfg.retrain_model)
-            retrain_fp = C.model_fingerprint(cfg.retrain_model)
+            retrained, _ = C.load_model(cfg.retrain_model, cfg.torch_dtype)
+            retrain_fp = C.model_fingerprint(cfg.retrain_model, cfg.torch_dtype)
         else:
             texts = data.retain_text[:cap]
             key = C.ft_key(cfg, model_fp, C.data_fingerprint(texts), window=window)

@@ -180,7 +180,7 @@ def run(cfg: TofuConfig) -> C.Results:
 
     # ---- models ----------------------------------------------------------------------------------------
     t0 = time.time()
-    base, tokenizer = C.load_model(cfg.model)
+    base, tokenizer = C.load_model(cfg.model, cfg.torch_dtype)
     print(f"loaded {cfg.model} in {time.time() - t0:.0f} s")
     template = cfg.template or (DEMO["template"] if cfg.data is None else family_template(cfg.model, tokenizer))
     ecfg.template = template
@@ -192,7 +192,7 @@ def run(cfg: TofuConfig) -> C.Results:
     truncation = report_truncation(tokenizer, template, {cfg.split: rows["forget"], "retain": rows["retain"],
                                                          f"{cfg.split} eval": sets["forget"]},
                                    max_length, max_new_tokens)
-    model_fp = C.model_fingerprint(cfg.model)
+    model_fp = C.model_fingerprint(cfg.model, cfg.torch_dtype)
     common_key = {"template": template, "max_length": max_length}
     if need_target_ft:
         key = C.ft_key(cfg, model_fp, C.data_fingerprint(full), **common_key)
@@ -206,8 +206,8 @@ def run(cfg: TofuConfig) -> C.Results:
     retain_tr = None
     if cfg.retain_model is not None or need_retain_ft:
         if cfg.retain_model is not None:
-            retain, _ = C.load_model(cfg.retain_model)
-            retain_fp = C.model_fingerprint(cfg.retain_model)
+            retain, _ = C.load_model(cfg.retain_model, cfg.torch_dtype)
+            retain_fp = C.model_fingerprint(cfg.retain_model, cfg.torch_dtype)
         else:
             retain_rows = rows["retain"][:cfg.ft_max_rows]
             key = C.ft_key(cfg, model_fp, C.data_fingerprint(retain_rows), **common_key)

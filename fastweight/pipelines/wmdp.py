@@ -140,9 +140,9 @@ def run(cfg: WmdpConfig) -> C.Results:
         print("NOTE:", note)
 
     t0 = time.time()
-    model, tokenizer = C.load_model(cfg.model)
+    model, tokenizer = C.load_model(cfg.model, cfg.torch_dtype)
     print(f"loaded {cfg.model} in {time.time() - t0:.0f} s")
-    model_fp = target_fp = C.model_fingerprint(cfg.model)
+    model_fp = target_fp = C.model_fingerprint(cfg.model, cfg.torch_dtype)
     eval_key = {"data": data_fp, "eval": vars(ecfg)}
     columns: dict[str, dict[str, float]] = {}
     if cfg.eval_base:
