@@ -30,6 +30,7 @@ from fastweight.pipelines.config import MixedPrecision, ReportTo, TorchDtype, op
 from fastweight.pipelines.tracking import Reporter, check_report_to, eval_hook, step_hook
 from fastweight.train import models as _models
 from fastweight.train.config import TrainConfig
+from fastweight.train.jsonlog import repair_log
 from fastweight.train.methods import build_method
 
 EMBEDDED = _models.EMBEDDED
@@ -342,27 +343,6 @@ class OutputDir:
         atomic_write(self.path / self.RESULTS, json.dumps(results, indent=1, default=str))
         atomic_write(self.path / self.STATUS, json.dumps({"state": "complete", "finished": time.time()}))
         return self.path / self.RESULTS
-
-
-def repair_log(path: Path) -> int:
-    """Drop unparsable lines (a line torn by a kill) from a JSON-lines log; the original is kept beside it as
-    ``<name>.torn-<time>``. Returns the number of dropped lines."""
-    if not path.is_file():
-        return 0
-    good, bad = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            json.loads(line)
-            good.append(line)
-        except json.JSONDecodeError:
-            bad += 1
-    if bad:
-        os.replace(path, path.with_name(f"{path.name}.torn-{_stamp()}"))
-        atomic_write(path, "".join(l + "\n" for l in good))
-        print(f"{path.name}: dropped {bad} torn line(s) (original kept beside it)")
-    return bad
 
 
 # ------------------------------------------------------------------------------------------------ fine-tuning
