@@ -93,7 +93,8 @@ class BaseConfig:
     torch_dtype: TorchDtype = opt("fp32", "dtype the weights are loaded in (bf16 halves a model's memory; "
                                           "fp16 weights cannot train with --mixed-precision fp16)")
     lora_r: int = opt(0, "LoRA rank for unlearning (0 = no LoRA): only the adapters train (pip install "
-                         "'fastweight[lora]'); fine-tuning stays full")
+                         "'fastweight[lora]'); adapters only in the --trainable-layers (0 = every layer); "
+                         "fine-tuning stays full")
     lora_alpha: float = opt(16.0, "LoRA alpha (scale alpha / r)")
     lora_dropout: float = opt(0.0, "LoRA dropout, in [0, 1)")
     lora_targets: str | None = opt(None, "comma-separated module names that get adapters (q_proj,v_proj); None = "
