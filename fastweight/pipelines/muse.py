@@ -253,4 +253,5 @@ def parse_args(argv=None) -> MuseConfig:
     return config_from_args(parser, parser.parse_args(argv), MuseConfig)
 
 
-__all__ = ["MuseConfig", "generation_lengths", "membership_attacks", "TABLE_KEYS", "TUNED_METHOD_ARGS", "parse_args", "run"]
+__all__ = ["MuseConfig", "TABLE_KEYS", "TUNED_METHOD_ARGS", "generation_lengths", "membership_attacks", "parse_args",
+           "run"]
