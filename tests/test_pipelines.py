@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastweight.data.synth_muse import generate_muse
 from fastweight.data.synth_tofu import generate_tofu, write_tofu_folder
@@ -65,6 +66,11 @@ def test_tofu_run_end_to_end_with_eval_every_and_tracker(tiny, cache, tmp_path):
     assert list(res.metrics) == ["target (before)", "satimp (after)", "retain model"]
     assert [d["step"] for d in res.during] == list(range(1, len(res.history) + 1)) and res.during
     assert set(res.during[0]["metrics"]) >= {"forget_es", "forget_prob"}
+    # the during-training evaluations see the model being trained: the last one is an evaluation of the final
+    # model (computed again, in another folder, after train() returned) and differs from the target's
+    assert res.during[-1]["step"] == len(res.history)
+    assert res.during[-1]["metrics"] == res.metrics["satimp (after)"]
+    assert res.during[-1]["metrics"] != res.metrics["target (before)"]
     saved = json.loads((tmp_path / "lib" / "results.json").read_text())
     assert saved["metrics"] == json.loads(json.dumps(res.metrics))
     prov = saved["provenance"]
@@ -152,3 +158,100 @@ def test_evaluation_progress_bar_only_on_a_terminal(monkeypatch, capsys):
     monkeypatch.setattr(sys, "stderr", fake)
     tofu._evaluate(None, None, sets, None, Path("."), None, "target")
     assert "TOFU eval target" in fake.getvalue()
+
+
+def test_eval_hook_evaluates_the_model_train_passes_in():
+    seen, during = [], []
+    hook = C.eval_hook(C.Reporter("none", Path("."), "x", {}), lambda m, step: seen.append((m, step)) or {"a": 1.0},
+                       during)
+    trained = object()
+    assert hook(model=trained, step=3, epoch=0) is None
+    assert seen == [(trained, 3)] and during == [{"step": 3, "metrics": {"a": 1.0}}]
+
+
+def test_trainer_flags_reach_the_unlearning_train_config(tmp_path):
+    cfg = tofu.parse_args(["--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0.1", "--lora-targets",
+                           "q_proj, v_proj", "--gradient-checkpointing", "--torch-dtype", "bf16", "--eval-every", "3"])
+    assert cfg.torch_dtype == "bf16"
+    tc = C.unlearn_train_config(cfg, tmp_path, {})
+    assert (tc.lora_r, tc.lora_alpha, tc.lora_dropout, tc.lora_targets) == (4, 8.0, 0.1, ("q_proj", "v_proj"))
+    assert tc.gradient_checkpointing and tc.eval_every == 3
+    assert C.train_key(tc)["eval_every"] is None  # another evaluation cadence reuses the checkpoints
+    assert C.model_fingerprint("org/name", "bf16") != C.model_fingerprint("org/name")
+
+
+@pytest.mark.parametrize("kw,match", [({"lora_r": -1}, "lora_r"), ({"lora_alpha": 0}, "lora_alpha"),
+                                      ({"lora_dropout": 1.0}, "lora_dropout"), ({"lora_targets": "q_proj,"},
+                                                                                "lora_targets"),
+                                      ({"torch_dtype": "fp8"}, "torch_dtype"),
+                                      ({"torch_dtype": "fp16", "mixed_precision": "fp16"}, "fp16"),
+                                      ({"torch_dtype": "fp16", "unlearn_mixed_precision": "fp16"}, "fp16")])
+def test_trainer_options_fail_at_config_time(kw, match):
+    with pytest.raises(ValueError, match=match):
+        tofu.TofuConfig(**kw)
+
+
+def test_lora_pipeline_run_trains_adapters_only(tiny, tmp_path, monkeypatch):
+    pytest.importorskip("peft")
+    from fastweight.train.models import load_model_and_tokenizer
+
+    runs = []
+
+    def spy(*args, **kwargs):
+        runs.append(C_train(*args, **kwargs))
+        return runs[-1]
+
+    C_train = C.train
+    monkeypatch.setattr(C, "train", spy)
+    cfg = tofu.TofuConfig(model=tiny, output_dir=str(tmp_path / "lora"), cache_dir=str(tmp_path / "cache"),
+                          finetuned=True, lora_r=2, lora_targets="q_proj,v_proj", trainable_layers=0, eval_every=2,
+                          **{**TOFU_FAST, "epochs": 2, "max_steps": 2})
+    res = tofu.run(cfg)
+    (trained,) = [r.model for r in runs]
+    assert hasattr(trained, "peft_config") and len(res.history) == 2 and [d["step"] for d in res.during] == [2]
+    assert res.during[-1]["metrics"] == res.metrics["satimp (after)"]  # evaluated the PeftModel being trained
+    fresh = dict(load_model_and_tokenizer(tiny)[0].named_parameters())
+    n_lora = 0
+    for name, p in trained.named_parameters():
+        if "lora_" in name:
+            n_lora += 1
+            assert p.requires_grad
+            if "lora_B" in name:  # initialised to zero, moved by training
+                assert p.detach().abs().sum() > 0, name
+        else:
+            base = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            assert not p.requires_grad and torch.equal(p.detach(), fresh[base].detach()), name
+    assert n_lora == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
+
+
+def test_muse_mia_attacks_added_to_results(tiny, tmp_path):
+    from fastweight.pipelines import muse
+
+    cfg = muse.MuseConfig(model=tiny, retrain_model=tiny, finetuned=True, output_dir=str(tmp_path / "m"),
+                          cache_dir=str(tmp_path / "c"), mia_attacks="loss, zlib,min_k,min_k_plus_plus,reference",
+                          epochs=1, max_steps=1, n_articles=3, verbmem_max_new_tokens=4, knowmem_max_new_tokens=4,
+                          mixed_precision="no")
+    res = muse.run(cfg)
+    target, retrained = res.metrics["target (before)"], res.metrics["retrained"]
+    keys = {"mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus"}
+    assert keys | {"mia_reference"} <= set(target) and keys <= set(res.metrics["satimp (after)"])
+    assert keys <= set(retrained) and "mia_reference" not in retrained  # no reference for the reference itself
+    assert all(0 <= v <= 1 for c in res.metrics.values() for k, v in c.items() if k.startswith("mia_"))
+    # the target is the retrained model here: every reference score is 0, so the AUC is exactly 1/2
+    assert target["mia_reference"] == 0.5
+    # MUSE's PrivLeak AUC labels the other way round over the same Min-K% scores (docs/attacks.md)
+    assert target["mia_min_k"] == pytest.approx(1 - target["privleak_auc"], abs=1e-9)
+    assert "mia_min_k_plus_plus" in res.table
+    saved = json.loads((tmp_path / "m" / "eval" / "target" / "MUSE_MIA.json").read_text())
+    assert saved["results"]["mia_loss"]["agg_value"] == target["mia_loss"]
+    assert len(saved["results"]["mia_loss"]["forget"]["value_by_index"]) == 3
+
+
+@pytest.mark.parametrize("kw,match", [({"mia_attacks": "loss,bogus"}, "mia_attacks"),
+                                      ({"mia_attacks": "loss,loss"}, "mia_attacks"),
+                                      ({"mia_attacks": "reference", "finetuned": True}, "retrain-model")])
+def test_muse_mia_attacks_fail_at_config_time(kw, match):
+    from fastweight.pipelines import muse
+
+    with pytest.raises(ValueError, match=match):
+        muse.MuseConfig(**kw)

@@ -31,7 +31,7 @@ class Loaded(Exception):
 def loader(monkeypatch):
     calls: list[str] = []
 
-    def fake(spec):
+    def fake(spec, *args, **kwargs):
         calls.append(spec)
         raise Loaded(spec)
 

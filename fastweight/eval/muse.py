@@ -195,20 +195,31 @@ def evaluate_muse(model, tokenizer, data: MuseData, config: MuseEvalConfig | Non
     cap = cfg.max_items
     was_training = model.training
     model.eval()
+    from tqdm.auto import tqdm
+
+    # one step per metric; no bar when stderr is not a terminal
+    bar = tqdm(total=5, desc="MUSE eval", unit="metric", disable=None if shard.rank == 0 else True, leave=False)
     try:
+        bar.set_postfix_str("forget_verbmem")
         record("forget_verbmem", lambda: gathered(list(data.verbmem_forget[:cap]), lambda rs: verbmem(
             model, tokenizer, rs, max_new_tokens=cfg.verbmem_max_new_tokens, batch_size=cfg.batch_size,
             convention=cfg.convention)))
+        bar.update(1)
         for split, rows, icl in (("forget", data.knowmem_forget, data.knowmem_forget_icl),
                                  ("retain", data.knowmem_retain, data.knowmem_retain_icl)):
+            bar.set_postfix_str(f"{split}_knowmem")
             record(f"{split}_knowmem", lambda: gathered(list(rows[:cap]), lambda rs: knowmem(
                 model, tokenizer, rs, icl, max_new_tokens=cfg.knowmem_max_new_tokens, batch_size=cfg.batch_size,
                 convention=cfg.convention)))
+            bar.update(1)
         for split, texts in (("forget", data.privleak_forget), ("holdout", data.privleak_holdout)):
+            bar.set_postfix_str(f"{split}_mink")
             record(f"{split}_mink", lambda: gathered(list(texts[:cap]), lambda ts: mink_scores(
                 model, tokenizer, ts, k=cfg.mink_k, max_length=cfg.privleak_max_length, batch_size=cfg.batch_size,
                 convention=cfg.convention)))
+            bar.update(1)
     finally:
+        bar.close()
         model.train(was_training)
     auc = privleak_auc(_scores(results["forget_mink"]), _scores(results["holdout_mink"]), cfg.convention)
     record("privleak_auc", lambda: {"agg_value": auc, "value_by_index": {}})

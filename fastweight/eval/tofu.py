@@ -71,6 +71,17 @@ def _answer_stats(model, tokenizer, cfg: TofuEvalConfig, pairs: list[tuple[str, 
     return out
 
 
+def _generate(model, tokenizer, cfg: TofuEvalConfig, prompts: list, desc: str) -> list[str]:
+    """``generate_greedy`` batch by batch under a progress bar (none when stderr is not a terminal)."""
+    from tqdm.auto import tqdm
+
+    out: list[str] = []
+    for s in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, unit="batch", disable=None, leave=False):
+        out += M.generate_greedy(model, tokenizer, prompts[s:s + cfg.batch_size], max_new_tokens=cfg.max_new_tokens,
+                                 batch_size=cfg.batch_size)
+    return out
+
+
 def es_flags(stats: Sequence[Mapping], eos_token_id: int | None, convention: str = "satimp") -> list[list[bool]]:
     """Per-answer greedy-match flags ES scores (``answer_token_stats`` output, labels = answer + EOS).
 
@@ -145,9 +156,9 @@ def evaluate_tofu(model, tokenizer, eval_sets: Mapping[str, Sequence[dict]], con
                 record(f"{split}_prob", lambda: M.probability([s["avg_logp"] for s in stats]))
                 record(f"{split}_es", lambda: M.extraction_strength(
                     es_flags(stats, tokenizer.eos_token_id, cfg.es_convention), cfg.es_convention))
-            record(f"{split}_rouge", lambda: M.rouge_l(shard.map(rows, lambda rs: M.generate_greedy(
-                model, tokenizer, [encode_prompt(tokenizer, cfg.template, r["question"]) for r in rs],
-                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)), [r["answer"] for r in rows]))
+            record(f"{split}_rouge", lambda: M.rouge_l(shard.map(rows, lambda rs: _generate(
+                model, tokenizer, cfg, [encode_prompt(tokenizer, cfg.template, r["question"]) for r in rs],
+                f"TOFU {split} generation")), [r["answer"] for r in rows]))
             record(f"{split}_truth_ratio", lambda: M.truth_ratio(
                 shard.map(rows, lambda rs: _avg_logps(model, tokenizer, cfg, rs, para_key)),
                 shard.map(rows, lambda rs: _avg_logps(model, tokenizer, cfg, rs, "perturbed_answer")),

@@ -26,10 +26,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
 
-from fastweight.pipelines.config import MixedPrecision, ReportTo, opt
-from fastweight.pipelines.tracking import Reporter, check_report_to, step_hook
+from fastweight.pipelines.config import MixedPrecision, ReportTo, TorchDtype, opt
+from fastweight.pipelines.tracking import Reporter, check_report_to, eval_hook, step_hook
 from fastweight.train import models as _models
 from fastweight.train.config import TrainConfig
+from fastweight.train.jsonlog import repair_log
 from fastweight.train.methods import build_method
 
 EMBEDDED = _models.EMBEDDED
@@ -39,9 +40,10 @@ _MODEL_FILES = re.compile(r"(\.json|\.safetensors|\.bin|\.gguf|\.model|\.txt|\.t
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def load_model(spec: str):
-    """(model, tokenizer): the one place pipelines load a model (tests replace it with a recorder)."""
-    return _models.load_model_and_tokenizer(spec)
+def load_model(spec: str, dtype: str = "fp32"):
+    """(model, tokenizer): the one place pipelines load a model (tests replace it with a recorder); ``dtype``:
+    the weights' dtype (``--torch-dtype``: fp32 | bf16 | fp16)."""
+    return _models.load_model_and_tokenizer(spec, dtype=dtype)
 
 
 def train(*args, **kwargs):
@@ -88,6 +90,17 @@ class BaseConfig:
     overwrite: bool = opt(False, "move a non-empty --output-dir aside (to <dir>.old-<time>; nothing is deleted)")
     eval_only: bool = opt(False, "evaluate the target (and reference) model only")
     save_every: int = opt(0, "unlearning checkpoint every N steps (0 = only at the end)")
+    torch_dtype: TorchDtype = opt("fp32", "dtype the weights are loaded in (bf16 halves a model's memory; "
+                                          "fp16 weights cannot train with --mixed-precision fp16)")
+    lora_r: int = opt(0, "LoRA rank for unlearning (0 = no LoRA): only the adapters train (pip install "
+                         "'fastweight[lora]'); adapters only in the --trainable-layers (0 = every layer); "
+                         "fine-tuning stays full")
+    lora_alpha: float = opt(16.0, "LoRA alpha (scale alpha / r)")
+    lora_dropout: float = opt(0.0, "LoRA dropout, in [0, 1)")
+    lora_targets: str | None = opt(None, "comma-separated module names that get adapters (q_proj,v_proj); None = "
+                                         "peft's default for the architecture")
+    gradient_checkpointing: bool = opt(False, "recompute decoder activations in the backward (less memory, "
+                                              "slower) during fine-tuning and unlearning")
     report_to: ReportTo = opt("none", "experiment tracker for losses, learning rate and metrics (accelerate's "
                                       "trackers): tensorboard (pip install tensorboard), wandb, none")
 
@@ -114,6 +127,27 @@ class BaseConfig:
                              "--overwrite moves it aside")
         if self.method_args is not None and not isinstance(self.method_args, dict):
             raise TypeError(f"method_args must be a dict or None, got {type(self.method_args).__name__}")
+        _check_int("lora_r", self.lora_r, low=0)
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or \
+                not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be a number > 0, got {self.lora_alpha!r}")
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) or \
+                not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
+        if self.lora_targets is not None:
+            names = self.lora_targets.split(",") if isinstance(self.lora_targets, str) else None
+            if names is None or not all(n.strip() and not any(c.isspace() for c in n.strip()) for n in names):
+                raise ValueError(f"lora_targets must be comma-separated module names (q_proj,v_proj), got "
+                                 f"{self.lora_targets!r}")
+            self.lora_targets = ",".join(n.strip() for n in names)
+        if self.torch_dtype not in _models.TORCH_DTYPES:
+            raise ValueError(f"torch_dtype must be one of {list(_models.TORCH_DTYPES)}, got {self.torch_dtype!r}")
+        if self.torch_dtype == "fp16" and "fp16" in (self.mixed_precision, getattr(self, "unlearn_mixed_precision",
+                                                                                 None)) and not self.eval_only:
+            raise ValueError("torch_dtype fp16 with mixed_precision fp16: the loss scaler cannot unscale fp16 "
+                             "gradients; load in fp32 or bf16, or use --mixed-precision no")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise TypeError(f"gradient_checkpointing must be a bool, got {self.gradient_checkpointing!r}")
         for name in ("model", "method", "output_dir", "cache_dir"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
@@ -164,9 +198,12 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def model_fingerprint(spec: str) -> str:
+def model_fingerprint(spec: str, dtype: str = "fp32") -> str:
     """Fingerprint of a model's contents: the files of a local folder or GGUF file (whole up to 64 MiB, else
-    size + first/last 8 MiB), the embedded GGUF file, or ``hub:<id>`` for a hub id (resolved by the hub)."""
+    size + first/last 8 MiB), the embedded GGUF file, or ``hub:<id>`` for a hub id (resolved by the hub); a
+    ``dtype`` other than fp32 (``--torch-dtype``, the weights as loaded) is part of it."""
+    if dtype != "fp32":
+        return fingerprint(model_fingerprint(spec), "dtype", dtype)
     if spec == EMBEDDED:
         path = _models.embedded_model_path()
     else:
@@ -309,27 +346,6 @@ class OutputDir:
         return self.path / self.RESULTS
 
 
-def repair_log(path: Path) -> int:
-    """Drop unparsable lines (a line torn by a kill) from a JSON-lines log; the original is kept beside it as
-    ``<name>.torn-<time>``. Returns the number of dropped lines."""
-    if not path.is_file():
-        return 0
-    good, bad = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            json.loads(line)
-            good.append(line)
-        except json.JSONDecodeError:
-            bad += 1
-    if bad:
-        os.replace(path, path.with_name(f"{path.name}.torn-{_stamp()}"))
-        atomic_write(path, "".join(l + "\n" for l in good))
-        print(f"{path.name}: dropped {bad} torn line(s) (original kept beside it)")
-    return bad
-
-
 # ------------------------------------------------------------------------------------------------ fine-tuning
 def finetune_cached(base, tokenizer, dataset, cfg: BaseConfig, folder: Path, key: Mapping[str, Any], label: str,
                     *, epochs: int | None = None):
@@ -340,11 +356,12 @@ def finetune_cached(base, tokenizer, dataset, cfg: BaseConfig, folder: Path, key
     fp = fingerprint(key)
     if (folder / "config.json").is_file() and mark.is_file() and json.loads(mark.read_text()).get("fingerprint") == fp:
         print(f"[{label}] cached: {folder}")
-        return load_model(str(folder))[0]
+        return load_model(str(folder), cfg.torch_dtype)[0]
     t0 = time.time()
     tc = TrainConfig(output_dir=str(folder) + ".run", lr=cfg.ft_lr, epochs=epochs or cfg.ft_epochs,
                      batch_size=cfg.ft_batch_size, grad_accum=1, seed=cfg.seed, max_steps=cfg.ft_max_steps,
-                     trainable_layers=cfg.trainable_layers, mixed_precision=cfg.mixed_precision)
+                     trainable_layers=cfg.trainable_layers, mixed_precision=cfg.mixed_precision,
+                     gradient_checkpointing=cfg.gradient_checkpointing)
     run_dir = Path(tc.output_dir)
     if run_dir.exists():  # a previous fine-tuning of this cache entry was interrupted: keep it, start over
         _move_aside(run_dir, "interrupted")
@@ -367,12 +384,26 @@ def ft_key(cfg: BaseConfig, model_fp: str, data_fp: str, **extra: Any) -> dict[s
 
 
 def unlearn_train_config(cfg: BaseConfig, out: Path, method_args: Mapping[str, Any], **kw: Any) -> TrainConfig:
-    """The unlearning ``TrainConfig`` (built before any model is loaded, so its validation fails fast)."""
+    """The unlearning ``TrainConfig`` (built before any model is loaded, so its validation fails fast; LoRA
+    without peft installed is an ImportError here too)."""
+    if cfg.lora_r:
+        import importlib.util
+
+        if importlib.util.find_spec("peft") is None:
+            raise ImportError("--lora-r needs peft: pip install 'fastweight[lora]'")
     return TrainConfig(output_dir=str(out), method=cfg.method, method_args=dict(method_args), lr=cfg.lr,
                        epochs=cfg.epochs, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                        max_steps=cfg.max_steps, trainable_layers=kw.pop("trainable_layers", cfg.trainable_layers),
                        seed=cfg.seed, mixed_precision=kw.pop("mixed_precision", cfg.mixed_precision),
-                       save_every=cfg.save_every, resume=cfg.resume, **kw)
+                       save_every=cfg.save_every, resume=cfg.resume, eval_every=cfg.eval_every,
+                       lora_r=cfg.lora_r, lora_alpha=float(cfg.lora_alpha), lora_dropout=float(cfg.lora_dropout),
+                       lora_targets=cfg.lora_targets, gradient_checkpointing=cfg.gradient_checkpointing, **kw)
+
+
+def train_key(tc: TrainConfig) -> dict[str, Any]:
+    """The unlearning ``TrainConfig`` as a fingerprint key: the options that do not change the trained weights
+    (``resume``, ``eval_every``) are left out, so a resumed run or another evaluation cadence reuses checkpoints."""
+    return tc.to_dict() | {"resume": None, "eval_every": None}
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -459,4 +490,4 @@ def warn(msg: str) -> None:
 __all__ = ["BaseConfig", "EMBEDDED", "OutputDir", "Reporter", "Results", "check_model_spec", "check_report_to", "data_fingerprint",
            "finetune_cached", "fingerprint", "ft_key", "git_commit", "load_model", "markdown_table",
            "model_fingerprint", "PipelineWarning", "provenance", "repair_log", "resolve_method_args", "step_hook",
-           "unlearn_train_config", "warn"]
+           "eval_hook", "train_key", "unlearn_train_config", "warn"]

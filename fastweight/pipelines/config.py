@@ -22,6 +22,7 @@ from typing import Any, Literal, get_args, get_origin
 
 MixedPrecision = Literal["no", "bf16", "fp16"]
 ReportTo = Literal["none", "tensorboard", "wandb"]
+TorchDtype = Literal["fp32", "bf16", "fp16"]
 METHOD_SHORTCUTS: tuple[str, ...] = ("beta", "beta1", "beta2", "forget_coef", "retain_coef", "alpha",
                                      "steering_coef")
 
@@ -254,5 +255,5 @@ def cli_main(parse, run, show, argv=None) -> int:
     return 0
 
 
-__all__ = ["METHOD_SHORTCUTS", "MixedPrecision", "OneLineParser", "ReportTo", "build_parser", "cli_main",
+__all__ = ["METHOD_SHORTCUTS", "MixedPrecision", "OneLineParser", "ReportTo", "TorchDtype", "build_parser", "cli_main",
            "coerce", "config_from_args", "config_from_mapping", "opt", "read_config_file"]

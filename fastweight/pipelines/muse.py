@@ -11,15 +11,23 @@ invented local news, 128-token windows -- a CPU-sized demonstration, not MUSE nu
 
 Outputs (``output_dir``): ``results.json``, ``table.md``, ``status.json``, ``eval/<model>/MUSE_EVAL.json`` +
 ``MUSE_SUMMARY.json`` (+ ``FINGERPRINT.json``), ``log.jsonl``, ``training.png``, ``muse.png``.
+
+``mia_attacks`` (e.g. ``"loss,zlib,min_k,min_k_plus_plus"``) adds membership-inference AUCs
+(``fastweight.eval.attacks.run_attacks``) on the PrivLeak forget texts (members) vs the holdout texts
+(non-members) to every column, as ``mia_<attack>`` (open-unlearning's orientation: 1 = the forget texts still
+look seen, 0.5 = indistinguishable); per-text scores go to ``eval/<model>/MUSE_MIA.json``. The ``reference``
+attack uses the retrained model as its reference (MUSE's choice).
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from fastweight.data.muse import DEFAULT_WINDOW, MUSE_HUB, TextChunkDataset, load_muse
 from fastweight.data.synth_muse import write_muse_folder
+from fastweight.eval.attacks import ATTACKS, AttackConfig, encode_texts, run_attacks
 from fastweight.eval.muse import MuseEvalConfig, evaluate_muse
 from fastweight.eval.plots import plot_muse, plot_training
 from fastweight.pipelines import common as C
@@ -55,6 +63,10 @@ class MuseConfig(C.BaseConfig):
     knowmem_max_new_tokens: int | None = opt(None, "KnowMem generation length; default 16 (generated data) / "
                                                    "32 (--data, MUSE's setting)")
     output_dir: str = opt("runs/muse_unlearn", "results folder (must be empty or new unless --resume/--overwrite)")
+    mia_attacks: str | None = opt(None, "comma-separated membership-inference attacks on the PrivLeak forget vs "
+                                        f"holdout texts, from {','.join(ATTACKS)} (reference: against the retrained "
+                                        "model); adds mia_<attack> AUCs (1 = forget still looks seen); default: "
+                                        "none beyond MUSE's PrivLeak")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -68,6 +80,22 @@ class MuseConfig(C.BaseConfig):
         for name in ("verbmem_max_new_tokens", "knowmem_max_new_tokens"):
             if getattr(self, name) is not None:
                 C._check_int(name, getattr(self, name), low=1)
+        if self.mia_attacks is not None:
+            names = self.mia_attacks.split(",") if isinstance(self.mia_attacks, str) else [None]
+            names = [n.strip() if isinstance(n, str) else n for n in names]
+            bad = [n for n in names if n not in ATTACKS]
+            if bad or len(set(names)) != len(names):
+                raise ValueError(f"mia_attacks must be comma-separated distinct names from {list(ATTACKS)}, got "
+                                 f"{self.mia_attacks!r}")
+            if "reference" in names and self.finetuned and self.retrain_model is None:
+                raise ValueError("mia_attacks 'reference' needs the retrained model: pass --retrain-model (with "
+                                 "--finetuned no retrained model is fine-tuned)")
+            self.mia_attacks = ",".join(names)
+
+    @property
+    def attacks(self) -> tuple[str, ...]:
+        """The ``mia_attacks`` names (empty when none)."""
+        return tuple(self.mia_attacks.split(",")) if self.mia_attacks else ()
 
 
 def generation_lengths(cfg: MuseConfig) -> tuple[int, int]:
@@ -84,6 +112,34 @@ def _data_source(cfg: MuseConfig) -> str:
         write_muse_folder(folder, cfg.seed, n_forget=cfg.n_articles, n_retain=2 * cfg.n_articles,
                           n_holdout=cfg.n_articles)
     return str(folder)
+
+
+def membership_attacks(model, tokenizer, data, cfg: MuseConfig, ecfg: MuseEvalConfig, folder: Path,
+                       reference=None, reference_fp: str | None = None) -> dict[str, float]:
+    """``{"mia_<attack>": AUC}`` of ``cfg.attacks`` on the PrivLeak forget (members) vs holdout texts, the
+    per-text scores in ``folder/MUSE_MIA.json`` (reused when written for the same attacks, texts and reference).
+    Without ``reference`` the ``reference`` attack is left out (the retrained model's own column)."""
+    attacks = [a for a in cfg.attacks if a != "reference" or reference is not None]
+    if not attacks:
+        return {}
+    cap = ecfg.max_items
+    forget, holdout = list(data.privleak_forget[:cap]), list(data.privleak_holdout[:cap])
+    acfg = AttackConfig(k=ecfg.mink_k, batch_size=ecfg.batch_size)
+    key = C.fingerprint(attacks, forget, holdout, vars(acfg), ecfg.privleak_max_length,
+                        reference_fp if "reference" in attacks else None)
+    path = folder / "MUSE_MIA.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("fingerprint") == key:
+            return {k: v["agg_value"] for k, v in saved["results"].items()}
+    import torch
+
+    with torch.enable_grad():  # gradnorm needs gradients, also when train() evaluates under no_grad
+        res = run_attacks(model, encode_texts(tokenizer, forget, max_length=ecfg.privleak_max_length),
+                          encode_texts(tokenizer, holdout, max_length=ecfg.privleak_max_length), attacks,
+                          tokenizer=tokenizer, reference_model=reference, config=acfg)
+    C.atomic_write(path, json.dumps({"fingerprint": key, "attacks": attacks, "results": res}, default=str))
+    return {k: v["agg_value"] for k, v in res.items()}
 
 
 def run(cfg: MuseConfig) -> C.Results:
@@ -118,17 +174,17 @@ def run(cfg: MuseConfig) -> C.Results:
         print("NOTE:", note)
 
     t0 = time.time()
-    base, tokenizer = C.load_model(cfg.model)
+    base, tokenizer = C.load_model(cfg.model, cfg.torch_dtype)
     print(f"loaded {cfg.model} in {time.time() - t0:.0f} s")
-    model_fp = C.model_fingerprint(cfg.model)
+    model_fp = C.model_fingerprint(cfg.model, cfg.torch_dtype)
     eval_key = {"data": data_fp, "eval": vars(ecfg)}
     columns: dict[str, dict[str, float]] = {}
-    retrain_auc = None
+    retrain_auc = reference = retrain_fp = None
     cap = cfg.ft_max_rows
     if cfg.retrain_model is not None or not cfg.finetuned:
         if cfg.retrain_model is not None:
-            retrained, _ = C.load_model(cfg.retrain_model)
-            retrain_fp = C.model_fingerprint(cfg.retrain_model)
+            retrained, _ = C.load_model(cfg.retrain_model, cfg.torch_dtype)
+            retrain_fp = C.model_fingerprint(cfg.retrain_model, cfg.torch_dtype)
         else:
             texts = data.retain_text[:cap]
             key = C.ft_key(cfg, model_fp, C.data_fingerprint(texts), window=window)
@@ -136,8 +192,10 @@ def run(cfg: MuseConfig) -> C.Results:
                                           Path(cfg.cache_dir) / f"muse-retrain-{C.fingerprint(key)}", key, "retrain")
             retrain_fp = C.fingerprint(key)
         folder = outdir.keyed("eval/retrained", {**eval_key, "model": retrain_fp})
-        columns["retrained"] = evaluate_muse(retrained, tokenizer, data, ecfg, output_dir=folder)
+        columns["retrained"] = evaluate_muse(retrained, tokenizer, data, ecfg, output_dir=folder) | \
+            membership_attacks(retrained, tokenizer, data, cfg, ecfg, folder)
         retrain_auc = columns["retrained"]["privleak_auc"]
+        reference = retrained if "reference" in cfg.attacks else None
         del retrained
     if cfg.finetuned:
         target, target_fp = base, model_fp
@@ -149,36 +207,38 @@ def run(cfg: MuseConfig) -> C.Results:
         target_fp = C.fingerprint(key)
     del base
     folder = outdir.keyed("eval/target", {**eval_key, "model": target_fp, "retrain_auc": retrain_auc})
+    mia = dict(cfg=cfg, ecfg=ecfg, reference=reference, reference_fp=retrain_fp)
     columns = {"target (before)": evaluate_muse(target, tokenizer, data, ecfg, output_dir=folder,
-                                                retrain_auc=retrain_auc), **columns}
+                                                retrain_auc=retrain_auc) |
+               membership_attacks(target, tokenizer, data, folder=folder, **mia), **columns}
     reporter.log(columns["target (before)"], 0, "eval/target")
     history, during, plots = [], [], []
     if not cfg.eval_only:
-        unlearn_key = {"target": target_fp, "data": data_fp, "train": tc.to_dict() | {"resume": None},
+        unlearn_key = {"target": target_fp, "data": data_fp, "train": C.train_key(tc),
                        "window": window}
         outdir.prepare_training(unlearn_key)
 
-        def evaluate_at(step: int) -> dict[str, float]:
+        def evaluate_at(trained, step: int) -> dict[str, float]:  # the model train() is training
             f = outdir.keyed(f"eval/step-{step:06d}", {**eval_key, "unlearn": unlearn_key, "step": step})
-            summary = evaluate_muse(target, tokenizer, data, ecfg, output_dir=f, retrain_auc=retrain_auc)
-            target.train()
-            return summary
+            return evaluate_muse(trained, tokenizer, data, ecfg, output_dir=f, retrain_auc=retrain_auc) | \
+                membership_attacks(trained, tokenizer, data, folder=f, **mia)
 
         t0 = time.time()
         res = C.train(target, TextChunkDataset(data.forget_text, tokenizer, window),
                       TextChunkDataset(data.retain_text, tokenizer, window), tc,
-                      on_step=C.step_hook(reporter, cfg.eval_every, evaluate_at if cfg.eval_every else None, during))
+                      on_step=C.step_hook(reporter), eval_fn=C.eval_hook(reporter, evaluate_at, during))
         history = res.history
         print(f"[{cfg.method}] {res.global_step} steps in {time.time() - t0:.0f} s")
         folder = outdir.keyed("eval/unlearned", {**eval_key, "unlearn": unlearn_key, "retrain_auc": retrain_auc})
-        after = evaluate_muse(res.model, tokenizer, data, ecfg, output_dir=folder, retrain_auc=retrain_auc)
+        after = evaluate_muse(res.model, tokenizer, data, ecfg, output_dir=folder, retrain_auc=retrain_auc) | \
+            membership_attacks(res.model, tokenizer, data, folder=folder, **mia)
         reporter.log(after, res.global_step, "eval/unlearned")
         columns = {"target (before)": columns.pop("target (before)"), f"{cfg.method} (after)": after, **columns}
         if history:
             plots.append(str(plot_training(history, out / "training.png", title=f"{cfg.method} on MUSE forget")))
     plots.append(str(plot_muse(columns, out / "muse.png", reference="retrained" if "retrained" in columns else None)))
     reporter.finish()
-    table = C.markdown_table(columns, TABLE_KEYS, fmt=".3f")
+    table = C.markdown_table(columns, TABLE_KEYS + tuple(f"mia_{a}" for a in cfg.attacks), fmt=".3f")
     (out / "table.md").write_text(table + "\n")
     results = C.Results(metrics=columns, table=table, output_dir=out, config=vars(cfg).copy(), history=history,
                         during=during, note=note, plots=plots,
@@ -193,4 +253,5 @@ def parse_args(argv=None) -> MuseConfig:
     return config_from_args(parser, parser.parse_args(argv), MuseConfig)
 
 
-__all__ = ["MuseConfig", "generation_lengths", "TABLE_KEYS", "TUNED_METHOD_ARGS", "parse_args", "run"]
+__all__ = ["MuseConfig", "TABLE_KEYS", "TUNED_METHOD_ARGS", "generation_lengths", "membership_attacks", "parse_args",
+           "run"]

@@ -180,7 +180,7 @@ def run(cfg: TofuConfig) -> C.Results:
 
     # ---- models ----------------------------------------------------------------------------------------
     t0 = time.time()
-    base, tokenizer = C.load_model(cfg.model)
+    base, tokenizer = C.load_model(cfg.model, cfg.torch_dtype)
     print(f"loaded {cfg.model} in {time.time() - t0:.0f} s")
     template = cfg.template or (DEMO["template"] if cfg.data is None else family_template(cfg.model, tokenizer))
     ecfg.template = template
@@ -192,7 +192,7 @@ def run(cfg: TofuConfig) -> C.Results:
     truncation = report_truncation(tokenizer, template, {cfg.split: rows["forget"], "retain": rows["retain"],
                                                          f"{cfg.split} eval": sets["forget"]},
                                    max_length, max_new_tokens)
-    model_fp = C.model_fingerprint(cfg.model)
+    model_fp = C.model_fingerprint(cfg.model, cfg.torch_dtype)
     common_key = {"template": template, "max_length": max_length}
     if need_target_ft:
         key = C.ft_key(cfg, model_fp, C.data_fingerprint(full), **common_key)
@@ -206,8 +206,8 @@ def run(cfg: TofuConfig) -> C.Results:
     retain_tr = None
     if cfg.retain_model is not None or need_retain_ft:
         if cfg.retain_model is not None:
-            retain, _ = C.load_model(cfg.retain_model)
-            retain_fp = C.model_fingerprint(cfg.retain_model)
+            retain, _ = C.load_model(cfg.retain_model, cfg.torch_dtype)
+            retain_fp = C.model_fingerprint(cfg.retain_model, cfg.torch_dtype)
         else:
             retain_rows = rows["retain"][:cfg.ft_max_rows]
             key = C.ft_key(cfg, model_fp, C.data_fingerprint(retain_rows), **common_key)
@@ -228,19 +228,17 @@ def run(cfg: TofuConfig) -> C.Results:
     if not cfg.eval_only:
         forget_ds = QADataset(rows["forget"], tokenizer, template, max_length)
         retain_ds = QADataset(rows["retain"], tokenizer, template, max_length)
-        unlearn_key = {"target": target_fp, "data": data_fp, "train": tc_probe.to_dict() | {"resume": None},
+        unlearn_key = {"target": target_fp, "data": data_fp, "train": C.train_key(tc_probe),
                        "template": template, "max_length": max_length}
         outdir.prepare_training(unlearn_key)
 
-        def evaluate_at(step: int) -> dict[str, float]:
+        def evaluate_at(trained, step: int) -> dict[str, float]:  # the model train() is training
             f = outdir.keyed(f"eval/step-{step:06d}", {**eval_key, "unlearn": unlearn_key, "step": step})
-            summary = _evaluate(target, tokenizer, sets, ecfg, f, retain_tr, f"step {step}")
-            target.train()
-            return summary
+            return _evaluate(trained, tokenizer, sets, ecfg, f, retain_tr, f"step {step}")
 
         t0 = time.time()
         res = C.train(target, forget_ds, retain_ds, tc_probe,
-                      on_step=C.step_hook(reporter, cfg.eval_every, evaluate_at if cfg.eval_every else None, during))
+                      on_step=C.step_hook(reporter), eval_fn=C.eval_hook(reporter, evaluate_at, during))
         history, g_effect = res.history, res.g_effect
         print(f"[{cfg.method}] {res.global_step} steps in {time.time() - t0:.0f} s")
         folder = outdir.keyed("eval/unlearned", {**eval_key, "unlearn": unlearn_key, "retain": retain_tr is not None})

@@ -1,5 +1,5 @@
 """Experiment trackers for the pipelines: accelerate's TensorBoard / wandb trackers, and the ``on_step`` hook that
-logs every unlearning step and runs ``eval_every`` evaluations."""
+logs every unlearning step, and the ``eval_fn`` hook that runs ``eval_every`` evaluations."""
 from __future__ import annotations
 
 import json
@@ -71,19 +71,28 @@ class Reporter:
             self.tracker.finish()
 
 
-def step_hook(reporter: Reporter, every: int, evaluate: Callable[[int], dict[str, float]] | None,
-              during: list[dict[str, Any]]) -> Callable[[int, dict], None]:
-    """The ``on_step`` callback given to ``train``: logs each step to the tracker and, every ``every`` steps,
-    evaluates the model being trained (``evaluate(step) -> summary``) and records it in ``during``."""
+def step_hook(reporter: Reporter) -> Callable[[int, dict], None]:
+    """The ``on_step`` callback given to ``train``: logs each unlearning step's values to the tracker."""
 
     def on_step(step: int, entry: dict) -> None:
         reporter.log(entry, step, "train")
-        if evaluate is not None and every and step % every == 0:
-            summary = evaluate(step)
-            during.append({"step": step, "metrics": summary})
-            reporter.log(summary, step, "eval/during")
 
     return on_step
 
 
-__all__ = ["Reporter", "check_report_to", "step_hook"]
+def eval_hook(reporter: Reporter, evaluate: Callable[[Any, int], dict[str, float]],
+              during: list[dict[str, Any]]) -> Callable[..., None]:
+    """The ``eval_fn`` given to ``train`` (called every ``TrainConfig.eval_every`` steps): evaluates the model
+    ``train`` passes in (the unwrapped policy being trained, e.g. the ``PeftModel`` of a LoRA run, not the object
+    the pipeline handed to ``train``) as ``evaluate(model, step) -> summary``, records it in ``during`` and logs
+    it under ``eval/during``. Returns None, so the summaries stay out of ``log.jsonl`` (``during`` holds them)."""
+
+    def eval_fn(*, model, step: int, epoch: int) -> None:
+        summary = evaluate(model, step)
+        during.append({"step": step, "metrics": summary})
+        reporter.log(summary, step, "eval/during")
+
+    return eval_fn
+
+
+__all__ = ["Reporter", "check_report_to", "eval_hook", "step_hook"]

@@ -140,9 +140,9 @@ def run(cfg: WmdpConfig) -> C.Results:
         print("NOTE:", note)
 
     t0 = time.time()
-    model, tokenizer = C.load_model(cfg.model)
+    model, tokenizer = C.load_model(cfg.model, cfg.torch_dtype)
     print(f"loaded {cfg.model} in {time.time() - t0:.0f} s")
-    model_fp = target_fp = C.model_fingerprint(cfg.model)
+    model_fp = target_fp = C.model_fingerprint(cfg.model, cfg.torch_dtype)
     eval_key = {"data": data_fp, "eval": vars(ecfg)}
     columns: dict[str, dict[str, float]] = {}
     if cfg.eval_base:
@@ -162,20 +162,18 @@ def run(cfg: WmdpConfig) -> C.Results:
     reporter.log(columns["target (before)"], 0, "eval/target")
     history, during, plots = [], [], []
     if not cfg.eval_only:
-        unlearn_key = {"target": target_fp, "data": data_fp, "train": tc.to_dict() | {"resume": None},
+        unlearn_key = {"target": target_fp, "data": data_fp, "train": C.train_key(tc),
                        "window": cfg.window}
         outdir.prepare_training(unlearn_key)
 
-        def evaluate_at(step: int) -> dict[str, float]:
+        def evaluate_at(trained, step: int) -> dict[str, float]:  # the model train() is training
             f = outdir.keyed(f"eval/step-{step:06d}", {**eval_key, "unlearn": unlearn_key, "step": step})
-            summary = evaluate_mcq_sets(model, tokenizer, sets, ecfg, output_dir=f)
-            model.train()
-            return summary
+            return evaluate_mcq_sets(trained, tokenizer, sets, ecfg, output_dir=f)
 
         t0 = time.time()
         res = C.train(model, TextChunkDataset(forget_text, tokenizer, cfg.window),
                       TextChunkDataset(retain_text, tokenizer, cfg.window), tc,
-                      on_step=C.step_hook(reporter, cfg.eval_every, evaluate_at if cfg.eval_every else None, during))
+                      on_step=C.step_hook(reporter), eval_fn=C.eval_hook(reporter, evaluate_at, during))
         history = res.history
         print(f"[{cfg.method}] {res.global_step} steps in {time.time() - t0:.0f} s")
         folder = outdir.keyed("eval/unlearned", {**eval_key, "unlearn": unlearn_key})

@@ -154,42 +154,4 @@ def train_config_from(mapping: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in mapping.items() if k in names})
 
 
-def example_config_from_args(parser, args, config_cls, shortcuts: tuple[str, ...] = ()):
-    """Build an example's config dataclass from parsed CLI arguments, one precedence rule for every example.
-
-    Precedence: the dataclass defaults < ``--config FILE`` (keys = field names) < flags given on the command
-    line (argparse default None = not given) < ``--method-arg KEY=VALUE`` (value parsed as JSON when it
-    parses) < the ``shortcuts`` flags (e.g. ``--beta1``), all folded into ``method_args``.
-    ``trainable_layers == 0`` means all layers (None). Unknown config keys, a malformed ``--method-arg`` and
-    an invalid config value end in ``parser.error`` naming the problem.
-    """
-    values = read_config_file(args.config) if args.config else {}
-    names = {f.name for f in fields(config_cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        parser.error(f"unknown keys in --config: {unknown}")
-    method_args = dict(values.pop("method_args", config_cls().method_args))
-    for k, v in vars(args).items():
-        if k in names and k != "method_args" and v is not None:
-            values[k] = v
-    for item in args.method_arg:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            parser.error(f"--method-arg must be KEY=VALUE, got {item!r}")
-        try:
-            method_args[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            method_args[key] = raw
-    for name in shortcuts:
-        if getattr(args, name, None) is not None:
-            method_args[name] = getattr(args, name)
-    if values.get("trainable_layers") == 0:
-        values["trainable_layers"] = None
-    try:
-        return config_cls(**values, method_args=method_args)
-    except (TypeError, ValueError) as e:
-        parser.error(str(e))
-
-
-__all__ = ["MIXED_PRECISIONS", "MixedPrecision", "TrainConfig", "example_config_from_args", "read_config_file",
-           "train_config_from"]
+__all__ = ["MIXED_PRECISIONS", "MixedPrecision", "TrainConfig", "read_config_file", "train_config_from"]

@@ -47,6 +47,7 @@ from fastweight.train.config import TrainConfig
 from fastweight.train.engine import (
     NonFiniteError, build_reference_table, check_engine, is_sharded, make_accelerator, maybe_lora,
 )
+from fastweight.train.jsonlog import repair_log
 from fastweight.train.objective import UnlearnObjective
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -146,6 +147,9 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
     if method is None or not method.needs_retain:
         retain = None
     acc = make_accelerator(cfg)
+    # accelerate's GradientState is process-wide: a loop stopped mid-accumulation (a transformers.Trainer that
+    # raised) leaves sync_gradients False, which makes the prepared optimizer skip its steps; start synced
+    acc.gradient_state._set_sync_gradients(True)
     check_engine(acc, cfg, method)
     needs_idk = method is not None and method.needs_idk
     model = maybe_lora(model, cfg)
@@ -229,6 +233,9 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
     if ckpt is not None:
         state = load_checkpoint(acc, ckpt, policy=policy, optimizer=optimizer, scheduler=scheduler, method=method)
         if log_path.is_file():
+            if acc.is_main_process:
+                repair_log(log_path)  # a line torn by a kill: dropped, the original kept beside it
+            acc.wait_for_everyone()
             lines = log_path.read_text().splitlines()
             history = [json.loads(line) for line in lines if line.strip()]
             history = [h for h in history if h["step"] <= state["global_step"]]
@@ -250,7 +257,9 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
 
     world = acc.num_processes
     ckpt_args = dict(policy=policy, optimizer=optimizer, scheduler=scheduler, method=method)
-    bar = tqdm(total=total, initial=state["global_step"], disable=not (acc.is_main_process and cfg.progress),
+    # disable=None: no bar when stderr is not a terminal (no bar spam in log files)
+    show = acc.is_main_process and cfg.progress
+    bar = tqdm(total=total, initial=state["global_step"], disable=None if show else True,
                desc=cfg.method or "fine-tune")
     step, skip = state["global_step"], state["batch_in_epoch"]
     resumed_step = step
