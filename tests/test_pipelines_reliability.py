@@ -15,6 +15,7 @@ from fastweight.data.synth_tofu import generate_tofu, write_tofu_folder
 from fastweight.data.templates import REFUSALS
 from fastweight.pipelines import common as C
 from fastweight.pipelines import tofu
+from fastweight.pipelines.config import cli_main
 from fastweight.pipelines.config import coerce, config_from_mapping
 from fastweight.train.models import save_tiny_model
 
@@ -145,6 +146,21 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, argv, capsys, loader
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error:"), err
     assert loader == []
+
+
+@pytest.mark.parametrize("exc", [ConnectionError("Couldn't reach 'org/x' on the Hub"),
+                                 PermissionError("[Errno 13] Permission denied: '/out'")])
+def test_cli_environment_errors_are_one_line_with_exit_code_2(exc, capsys):
+    """An unreachable hub (--data / --model ids offline) or an unwritable folder: one line, exit 2, no traceback;
+    --debug re-raises it."""
+    def run(cfg):
+        raise exc
+
+    assert cli_main(lambda argv: None, run, print, argv=[]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and str(exc).split(":")[0] in err[0], err
+    with pytest.raises(type(exc)):
+        cli_main(lambda argv: None, run, print, argv=["--debug"])
 
 
 @pytest.mark.parametrize("argv", [["--epochs", "abc"], ["--epochs", "0"], ["--split", "x"], ["--beta1", "x"],

@@ -232,8 +232,9 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, 
 def cli_main(parse, run, show, argv=None) -> int:
     """Run a pipeline from the command line: ``show(run(parse(argv)))``.
 
-    A ValueError / TypeError / FileNotFoundError / ImportError (bad input, missing file or extra) prints one line
-    ``error: ...`` to stderr and returns 2; ``--debug`` re-raises it with the traceback.
+    A ValueError / TypeError / OSError / ImportError (bad input; a missing file, unreachable hub or unwritable
+    folder — ConnectionError and FileNotFoundError are OSErrors; a missing extra) prints one line ``error: ...`` to
+    stderr and returns 2; ``--debug`` re-raises it with the traceback.
     """
     import warnings
 
@@ -244,7 +245,7 @@ def cli_main(parse, run, show, argv=None) -> int:
     warnings.formatwarning = lambda message, category, *a, **k: f"WARNING: {message}\n"  # one line each
     try:
         show(run(cfg))
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+    except (ValueError, TypeError, OSError, ImportError) as e:
         if debug:
             raise
         msg = " ".join(str(e).split()) or type(e).__name__
