@@ -30,7 +30,7 @@ from fastweight.pipelines.config import MixedPrecision, ReportTo, TorchDtype, op
 from fastweight.pipelines.tracking import Reporter, check_report_to, eval_hook, step_hook
 from fastweight.train import models as _models
 from fastweight.train.config import TrainConfig
-from fastweight.train.jsonlog import repair_log
+from fastweight.train.jsonlog import move_aside, repair_log
 from fastweight.train.methods import build_method
 
 EMBEDDED = _models.EMBEDDED
@@ -243,20 +243,6 @@ def _check_local_model(path: Path, option: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ output folder
-def _stamp() -> str:
-    return time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
-
-
-def _move_aside(path: Path, tag: str) -> Path:
-    dest = path.with_name(f"{path.name}.{tag}-{_stamp()}")
-    n = 0
-    while dest.exists():
-        n += 1
-        dest = path.with_name(f"{path.name}.{tag}-{_stamp()}-{n}")
-    os.replace(path, dest)
-    return dest
-
-
 def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
@@ -296,7 +282,7 @@ class OutputDir:
         p = self.path
         if p.is_dir() and any(p.iterdir()):
             if self.overwrite:
-                self._say(f"--overwrite: moved the previous {p} to {_move_aside(p, 'old')}")
+                self._say(f"--overwrite: moved the previous {p} to {move_aside(p, 'old')}")
             elif self.resume and (p / self.RESULTS).is_file():
                 # a resumed run that is killed must not leave the old results looking like its own
                 os.replace(p / self.RESULTS, p / "results.previous.json")
@@ -315,7 +301,7 @@ class OutputDir:
         if folder.exists():
             old = json.loads(mark.read_text()) if mark.is_file() else None
             if old is None or old.get("fingerprint") != fp["fingerprint"]:
-                moved = _move_aside(folder, "stale")
+                moved = move_aside(folder, "stale")
                 self._say(f"{sub}: produced by other settings; moved to {moved.name} and recomputing")
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(mark, json.dumps(fp, indent=1, default=str))
@@ -331,7 +317,7 @@ class OutputDir:
         stale = [q for q in (p / "checkpoints", p / "log.jsonl", p / "g_effect.json") if q.exists()]
         if stale and old != fp:
             for q in stale:
-                moved = _move_aside(q, "stale")
+                moved = move_aside(q, "stale")
                 self._say(f"{q.name}: produced by other unlearning settings; moved to {moved.name}")
         atomic_write(mark, json.dumps({"fingerprint": fp, "key": key}, indent=1, default=str))
         repair_log(p / "log.jsonl")
@@ -364,10 +350,10 @@ def finetune_cached(base, tokenizer, dataset, cfg: BaseConfig, folder: Path, key
                      gradient_checkpointing=cfg.gradient_checkpointing)
     run_dir = Path(tc.output_dir)
     if run_dir.exists():  # a previous fine-tuning of this cache entry was interrupted: keep it, start over
-        _move_aside(run_dir, "interrupted")
+        move_aside(run_dir, "interrupted")
     res = train(copy.deepcopy(base), dataset, None, tc)
     if folder.exists():
-        _move_aside(folder, "stale")
+        move_aside(folder, "stale")
     _models.save_model(res.model, tokenizer, folder)
     atomic_write(mark, json.dumps({"fingerprint": fp, "key": key}, indent=1, default=str))
     import shutil

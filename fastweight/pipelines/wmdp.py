@@ -29,8 +29,11 @@ from fastweight.pipelines.config import build_parser, config_from_args, opt
 
 BENCH = "wmdp"
 NEEDS_QA = ("flat", "idkdpo")  # refusal-answer methods need questions; WMDP unlearns on raw text
-# RMU on SmolLM2-135M: its layer-8 hidden states have norm ~140 (zephyr-7b's layer 7: ~6), so c scales up.
-EMBEDDED_RMU = {"layer": 8, "trainable_layers": [6, 7, 8], "steering_coef": 300.0, "alpha": 100.0}
+# RMU on SmolLM2-135M: its layer-8 hidden states have norm ~140 (zephyr-7b's layer 7: ~6), so c scales up. The
+# WMDP release trains mlp.down_proj only (fastweight's default); with it this 30-step demo leaves the forget
+# accuracy where it was (0.625 -> 0.625, measured), so the demo also trains up_proj, as the previous default did.
+EMBEDDED_RMU = {"layer": 8, "trainable_layers": [6, 7, 8], "steering_coef": 300.0, "alpha": 100.0,
+                "param_keys": ["mlp.down_proj", "mlp.up_proj"]}
 EMBEDDED_NOTE = ("embedded default: generated set ({n} invented microbes to forget, {n} invented islands to keep, "
                  "{g} general-knowledge items), base model fine-tuned on both corpora first, '{fmt}' answer format "
                  "-- a CPU-sized demonstration, not WMDP numbers")

@@ -11,6 +11,19 @@ import time
 from pathlib import Path
 
 
+def move_aside(path: Path, tag: str) -> Path:
+    """Rename ``path`` to ``<name>.<tag>-<time>-<pid>[-n]`` beside it (never over an existing file) and return
+    the new path: how the trainer and the pipelines keep what they would otherwise overwrite or delete."""
+    stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+    dest = path.with_name(f"{path.name}.{tag}-{stamp}")
+    n = 0
+    while dest.exists():
+        n += 1
+        dest = path.with_name(f"{path.name}.{tag}-{stamp}-{n}")
+    os.replace(path, dest)
+    return dest
+
+
 def repair_log(path: str | os.PathLike) -> int:
     """Drop unparsable lines (a line torn by a kill) from a JSON-lines log; the original is kept beside it as
     ``<name>.torn-<time>-<pid>``. Returns the number of dropped lines (0: the file is left untouched)."""
@@ -27,13 +40,7 @@ def repair_log(path: str | os.PathLike) -> int:
         except json.JSONDecodeError:
             bad += 1
     if bad:
-        stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
-        kept = path.with_name(f"{path.name}.torn-{stamp}")
-        n = 0
-        while kept.exists():
-            n += 1
-            kept = path.with_name(f"{path.name}.torn-{stamp}-{n}")
-        os.replace(path, kept)
+        kept = move_aside(path, "torn")
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_text("".join(line + "\n" for line in good), encoding="utf-8")
         os.replace(tmp, path)
