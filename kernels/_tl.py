@@ -88,6 +88,8 @@ def tl_row_lse_logp(row_ptr, label, V, BLOCK_V: tl.constexpr):
 def tl_write_row_grad(row_ptr, grad_row_ptr, label, lse, g, V, BLOCK_V: tl.constexpr):
     """grad[v] = g * (onehot(label)[v] - softmax[v]) for one row, tile by tile, cast to the grad dtype.
 
+    g == 0 (ignored rows) writes an exact zero row even when the row holds NaN or is all -inf: the zero is
+    selected, never formed as 0 * NaN (a select costs no registers, unlike a second store loop).
     Safe when grad_row_ptr == row_ptr (in place): every tile is read before it is overwritten.
     """
     for start in range(0, V, BLOCK_V):
@@ -95,7 +97,7 @@ def tl_write_row_grad(row_ptr, grad_row_ptr, label, lse, g, V, BLOCK_V: tl.const
         mask = offs < V
         z = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
         p = tl.exp(z - lse)
-        d = g * (tl.where(offs == label, 1.0, 0.0) - p)
+        d = tl.where(g != 0.0, g * (tl.where(offs == label, 1.0, 0.0) - p), 0.0)
         tl.store(grad_row_ptr + offs, d.to(grad_row_ptr.dtype.element_ty), mask=mask)
 
 

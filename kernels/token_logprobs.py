@@ -61,13 +61,8 @@ def _token_logprobs_fwd(
     # 4. d loss / d z[t] = g_t * (onehot - softmax), g_t = grad_scale * w_t; ignored rows write zeros.
     if COMPUTE_GRAD:
         g = tl.load(grad_scale_ptr).to(tl.float32) * w
-        if valid:
-            tl_write_row_grad(row_ptr, grad_ptr + row * stride_grad_n, safe_label, lse, g, V, BLOCK_V)
-        else:  # zeros, not g * (...) = 0 * NaN when an ignored row holds NaN or is all -inf
-            for start in range(0, V, BLOCK_V):
-                offs = start + tl.arange(0, BLOCK_V)
-                tl.store(grad_ptr + row * stride_grad_n + offs,
-                         tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty), mask=offs < V)
+        # (w = 0 on ignored rows: tl_write_row_grad selects zeros there, even for NaN / all -inf rows)
+        tl_write_row_grad(row_ptr, grad_ptr + row * stride_grad_n, safe_label, lse, g, V, BLOCK_V)
 
 
 @triton.jit
@@ -85,13 +80,8 @@ def _token_logprobs_bwd(
     # Ignored rows get g = 0, hence an all-zero gradient row (the upstream value is not trusted).
     g = tl.where(valid, tl.load(g_ptr + row).to(tl.float32), 0.0)
     lse = tl.load(lse_ptr + row)
-    if valid:
-        tl_write_row_grad(
-            logits_ptr + row * stride_logits_n, grad_ptr + row * stride_grad_n,
-            tl.where(valid, label, 0), lse, g, V, BLOCK_V,
-        )
-    else:  # zeros even when the ignored row holds NaN or is all -inf (0 * NaN = NaN)
-        for start in range(0, V, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
-            tl.store(grad_ptr + row * stride_grad_n + offs,
-                     tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty), mask=offs < V)
+    # g = 0 selects an exact zero row, even when the ignored row holds NaN or is all -inf (0 * NaN = NaN)
+    tl_write_row_grad(
+        logits_ptr + row * stride_logits_n, grad_ptr + row * stride_grad_n,
+        tl.where(valid, label, 0), lse, g, V, BLOCK_V,
+    )
