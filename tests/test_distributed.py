@@ -1,6 +1,6 @@
 """Engines on 2 CPU processes: DDP (accelerate launch) and DeepSpeed ZeRO-3 end with the weights of one process
-with the same global batch; ZeRO-3 really shards; resume under DDP is bit-exact. FSDP2 (torch's fully_shard)
-runs the objective module in tests/test_distributed_fsdp.py. Worker: tests/_dist_worker.py."""
+with the same global batch; ZeRO-3 really shards; resume under DDP and under ZeRO-3 is bit-exact. FSDP2 (torch's
+fully_shard) runs the objective module in tests/test_distributed_fsdp.py. Worker: tests/_dist_worker.py."""
 from __future__ import annotations
 
 import json
