@@ -98,6 +98,7 @@ elif mode == "zero3_resume":
     ckpt = latest_checkpoint(out / "cut")
     report["cut_at"] = ckpt.name
     report["files"] = sorted(p.name for p in ckpt.iterdir())
+    torch.distributed.barrier()  # both ranks have listed the folder before rank 0 plants files in it
     if rank == 0:
         for name in ("random_states_0.pkl", "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
             with open(ckpt / name, "wb") as fh:
