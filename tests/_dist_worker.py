@@ -1,6 +1,7 @@
 """Worker for tests/test_distributed.py, run under ``accelerate launch`` (DDP or DeepSpeed ZeRO-3 on CPU).
 
-argv: model_dir out_dir mode, mode in {"ddp", "zero3"}. Writes out_dir/<run>/... and a JSON report per rank.
+argv: model_dir out_dir mode, mode in {"ddp", "zero3", "zero3_resume"}. Writes out_dir/<run>/... and a JSON
+report per rank.
 """
 import json
 import sys
@@ -17,7 +18,7 @@ from fastweight.train.loop import train
 from fastweight.train.models import load_model_and_tokenizer
 
 model_dir, out, mode = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
-if mode == "zero3":
+if mode.startswith("zero3"):
     # CPU-only DeepSpeed: accelerate sets up the gloo process group only for cpu=True, which in turn disables
     # its DeepSpeed path; creating the process group first (cpu=True) and then the Accelerator (reading
     # ACCELERATE_USE_DEEPSPEED) gives DeepSpeed on 2 CPU processes. On GPUs none of this is needed.
@@ -33,12 +34,12 @@ def sets(tok):
     return QADataset(data["full"][:8], tok, "phi", 48), QADataset(data["full"][8:], tok, "phi", 48)
 
 
-def run(name, **kw):
+def run(name, on_step=None, **kw):
     model, tok = load_model_and_tokenizer(model_dir)
     forget, retain = sets(tok)
     base = dict(output_dir=str(out / name), method="npo", method_args={"retain_loss": "nll"}, lr=1e-2, epochs=1,
                 batch_size=1, grad_accum=2, progress=False, seed=5)
-    res = train(model, forget, retain, TrainConfig(**{**base, **kw}))
+    res = train(model, forget, retain, TrainConfig(**{**base, **kw}), on_step=on_step)
     return res, model
 
 
@@ -73,6 +74,39 @@ if mode == "ddp":
     want = full.model.state_dict()
     report["resume_equal"] = all(torch.equal(v, want[k]) for k, v in resumed.model.state_dict().items())
     report["resume_steps"] = resumed.global_step
+elif mode == "zero3_resume":
+    # ZeRO-3 resume: an uninterrupted 2-epoch run and one stopped after step 3 (checkpoint at 2), resumed with
+    # DeepSpeed's own (pickle-based) checkpoint files planted in the checkpoint folder
+    import pickle
+
+    class Planted:
+        def __reduce__(self):
+            return (open, (str(out / f"pwned-{rank}"), "w"))
+
+    class Stop(Exception):
+        pass
+
+    def stop(step, _):
+        if step == 3:
+            raise Stop
+
+    full, _ = run("full", epochs=2, save_every=2)
+    try:
+        run("cut", epochs=2, save_every=2, on_step=stop)
+    except Stop:
+        pass
+    ckpt = latest_checkpoint(out / "cut")
+    report["cut_at"] = ckpt.name
+    report["files"] = sorted(p.name for p in ckpt.iterdir())
+    torch.distributed.barrier()  # both ranks have listed the folder before rank 0 plants files in it
+    if rank == 0:
+        for name in ("random_states_0.pkl", "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+            with open(ckpt / name, "wb") as fh:
+                pickle.dump(Planted(), fh)
+    torch.distributed.barrier()
+    resumed, _ = run("cut", epochs=2, save_every=2, resume=True)
+    report["resume_steps"] = resumed.global_step
+    report["history"], report["full_history"] = resumed.history, full.history
 else:
     res, model = run("zero3")
     report["history"] = res.history

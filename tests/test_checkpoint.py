@@ -131,3 +131,14 @@ def test_non_finite_stops_before_the_step_with_checkpoint_intact(tiny_dir, tmp_p
 
     saved = load_file(str(latest_checkpoint(tmp_path) / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in saved.values())
+
+
+def test_checkpoint_of_another_engine_is_refused(tiny_dir, tmp_path):
+    """A ZeRO-3 checkpoint (per-rank partitions, no model.safetensors) cannot be resumed by one process / DDP."""
+    _run(tiny_dir, tmp_path, epochs=1, save_every=2)
+    ckpt = latest_checkpoint(tmp_path)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["engine"] == "replicated"
+    (ckpt / "trainer_state.json").write_text(json.dumps({**state, "engine": "zero3", "global_step": 2}))
+    with pytest.raises(ValueError, match="not written by a replicated run"):
+        _run(tiny_dir, tmp_path, resume=True)

@@ -1,6 +1,6 @@
 """Engines on 2 CPU processes: DDP (accelerate launch) and DeepSpeed ZeRO-3 end with the weights of one process
-with the same global batch; ZeRO-3 really shards; resume under DDP is bit-exact. FSDP2 (torch's fully_shard)
-runs the objective module in tests/test_distributed_fsdp.py. Worker: tests/_dist_worker.py."""
+with the same global batch; ZeRO-3 really shards; resume under DDP and under ZeRO-3 is bit-exact. FSDP2 (torch's
+fully_shard) runs the objective module in tests/test_distributed_fsdp.py. Worker: tests/_dist_worker.py."""
 from __future__ import annotations
 
 import json
@@ -15,6 +15,7 @@ import torch
 from fastweight.data.synth_tofu import generate_tofu
 from fastweight.data.templates import REFUSALS
 from fastweight.data.tofu import QADataset
+from fastweight.train.checkpoint import _load_tensors, latest_checkpoint
 from fastweight.train.config import TrainConfig
 from fastweight.train.loop import train
 from fastweight.train.models import load_model_and_tokenizer, save_tiny_model
@@ -98,3 +99,42 @@ def test_deepspeed_zero3_two_processes_shard_and_match_one_process(tiny_dir, tmp
     got = load_file(str(tmp_path / "zero3" / "model.safetensors"))
     _assert_same_weights(got, want.model.state_dict(), rtol=1e-4, atol=1e-5)
     assert [h["loss"] for h in reports[0]["history"]] == pytest.approx([h["loss"] for h in want.history], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_resume_is_exact_without_pickle(tiny_dir, tmp_path):
+    """ZeRO-3, 2 processes: stopped after step 3 (checkpoint at step 2) and resumed, the run ends with the
+    uninterrupted run's weights bit for bit; DeepSpeed's pickled files planted in the checkpoint never run; a
+    resume with another world size is refused before any step."""
+    pytest.importorskip("deepspeed")
+    reports = _launch(["--use_deepspeed", "--zero_stage", "3", "--gradient_accumulation_steps", "2",
+                       "--zero3_save_16bit_model", "true", "--offload_optimizer_device", "none",
+                       "--offload_param_device", "none"], tiny_dir, tmp_path, "zero3_resume", 29535)
+    from safetensors.torch import load_file
+
+    for r in reports:
+        assert r["cut_at"] == "step-00000002" and r["resume_steps"] == 4
+        assert r["files"] == ["rng-0.safetensors", "rng-1.safetensors", "trainer_state.json", "zero-0.pt",
+                              "zero-1.pt"]
+        assert r["history"] == r["full_history"]  # same losses, gradient norms and learning rates, step by step
+    assert not list(tmp_path.glob("pwned-*"))
+    full = load_file(str(tmp_path / "full" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert set(full) == set(resumed)
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+    ckpt = latest_checkpoint(tmp_path / "cut")
+    for f in ("zero-0.pt", "zero-1.pt"):  # tensors, numbers and strings only
+        torch.load(ckpt / f, weights_only=True)
+    marker = tmp_path / "pwned-local"
+
+    class Planted:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"fp32_flat_groups": [], "x": Planted()}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="refusing to unpickle"):
+        _load_tensors(tmp_path / "bad.pt")
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="written by 2 processes"):  # one process resuming a 2-process run
+        _one_process(tiny_dir, tmp_path / "cut", batch_size=1, grad_accum=2, epochs=2, save_every=2, resume=True)

@@ -193,12 +193,12 @@ def test_logged_mean_statistics_are_not_summed_over_micro_batches(tiny_dir, tmp_
     assert [h["mean_weight"] for h in res.history] == pytest.approx([1.0, 1.0])  # GA's weights are all 1
 
 
-def _fake_acc(kind, **ds):
+def _fake_acc(kind, zero_stage=3, **ds):
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
-    plugin = SimpleNamespace(zero_stage=3, deepspeed_config={"gradient_accumulation_steps": "auto",
+    plugin = SimpleNamespace(zero_stage=zero_stage, deepspeed_config={"gradient_accumulation_steps": "auto",
                                                              "train_micro_batch_size_per_gpu": "auto", **ds})
     return SimpleNamespace(distributed_type=getattr(DistributedType, kind), num_processes=2,
                            state=SimpleNamespace(deepspeed_plugin=plugin))
@@ -207,7 +207,7 @@ def _fake_acc(kind, **ds):
 @pytest.mark.parametrize("kind,ds,kw,match", [
     ("DEEPSPEED", {}, dict(g_effect_every=1, method="ga"), "g_effect_every"),
     ("FSDP", {}, dict(g_effect_every=1, method="ga"), "g_effect_every"),
-    ("DEEPSPEED", {}, dict(save_every=2), "save_every"),
+    ("DEEPSPEED", {"zero_stage": 2}, dict(save_every=2), "save_every"),  # ZeRO-3 resumes (test_distributed)
     ("FSDP", {}, dict(resume=True), "resume"),
     ("DEEPSPEED", {"gradient_accumulation_steps": 8}, dict(grad_accum=4), "gradient_accumulation_steps"),
     ("DEEPSPEED", {"train_micro_batch_size_per_gpu": 2}, dict(batch_size=4), "train_micro_batch_size_per_gpu"),

@@ -8,7 +8,15 @@ renamed once complete, holding:
     ``torch.load(weights_only=True)``, which refuses any other pickled object instead of running it;
   * ``rng-<rank>.safetensors`` — the torch CPU (and CUDA) generator states of each process and the state of
     every generator the method owns (e.g. ``satimp_hard`` random sampling), as uint8 tensors;
-  * ``trainer_state.json`` — step, epoch, batches consumed, the LR scheduler's state, the world size.
+  * ``trainer_state.json`` — step, epoch, batches consumed, the LR scheduler's state, the world size and the
+    engine layout (``"replicated"`` or ``"zero3"``).
+Under DeepSpeed ZeRO-3 the weights and the optimizer state are partitioned over the processes, so instead of
+``model.safetensors`` and ``optimizer.pt`` every process writes ``zero-<rank>.pt``: its flat fp32 master
+partitions, the state dict of the torch AdamW over them (tensors and numbers) and the loss scaler's numbers,
+read back with ``torch.load(weights_only=True)`` and handed to the ZeRO optimizer's own ``load_state_dict``
+(which copies the fp32 partitions into the parameters' shards). DeepSpeed's ``load_checkpoint`` (a pickled
+loss-scaler object among the tensors) is never used. A ZeRO-3 checkpoint resumes only with the same world size
+and engine. Source: DeepSpeed ``runtime/zero/stage3.py`` (``_rigid_state_dict`` / ``_rigid_load_state_dict``).
 Nothing else in the folder is read: a file planted there (say accelerate's ``random_states_0.pkl``) is never
 opened. Sources: safetensors' format (no code execution on load); PyTorch's ``weights_only`` unpickler.
 """
@@ -25,6 +33,39 @@ import torch
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "trainer_state.json"
+ZERO_FILE = "zero-{rank}.pt"
+
+
+def zero3_optimizer(optimizer):
+    """The DeepSpeed ZeRO-3 optimizer inside accelerate's wrapper, or None (one process, DDP)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return inner if hasattr(inner, "fp32_partitioned_groups_flat") else None
+
+
+def _zero3_state(zopt) -> dict:
+    """This process's ZeRO-3 partition as tensors, numbers and strings (loadable with weights_only=True)."""
+    sd = zopt.state_dict()
+    scaler = {k: v for k, v in vars(sd["loss_scaler"]).items() if type(v) in (bool, int, float)}
+    return {"optimizer": sd["optimizer_state_dict"], "fp32_flat_groups": [t.detach().cpu().clone() for t in
+                                                                          sd["fp32_flat_groups"]],
+            "loss_scaler": scaler, "dynamic_loss_scale": bool(sd["dynamic_loss_scale"]),
+            "overflow": bool(sd["overflow"])}
+
+
+def _load_zero3_state(zopt, path: Path, world: int) -> None:
+    saved = _load_tensors(path)
+    groups = saved.get("fp32_flat_groups") if isinstance(saved, dict) else None
+    have = [tuple(t.shape) for t in zopt.fp32_partitioned_groups_flat]
+    if not isinstance(groups, list) or [tuple(getattr(t, "shape", ())) for t in groups] != have:
+        raise ValueError(f"ZeRO-3 partition file {str(path)!r} does not match this run's partitions "
+                         f"({have}); different model, trainable parameters or world size?")
+    for k, v in saved["loss_scaler"].items():
+        setattr(zopt.loss_scaler, k, v)
+    sd = {"loss_scaler": zopt.loss_scaler, "dynamic_loss_scale": saved["dynamic_loss_scale"],
+          "overflow": saved["overflow"], "optimizer_state_dict": saved["optimizer"], "fp32_flat_groups": groups}
+    # the ZeRO optimizer picks list[its data-parallel rank]; it restores the fp32 partitions, the AdamW state
+    # and copies the partitions into the parameters' shards
+    zopt.load_state_dict([sd] * world, load_optimizer_states=True)
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -66,10 +107,15 @@ def save_checkpoint(acc, output_dir: Path, state: dict, *, policy, optimizer, sc
         tmp.mkdir()
     acc.wait_for_everyone()
     save_file(_rng_state(method), str(tmp / f"rng-{acc.process_index}.safetensors"))
+    zopt = zero3_optimizer(optimizer)
+    if zopt is not None:  # every process writes its own partition
+        torch.save(_zero3_state(zopt), tmp / ZERO_FILE.format(rank=acc.process_index))
     if acc.is_main_process:
-        save_file(trainable_state(policy), str(tmp / MODEL_FILE))
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-        full = {**state, "scheduler": scheduler.state_dict(), "world_size": acc.num_processes}
+        if zopt is None:
+            save_file(trainable_state(policy), str(tmp / MODEL_FILE))
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        full = {**state, "scheduler": scheduler.state_dict(), "world_size": acc.num_processes,
+                "engine": "replicated" if zopt is None else "zero3"}
         (tmp / STATE_FILE).write_text(json.dumps(full))
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -99,16 +145,15 @@ def load_checkpoint(acc, ckpt: Path, *, policy, optimizer, scheduler, method) ->
     if state.get("world_size", acc.num_processes) != acc.num_processes:
         raise ValueError(f"checkpoint {str(ckpt)!r} was written by {state['world_size']} processes; resume with "
                          f"the same number (got {acc.num_processes}) so the data order and RNG streams match")
-    weights = load_file(str(ckpt / MODEL_FILE))
-    params = dict(policy.named_parameters())
-    want = {n for n, p in params.items() if p.requires_grad}
-    if set(weights) != want:
-        raise ValueError(f"checkpoint {str(ckpt)!r} holds {len(weights)} trainable tensors, the run trains "
-                         f"{len(want)} (different trainable_layers, method or LoRA settings?)")
-    with torch.no_grad():
-        for n, t in weights.items():
-            params[n].copy_(t.to(params[n].device))
-    optimizer.load_state_dict(_load_tensors(ckpt / OPTIMIZER_FILE))
+    zopt = zero3_optimizer(optimizer)
+    engine = "replicated" if zopt is None else "zero3"
+    if state.pop("engine", "replicated") != engine:
+        raise ValueError(f"checkpoint {str(ckpt)!r} was not written by a {engine} run (one process / DDP and "
+                         f"DeepSpeed ZeRO-3 checkpoints hold different files); resume under the engine that wrote it")
+    if zopt is not None:
+        _load_zero3_state(zopt, ckpt / ZERO_FILE.format(rank=acc.process_index), acc.num_processes)
+    else:
+        _load_replicated(ckpt, policy, optimizer)
     scheduler.load_state_dict(state.pop("scheduler"))
     rng = load_file(str(ckpt / f"rng-{acc.process_index}.safetensors"))
     torch.set_rng_state(rng.pop("torch_cpu"))
@@ -120,5 +165,20 @@ def load_checkpoint(acc, ckpt: Path, *, policy, optimizer, scheduler, method) ->
     return state
 
 
-__all__ = ["MODEL_FILE", "OPTIMIZER_FILE", "STATE_FILE", "latest_checkpoint", "load_checkpoint", "save_checkpoint",
-           "trainable_state"]
+def _load_replicated(ckpt: Path, policy, optimizer) -> None:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(ckpt / MODEL_FILE))
+    params = dict(policy.named_parameters())
+    want = {n for n, p in params.items() if p.requires_grad}
+    if set(weights) != want:
+        raise ValueError(f"checkpoint {str(ckpt)!r} holds {len(weights)} trainable tensors, the run trains "
+                         f"{len(want)} (different trainable_layers, method or LoRA settings?)")
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t.to(params[n].device))
+    optimizer.load_state_dict(_load_tensors(ckpt / OPTIMIZER_FILE))
+
+
+__all__ = ["MODEL_FILE", "OPTIMIZER_FILE", "STATE_FILE", "ZERO_FILE", "latest_checkpoint", "load_checkpoint",
+           "save_checkpoint", "trainable_state", "zero3_optimizer"]

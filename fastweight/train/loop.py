@@ -353,6 +353,8 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
     bar.close()
     if is_sharded(acc):
         _save_gathered(acc, objective, out_dir)
+        if cfg.save_every and state["global_step"] > resumed_step:  # ZeRO-3: per-rank partitions (checkpoint.py)
+            save_checkpoint(acc, out_dir, state, **ckpt_args)
     elif state["global_step"] > resumed_step or ckpt is None:
         save_checkpoint(acc, out_dir, state, **ckpt_args)
     g_record = None
