@@ -153,7 +153,8 @@ class UnlearnTrainer(transformers.Trainer):
             ``data_collator`` defaults to ``collate_unlearn``.
     Raises ValueError at construction for: a method that needs a reference without one, a precomputed
     reference for a method that needs the reference model itself, an output layer carrying a PEFT adapter,
-    a model whose head rescales logits (``logit_scale``, ``logits_scaling``).
+    a model whose head rescales logits (``logit_scale``, ``logits_scaling``), a reference partitioned by
+    DeepSpeed ZeRO-3 (or ``"copy"`` of a partitioned policy).
     """
 
     def __init__(self, *args: Any, method: str | UnlearnMethod = "satimp",
