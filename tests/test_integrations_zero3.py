@@ -46,7 +46,8 @@ def test_zero3_two_processes_match_one_process(tmp_path):
         assert 0 < two["local"] < two["full"] == one["full"], case  # each rank held a shard
         assert len(two["losses"]) == len(one["losses"]) == 2, case
         assert two["losses"] == pytest.approx(one["losses"], rel=1e-5, abs=1e-6), case
-        got, want = load_file(str(tmp_path / f"{case}-2.safetensors")), load_file(str(tmp_path / f"{case}-1.safetensors"))
+        got = load_file(str(tmp_path / f"{case}-2.safetensors"))
+        want = load_file(str(tmp_path / f"{case}-1.safetensors"))
         assert set(got) == set(want), case
         moved = max(float((want[k] - w0).abs().max()) for k, w0 in _initial().items())
         assert moved > 1e-3, case  # the run trained
