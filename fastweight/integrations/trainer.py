@@ -23,8 +23,15 @@ The loss of one micro-batch is the method's micro-batch loss; the Trainer divide
 accumulation steps (``model_accepts_loss_kwargs`` is switched off), so a step equals the mean of its
 micro-batch losses, as in a plain loop ``(method(...).loss / accum).backward()``.
 
-When the Trainer wraps the model (DDP, FSDP), the method runs inside the wrapper's forward (the patched
-forward's private ``fastweight_run`` hook), so the engine's forward hooks and gradient synchronisation apply.
+When the Trainer wraps the model (DDP, FSDP, DeepSpeed), the method runs inside the wrapper's forward (the
+patched forward's private ``fastweight_run`` hook), so the engine's forward hooks and gradient synchronisation
+apply, and the loss is taken from the wrapper's output. Under DeepSpeed ZeRO-3 this is what makes the fused
+losses' direct read of ``lm_head.weight`` correct, the mechanism ``fastweight.train.objective`` relies on: inside
+the engine's forward, ZeRO-3 gathers a partitioned parameter read outside its own module's forward and registers
+it as an external parameter of the running module (``deepspeed/runtime/zero/parameter_offload.py``,
+``ZeROOrderedDict``), and its pre-backward hook on the forward's output tensors gathers it again for the
+backward. A reference model under ZeRO-3 is a whole (unpartitioned) frozen copy on every process, or a
+precomputed table; a ZeRO-3-partitioned reference is refused (nothing would gather its weights).
 """
 from __future__ import annotations
 
@@ -114,6 +121,11 @@ def _precomputed_forget_term(method: UnlearnMethod, model, forget: dict) -> torc
     return method.spec.fn(out.hidden, labels, ref_logp, shift=True, **hp, **out.head())
 
 
+def _zero3_partitioned(module: torch.nn.Module) -> bool:
+    """True when DeepSpeed ZeRO-3 has partitioned ``module``'s parameters (they carry a ``ds_id``)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
 def _normalise(inputs: Mapping[str, Any]) -> tuple[dict, dict | None]:
     """(forget, retain) batches with idk answers folded into forget under the ``idk_`` prefix."""
     if not isinstance(inputs, Mapping) or "forget" not in inputs:
@@ -141,7 +153,8 @@ class UnlearnTrainer(transformers.Trainer):
             ``data_collator`` defaults to ``collate_unlearn``.
     Raises ValueError at construction for: a method that needs a reference without one, a precomputed
     reference for a method that needs the reference model itself, an output layer carrying a PEFT adapter,
-    a model whose head rescales logits (``logit_scale``, ``logits_scaling``).
+    a model whose head rescales logits (``logit_scale``, ``logits_scaling``), a reference partitioned by
+    DeepSpeed ZeRO-3 (or ``"copy"`` of a partitioned policy).
     """
 
     def __init__(self, *args: Any, method: str | UnlearnMethod = "satimp",
@@ -164,6 +177,11 @@ class UnlearnTrainer(transformers.Trainer):
             raise ValueError(f"ref_model='precomputed' serves {PRECOMPUTABLE} without a KL retain term; method "
                              f"{name!r} needs the reference model itself: pass ref_model=<model> or 'copy'")
         if isinstance(ref_model, str) and ref_model == "copy":
+            if _zero3_partitioned(hf):
+                raise ValueError("ref_model='copy' of a model already partitioned by DeepSpeed ZeRO-3 (loaded under "
+                                 "zero.Init, e.g. after TrainingArguments(deepspeed=...)) would copy empty shards; "
+                                 "pass ref_model='precomputed' (NPO/TNPO/WTNPO/IdkDPO) or a reference model loaded "
+                                 "without ZeRO-3 partitioning (kept whole on every process)")
             ref_model = copy.deepcopy(hf)
         elif isinstance(ref_model, str) and not self.precomputed:
             raise ValueError(f"ref_model must be a model, 'copy', 'precomputed' or None, got {ref_model!r}")
@@ -171,6 +189,11 @@ class UnlearnTrainer(transformers.Trainer):
             raise ValueError(f"method {name!r} needs a reference model: pass ref_model='copy' (a frozen copy of the "
                              "initial policy), ref_model=<model>"
                              + (", or ref_model='precomputed'" if name in PRECOMPUTABLE else ""))
+        if isinstance(ref_model, torch.nn.Module) and self.method.needs_ref and _zero3_partitioned(ref_model):
+            raise ValueError("ref_model is partitioned by DeepSpeed ZeRO-3 (loaded under zero.Init) but runs outside "
+                             "any DeepSpeed engine, so its weights would never be gathered; load the reference "
+                             "without ZeRO-3 partitioning (kept whole on every process), use ref_model='copy' before "
+                             "partitioning, or ref_model='precomputed' (NPO/TNPO/WTNPO/IdkDPO)")
         self.ref_model = None if self.precomputed or ref_model is None else self._freeze(ref_model)
         if not self.method.needs_ref:
             self.ref_model = None  # never built or used for methods that do not read it
@@ -230,12 +253,14 @@ class UnlearnTrainer(transformers.Trainer):
             return result["loss"]
 
         if model is hf or _patch._unwrap(model) is hf:
-            run(hf)
-        else:  # DDP / FSDP wrapper: run inside its forward so its hooks and gradient sync apply
-            model(fastweight_run=run)
+            loss = run(hf)
+        else:
+            # DDP / FSDP / DeepSpeed wrapper: run inside its forward so its hooks and gradient sync apply, and
+            # take the loss from the wrapper's *output*: ZeRO-3 attaches its pre-backward hook (which gathers the
+            # output embedding again for the backward) to the output tensors, not to the closure's tensor.
+            loss = model(fastweight_run=run)["loss"]
         for key, value in result["stats"].items():
             self._fastweight_stats.setdefault(key, []).append(float(value))
-        loss = result["loss"]
         if return_outputs:
             return loss, {"loss": loss}
         return loss
