@@ -36,3 +36,12 @@ def pytest_collection_modifyitems(config, items):
                 cuda = torch.cuda.is_available()
             if not cuda:
                 item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """One tiny random Llama saved once per session for the trainer tests (helpers.save_tiny_tofu_model); a module
+    that needs another model defines its own ``tiny_dir``."""
+    from helpers import save_tiny_tofu_model
+
+    return save_tiny_tofu_model(tmp_path_factory.mktemp("tiny"))

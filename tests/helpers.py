@@ -146,3 +146,27 @@ def upstream_like(shape, dtype: torch.dtype, *, seed: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     g = torch.randn(shape, generator=gen) + 0.5
     return g.to(dtype).to(torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------ tiny TOFU model
+_TINY_TOFU = None
+
+
+def tiny_tofu() -> dict:
+    """The small generated TOFU set (6 authors x 2 questions + 2 general rows) the trainer tests share."""
+    global _TINY_TOFU
+    if _TINY_TOFU is None:
+        from fastweight.data.synth_tofu import generate_tofu
+
+        _TINY_TOFU = generate_tofu(seed=1, n_authors=6, questions_per_author=2, n_general=2)
+    return _TINY_TOFU
+
+
+def save_tiny_tofu_model(folder) -> str:
+    """A tiny random Llama whose tokenizer covers ``tiny_tofu()``'s text and the refusals; returns the folder."""
+    from fastweight.data.templates import REFUSALS
+    from fastweight.train.models import save_tiny_model
+
+    texts = [" ".join([r["question"], r["answer"]]) for rows in tiny_tofu().values() for r in rows]
+    return str(save_tiny_model(folder, texts + ["Question: Answer:", *REFUSALS], hidden_size=32, num_layers=2,
+                               seed=2))

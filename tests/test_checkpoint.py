@@ -7,23 +7,15 @@ import pickle
 import pytest
 import torch
 
-from fastweight.data.synth_tofu import generate_tofu
-from fastweight.data.templates import REFUSALS
 from fastweight.data.tofu import QADataset
 from fastweight.train.checkpoint import OPTIMIZER_FILE, latest_checkpoint
 from fastweight.train.config import TrainConfig
 from fastweight.train.engine import NonFiniteError
 from fastweight.train.loop import train
-from fastweight.train.models import load_model_and_tokenizer, save_tiny_model
+from fastweight.train.models import load_model_and_tokenizer
+from helpers import tiny_tofu
 
-DATA = generate_tofu(seed=1, n_authors=6, questions_per_author=2, n_general=2)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    texts = [" ".join([r["question"], r["answer"]]) for rows in DATA.values() for r in rows]
-    return str(save_tiny_model(tmp_path_factory.mktemp("tiny"), texts + ["Question: Answer:", *REFUSALS],
-                               hidden_size=32, num_layers=2, seed=2))
+DATA = tiny_tofu()  # the tiny TOFU set that the shared `tiny_dir` model (conftest.py) was built on
 
 
 def _run(tiny_dir, out, on_step=None, **kw):

@@ -12,24 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastweight.data.synth_tofu import generate_tofu
-from fastweight.data.templates import REFUSALS
 from fastweight.data.tofu import QADataset
 from fastweight.train.checkpoint import _load_tensors, latest_checkpoint
 from fastweight.train.config import TrainConfig
 from fastweight.train.loop import train
-from fastweight.train.models import load_model_and_tokenizer, save_tiny_model
+from fastweight.train.models import load_model_and_tokenizer
+from helpers import tiny_tofu
 
-DATA = generate_tofu(seed=1, n_authors=6, questions_per_author=2, n_general=2)
+DATA = tiny_tofu()  # the tiny TOFU set that the shared `tiny_dir` model (conftest.py) was built on
 WORKER = Path(__file__).with_name("_dist_worker.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    texts = [" ".join([r["question"], r["answer"]]) for rows in DATA.values() for r in rows]
-    return str(save_tiny_model(tmp_path_factory.mktemp("tiny"), texts + ["Question: Answer:", *REFUSALS],
-                               hidden_size=32, num_layers=2, seed=2))
 
 
 def _one_process(tiny_dir, tmp, **kw):
