@@ -60,6 +60,14 @@ def check_ignore_index(ignore_index: Any) -> None:
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
 
 
+def check_ref_shift(ref_shift: Any) -> None:
+    """UNDIAL's shift of the reference label logit (0 for a plain KL): a finite real number."""
+    if isinstance(ref_shift, bool) or not isinstance(ref_shift, (int, float)):
+        raise TypeError(f"ref_shift must be a real number, got {type(ref_shift).__name__}")
+    if not math.isfinite(ref_shift):
+        raise ValueError(f"ref_shift must be finite, got {ref_shift}")
+
+
 def check_weight_options(beta1: float, beta2: float, reduction: str, ignore_index: int) -> None:
     """The options every token-logprob op shares: weight exponents, reduction and the ignore label."""
     check_beta("beta1", beta1)

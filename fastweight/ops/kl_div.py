@@ -10,7 +10,6 @@ Kernels: ``fastweight.kernels.kl_div`` (math, grid and bytes moved in its docstr
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +17,8 @@ import torch
 
 from fastweight._constants import IGNORE_INDEX
 from fastweight.ops._common import (
-    acc_dtype, check_finite, check_ignore_index, check_labels, resolve_backend, row_chunks, signature_of,
+    acc_dtype, check_finite, check_ignore_index, check_labels, check_ref_shift, resolve_backend, row_chunks,
+    signature_of,
 )
 
 # ---------------------------------------------------------------------------------------------------------
@@ -48,10 +48,7 @@ class KLDivOptions:
     check_finite: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.ref_shift, bool) or not isinstance(self.ref_shift, (int, float)):
-            raise TypeError(f"ref_shift must be a real number, got {type(self.ref_shift).__name__}")
-        if not math.isfinite(self.ref_shift):
-            raise ValueError(f"ref_shift must be finite, got {self.ref_shift}")
+        check_ref_shift(self.ref_shift)
         check_ignore_index(self.ignore_index)
 
 

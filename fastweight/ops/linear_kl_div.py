@@ -23,8 +23,8 @@ import torch
 
 from fastweight._constants import IGNORE_INDEX
 from fastweight.ops._common import (
-    acc_dtype, autocast_cast, check_finite, check_float_tensor, check_ignore_index, check_labels, launch_kernel,
-    no_autocast, resolve_backend, signature_of, triton_interpret,
+    acc_dtype, autocast_cast, check_finite, check_float_tensor, check_ignore_index, check_labels, check_ref_shift,
+    launch_kernel, no_autocast, resolve_backend, signature_of, triton_interpret,
 )
 from fastweight.ops.linear_logprobs import FWD_PROGRAMS, TileConfig, triton_cdiv
 
@@ -67,10 +67,7 @@ class LinearKLDivOptions:
     chunk_elements: int = TORCH_CHUNK_ELEMENTS
 
     def __post_init__(self) -> None:
-        if isinstance(self.ref_shift, bool) or not isinstance(self.ref_shift, (int, float)):
-            raise TypeError(f"ref_shift must be a real number, got {type(self.ref_shift).__name__}")
-        if not math.isfinite(self.ref_shift):
-            raise ValueError(f"ref_shift must be finite, got {self.ref_shift}")
+        check_ref_shift(self.ref_shift)
         check_ignore_index(self.ignore_index)
         for name in ("softcap", "ref_softcap"):
             v = getattr(self, name)
