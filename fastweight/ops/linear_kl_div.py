@@ -26,6 +26,7 @@ from fastweight.ops._common import (
     acc_dtype, autocast_cast, check_finite, check_float_tensor, check_ignore_index, check_labels, check_ref_shift,
     launch_kernel, no_autocast, resolve_backend, signature_of, triton_interpret,
 )
+from fastweight.ops._gemm import add_linear_t_, linear, use_onednn
 from fastweight.ops.linear_logprobs import FWD_PROGRAMS, TileConfig, triton_cdiv
 
 # ---------------------------------------------------------------------------------------------------------
@@ -268,18 +269,15 @@ def _chunks(N, rows, step):
         yield slice(s, e) if rows is None else rows[s:e]
 
 
-def _logits_(out, h, W, b, cap):
-    """out <- cap(h @ W.T + b) in place; returns the softcap derivative factor's source tanh or None."""
-    if b is None:
-        torch.mm(h, W.t(), out=out)
-    else:
-        torch.addmm(b, h, W.t(), out=out)
+def _logits(out, h, W, b, cap):
+    """cap(h @ W.T + b), into ``out`` when given (torch.mm; oneDNN allocates): (logits, softcap derivative or None)."""
+    z = linear(h, W, b, out=out)
     if cap is None:
-        return None
-    t = out.mul_(1.0 / cap).tanh_()
+        return z, None
+    t = z.mul_(1.0 / cap).tanh_()
     deriv = 1.0 - t * t
     t.mul_(cap)
-    return deriv
+    return z, deriv
 
 
 class _Both:
@@ -296,8 +294,11 @@ class _Both:
         self.step = max(1, opts.chunk_elements // V)
         n = hidden.shape[0] if self.rows is None else self.rows.numel()
         c = max(1, min(self.step, n))
-        self.z = torch.empty(c, V, dtype=self.acc, device=hidden.device)
-        self.r = torch.empty(c, V, dtype=self.acc, device=hidden.device)
+        # oneDNN returns each chunk's logits as new tensors; torch.mm writes into two reused buffers.
+        self.z = self.r = None
+        if not use_onednn(self.W, self.Wr):
+            self.z = torch.empty(c, V, dtype=self.acc, device=hidden.device)
+            self.r = torch.empty(c, V, dtype=self.acc, device=hidden.device)
 
     def __iter__(self):
         return _chunks(self.h.shape[0], self.rows, self.step)
@@ -307,9 +308,9 @@ class _Both:
         sel = (lambda t: t[idx]) if isinstance(idx, slice) else (lambda t: t.index_select(0, idx))
         h = sel(self.h).to(self.acc)
         n = h.shape[0]
-        z, r = self.z[:n], self.r[:n]
-        deriv = _logits_(z, h, self.W, self.b, self.opts.softcap)
-        _logits_(r, sel(self.hr).to(self.acc), self.Wr, self.br, self.opts.ref_softcap)
+        z, deriv = _logits(None if self.z is None else self.z[:n], h, self.W, self.b, self.opts.softcap)
+        r, _ = _logits(None if self.r is None else self.r[:n], sel(self.hr).to(self.acc), self.Wr, self.br,
+                       self.opts.ref_softcap)
         if self.labels is not None and self.opts.ref_shift != 0:
             r.scatter_add_(1, sel(self.labels).long()[:, None],
                            torch.full((n, 1), -float(self.opts.ref_shift), dtype=self.acc, device=r.device))
@@ -334,6 +335,7 @@ def linear_kl_forward_torch(hidden, lm_head, bias, ref_hidden, ref_lm_head, ref_
         z.sub_(lz[:, None]).neg_().add_(r)
         kl[idx] = z.mul_(r.exp_()).sum(1)
         lse[idx], lse_r[idx] = lz, lr
+        del z, r  # free this chunk's logits before the next chunk's are formed (oneDNN allocates them)
     return kl, lse, lse_r
 
 
@@ -354,11 +356,12 @@ def linear_kl_backward_torch(hidden, lm_head, bias, ref_hidden, ref_lm_head, ref
         if deriv is not None:
             z.mul_(deriv)
         if dh is not None:
-            dh[idx] = z @ both.W
+            dh[idx] = linear(z, both.W.t())
         if dW is not None:
-            dW.addmm_(z.t(), h)
+            add_linear_t_(dW, z, h)
         if db is not None:
             db += z.sum(0)
+        del z, r, deriv  # free this chunk's logits before the next chunk's are formed (oneDNN allocates them)
     return _cast((dh, dW, db), hidden, lm_head, bias)
 
 

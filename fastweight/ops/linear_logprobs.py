@@ -31,6 +31,7 @@ from fastweight.ops._common import (
     acc_dtype, autocast_cast, check_finite, check_float_tensor, check_labels, check_weight_options,
     importance_weight_torch, launch_kernel, no_autocast, resolve_backend, signature_of, triton_interpret,
 )
+from fastweight.ops._gemm import add_linear_t_, linear, use_onednn
 
 # ---------------------------------------------------------------------------------------------------------
 # Tuning (Triton): one tile config per (input dtype, kernel), chosen from `cuobjdump -res-usage` of the
@@ -313,8 +314,9 @@ class _Chunker:
         self.all_valid = self.rows.numel() == labels.numel()
         V = lm_head.shape[0]
         self.step = max(1, opts.chunk_elements // V)
-        c = min(self.step, self.rows.numel())
-        self.buf = torch.empty(c, V, dtype=self.acc, device=hidden.device)
+        self.c = c = min(self.step, self.rows.numel())
+        # oneDNN returns each chunk's logits as a new tensor; torch.mm writes into one reused buffer.
+        self.buf = None if use_onednn(self.W) else torch.empty(c, V, dtype=self.acc, device=hidden.device)
         self.aux = None  # 1 - tanh^2 for the softcap derivative, allocated when a gradient needs it
 
     def __iter__(self):
@@ -331,17 +333,13 @@ class _Chunker:
 
     def logits_(self, h, y, *, want_deriv: bool):
         """Write logits of the chunk into the buffer; returns (z view, z[., y] [c], (1 - t^2) view or None)."""
-        z = self.buf[: h.shape[0]]
-        if self.b is None:
-            torch.mm(h, self.W.t(), out=z)
-        else:
-            torch.addmm(self.b, h, self.W.t(), out=z)
+        z = linear(h, self.W, self.b, out=None if self.buf is None else self.buf[: h.shape[0]])
         deriv = None
         if self.cap is not None:
             z.mul_(1.0 / self.cap).tanh_()
             if want_deriv:
                 if self.aux is None:
-                    self.aux = torch.empty_like(self.buf)
+                    self.aux = torch.empty(self.c, z.shape[1], dtype=self.acc, device=z.device)
                 deriv = torch.mul(z, z, out=self.aux[: h.shape[0]]).neg_().add_(1.0)
             z.mul_(self.cap)
         z_y = z.gather(1, y[:, None]).squeeze(1)
@@ -380,9 +378,9 @@ class _Chunker:
         if deriv is not None:
             E.mul_(deriv)
         if dh is not None:
-            dh[idx] = torch.mm(E, self.W).mul_(-coef[:, None])
+            dh[idx] = linear(E, self.W.t()).mul_(-coef[:, None])
         if dW is not None:
-            dW.addmm_(E.t(), h * (-coef)[:, None])
+            add_linear_t_(dW, E, h * (-coef)[:, None])
         if db is not None:
             db.addmv_(E.t(), -coef)
 
@@ -426,6 +424,7 @@ def linear_logprobs_forward_torch(hidden, lm_head, bias, labels, opts, *, grad_s
             # E'[t, y_t] = -rest_t, since g * (1 - p_y) = g * rest / sum: no separate one-hot pass or index_add_.
             E.scatter_(1, y[:, None], -rest[:, None])
             ch.grads_(E, h, idx, g / ssum, deriv, *grads)
+        del E, deriv  # free this chunk's logits before the next chunk's are formed (oneDNN allocates them)
     return logp, lse, w, (grads if fused else None)
 
 
@@ -443,6 +442,7 @@ def linear_logprobs_backward_torch(hidden, lm_head, bias, labels, lse, logp, g, 
         # (exp(z_y - lse) would carry lse's float32 rounding times p_y / (1 - p_y)).
         z.scatter_(1, y[:, None], torch.expm1(logp[idx].to(ch.acc))[:, None])
         ch.grads_(z, h, idx, g[idx].to(ch.acc), deriv, *grads)
+        del z, deriv  # free this chunk's logits before the next chunk's are formed (oneDNN allocates them)
     return _cast_grads(grads, hidden, lm_head, bias)
 
 
