@@ -9,7 +9,8 @@ Twin of ``fastweight.ops.token_logprobs`` for the input ``hidden [N, H]``, ``lm_
   produces d hidden / d lm_head / d bias and the backward only rescales them by the upstream scalar.
 
 Torch path (CPU, and anything without Triton): rows are taken in chunks of ``c`` valid rows; per chunk one
-GEMM writes float32 logits into a reused ``[c, V]`` buffer, the buffer is exponentiated in place and summed
+GEMM writes float32 logits into a ``[c, V]`` buffer (a reused one for ``torch.mm``; a fresh one per chunk from
+oneDNN, which ``fastweight.ops._gemm`` uses for float32 CPU operands), the buffer is exponentiated in place and summed
 (``lse``), and in the fused case two more GEMMs give ``dh_c = da_c @ W`` and ``dW += da_c^T @ h_c``. The
 softmax normalisation and ``g_t`` are per-row scalars, so they are applied to the ``[c, H]`` operands instead of
 the ``[c, V]`` buffer, and the one-hot term is written into the target column of the buffer (``c`` elements):
@@ -64,12 +65,12 @@ FINALIZE_NUM_WARPS = 4
 # Tuning (torch): 12 Mi float32 (48 MiB) per [c, V] chunk buffer, c = 256 rows at V = 49152. The buffer is
 # written by the GEMM and read by exp_/sum and the two gradient GEMMs while it is still (mostly) cached.
 # c is also the inner dimension K of the dW += da_c^T @ h_c update, which reads and writes the whole [V, H]
-# float32 accumulator once per chunk: small chunks make that update and the M = c logits GEMM inefficient
-# (measured on the 2-core CI CPU at N=1024, H=576, V=49152: c = 64 / 128 / 256 / 512 gave 1.71 / 1.57 /
-# 1.34 / 1.08 x the 3-GEMM floor under load), large ones raise peak memory by c * V * 4 bytes. At the
-# reference size (N=4096, H=576, V=49152 SatImp, docs/performance.md) c = 170 / 256 / 341 ran at 0.96 /
-# 0.87 / 0.89 x cut-cross-entropy's time side by side (loaded machine), and c = 256 peaks at 176 MB extra
-# (fresh-process RSS, d lm_head's 113 MB included; c = 170: 159 MB), inside the 200 MB budget.
+# float32 accumulator once per chunk: with MKL's sgemm small chunks made that update and the M = c logits
+# GEMM inefficient (N=1024, H=576, V=49152 on the 2-core CI CPU: c = 64 / 128 / 256 / 512 gave 1.71 / 1.57 /
+# 1.34 / 1.08 x the 3-GEMM floor under load); large ones raise peak memory by c * V * 4 bytes. With oneDNN's
+# GEMMs (ops/_gemm.py) c = 128 / 170 / 256 / 341 / 512 all ran the reference size (N=4096, H=576, V=49152
+# SatImp) in 3.15-3.45 s, within that machine's noise; c = 256 peaks at 170 MiB extra (fresh-process RSS,
+# d lm_head's 113 MiB included), inside the 200 MB budget (docs/performance.md).
 TORCH_CHUNK_ELEMENTS = 3 << 22
 # exp(z) without max-subtraction is exact to fp32 rounding while the row sum stays in [2**-60, 2**100]
 # (the largest logit then lies in [-42 - log V, 69]); chunks outside fall back to the max-shifted pass.
