@@ -22,15 +22,8 @@ parse_args = tofu.parse_args
 run = tofu.run
 
 
-def show(results) -> None:
-    print(results.table)
-    if results.note:
-        print("NOTE:", results.note)
-    print(f"results in {results.output_dir} ({results.seconds} s)")
-
-
 def main(argv=None) -> int:
-    return cli_main(parse_args, run, show, argv)
+    return cli_main(parse_args, run, argv=argv)  # prints the results table, or one error line and returns 2
 
 
 if __name__ == "__main__":

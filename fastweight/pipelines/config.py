@@ -229,8 +229,16 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, 
         parser.error(str(e))
 
 
-def cli_main(parse, run, show, argv=None) -> int:
-    """Run a pipeline from the command line: ``show(run(parse(argv)))``.
+def print_results(results) -> None:
+    """The command line's report of a pipeline's ``Results``: its table, its note, where the files are."""
+    print(results.table)
+    if results.note:
+        print("NOTE:", results.note)
+    print(f"results in {results.output_dir} ({results.seconds} s)")
+
+
+def cli_main(parse, run, show=print_results, argv=None) -> int:
+    """Run a pipeline from the command line: ``show(run(parse(argv)))`` (``show`` prints the table by default).
 
     A ValueError / TypeError / OSError / ImportError (bad input; a missing file, unreachable hub or unwritable
     folder — ConnectionError and FileNotFoundError are OSErrors; a missing extra) prints one line ``error: ...`` to
@@ -257,4 +265,4 @@ def cli_main(parse, run, show, argv=None) -> int:
 
 
 __all__ = ["METHOD_SHORTCUTS", "MixedPrecision", "OneLineParser", "ReportTo", "TorchDtype", "build_parser", "cli_main",
-           "coerce", "config_from_args", "config_from_mapping", "opt", "read_config_file"]
+           "coerce", "config_from_args", "config_from_mapping", "opt", "print_results", "read_config_file"]
