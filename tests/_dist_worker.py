@@ -1,7 +1,7 @@
-"""Worker for tests/test_distributed.py, run under ``accelerate launch`` (DDP or DeepSpeed ZeRO-3 on CPU).
+"""Worker for tests/test_distributed.py, run under ``accelerate launch`` (DDP or DeepSpeed ZeRO on CPU).
 
-argv: model_dir out_dir mode, mode in {"ddp", "zero3", "zero3_resume"}. Writes out_dir/<run>/... and a JSON
-report per rank.
+argv: model_dir out_dir mode, mode in {"ddp", "zero3", "zero3_resume", "zero2_resume", "zero1_resume"}. Writes
+out_dir/<run>/... and a JSON report per rank.
 """
 import json
 import sys
@@ -18,7 +18,7 @@ from fastweight.train.loop import train
 from fastweight.train.models import load_model_and_tokenizer
 
 model_dir, out, mode = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
-if mode.startswith("zero3"):
+if mode.startswith("zero"):
     # CPU-only DeepSpeed: accelerate sets up the gloo process group only for cpu=True, which in turn disables
     # its DeepSpeed path; creating the process group first (cpu=True) and then the Accelerator (reading
     # ACCELERATE_USE_DEEPSPEED) gives DeepSpeed on 2 CPU processes. On GPUs none of this is needed.
@@ -74,8 +74,8 @@ if mode == "ddp":
     want = full.model.state_dict()
     report["resume_equal"] = all(torch.equal(v, want[k]) for k, v in resumed.model.state_dict().items())
     report["resume_steps"] = resumed.global_step
-elif mode == "zero3_resume":
-    # ZeRO-3 resume: an uninterrupted 2-epoch run and one stopped after step 3 (checkpoint at 2), resumed with
+elif mode.endswith("_resume"):
+    # ZeRO-3 (or ZeRO-1/2) resume: an uninterrupted 2-epoch run and one stopped after step 3 (checkpoint at 2), resumed with
     # DeepSpeed's own (pickle-based) checkpoint files planted in the checkpoint folder
     import pickle
 

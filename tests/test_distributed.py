@@ -130,3 +130,35 @@ def test_deepspeed_zero3_resume_is_exact_without_pickle(tiny_dir, tmp_path):
     assert not marker.exists()
     with pytest.raises(ValueError, match="written by 2 processes"):  # one process resuming a 2-process run
         _one_process(tiny_dir, tmp_path / "cut", batch_size=1, grad_accum=2, epochs=2, save_every=2, resume=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 1])
+def test_deepspeed_zero12_resume_is_exact_without_pickle(tiny_dir, tmp_path, stage):
+    """ZeRO-1/2, 2 processes: whole weights in model.safetensors, each rank's optimizer partition in
+    zero-<rank>.pt (tensors, numbers, strings); stopped after step 3 and resumed, the run ends with the
+    uninterrupted run's weights bit for bit and the same logged steps; DeepSpeed's planted pickles never run."""
+    pytest.importorskip("deepspeed")
+    mode = f"zero{stage}_resume"
+    reports = _launch(["--use_deepspeed", "--zero_stage", str(stage), "--gradient_accumulation_steps", "2",
+                       "--offload_optimizer_device", "none", "--offload_param_device", "none"],
+                      tiny_dir, tmp_path, mode, 29537 + stage)
+    from safetensors.torch import load_file
+
+    for r in reports:
+        assert r["cut_at"] == "step-00000002" and r["resume_steps"] == 4
+        assert r["files"] == ["model.safetensors", "rng-0.safetensors", "rng-1.safetensors", "trainer_state.json",
+                              "zero-0.pt", "zero-1.pt"]
+        assert r["history"] == r["full_history"]
+    assert not list(tmp_path.glob("pwned-*"))
+    full = load_file(str(tmp_path / "full" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert set(full) == set(resumed)
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+    ckpt = latest_checkpoint(tmp_path / "cut")
+    assert json.loads((ckpt / "trainer_state.json").read_text())["engine"] == "zero12"
+    for f in ("zero-0.pt", "zero-1.pt"):  # each rank holds its half of the fp32 master weights
+        part = torch.load(ckpt / f, weights_only=True)
+        assert 0 < sum(t.numel() for t in part["single_partition_of_fp32_groups"]) < sum(
+            t.numel() for t in load_file(str(ckpt / "model.safetensors")).values())

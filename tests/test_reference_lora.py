@@ -200,7 +200,7 @@ def _fake_acc(kind, zero_stage=3, **ds):
 @pytest.mark.parametrize("kind,ds,kw,match", [
     ("DEEPSPEED", {}, dict(g_effect_every=1, method="ga"), "g_effect_every"),
     ("FSDP", {}, dict(g_effect_every=1, method="ga"), "g_effect_every"),
-    ("DEEPSPEED", {"zero_stage": 2}, dict(save_every=2), "save_every"),  # ZeRO-3 resumes (test_distributed)
+    ("FSDP", {}, dict(save_every=2), "save_every"),  # ZeRO-1/2/3 resume (test_distributed)
     ("FSDP", {}, dict(resume=True), "resume"),
     ("DEEPSPEED", {"gradient_accumulation_steps": 8}, dict(grad_accum=4), "gradient_accumulation_steps"),
     ("DEEPSPEED", {"train_micro_batch_size_per_gpu": 2}, dict(batch_size=4), "train_micro_batch_size_per_gpu"),
@@ -215,6 +215,13 @@ def test_engine_settings_the_trainer_cannot_honour(kind, ds, kw, match):
     method = build_method(cfg.method) if cfg.method else None
     with pytest.raises(ValueError, match=match):
         check_engine(_fake_acc(kind, **ds), cfg, method)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_checkpoints_are_accepted_at_every_zero_stage(stage):
+    from fastweight.train.engine import check_engine
+
+    check_engine(_fake_acc("DEEPSPEED", zero_stage=stage), TrainConfig(save_every=2, resume=True), None)
 
 
 def test_deepspeed_auto_values_are_filled_from_the_config():

@@ -9,7 +9,7 @@ renamed once complete, holding:
   * ``rng-<rank>.safetensors`` — the torch CPU (and CUDA) generator states of each process and the state of
     every generator the method owns (e.g. ``satimp_hard`` random sampling), as uint8 tensors;
   * ``trainer_state.json`` — step, epoch, batches consumed, the LR scheduler's state, the world size and the
-    engine layout (``"replicated"`` or ``"zero3"``).
+    engine layout (``"replicated"``, ``"zero12"`` or ``"zero3"``).
 Under DeepSpeed ZeRO-3 the weights and the optimizer state are partitioned over the processes, so instead of
 ``model.safetensors`` and ``optimizer.pt`` every process writes ``zero-<rank>.pt``: its flat fp32 master
 partitions, the state dict of the torch AdamW over them (tensors and numbers) and the loss scaler's numbers,
@@ -17,6 +17,13 @@ read back with ``torch.load(weights_only=True)`` and handed to the ZeRO optimize
 (which copies the fp32 partitions into the parameters' shards). DeepSpeed's ``load_checkpoint`` (a pickled
 loss-scaler object among the tensors) is never used. A ZeRO-3 checkpoint resumes only with the same world size
 and engine. Source: DeepSpeed ``runtime/zero/stage3.py`` (``_rigid_state_dict`` / ``_rigid_load_state_dict``).
+Under ZeRO-1/2 the parameters are whole on every process and only the optimizer state is partitioned: the main
+process writes ``model.safetensors`` and every process ``zero-<rank>.pt``, the plain part of the ZeRO optimizer's
+``state_dict()`` (its fp32 master partitions without padding, the torch AdamW state over them, paddings, partition
+count, clip value and DeepSpeed version; the loss scaler's numbers, never the object). Loading copies the weights
+into the parameters, then hands the partition to the optimizer's ``load_state_dict`` with
+``load_from_fp32_weights=True`` (its rigid, same-world-size path). Source: DeepSpeed
+``runtime/zero/stage_1_and_2.py`` (``state_dict`` / ``_load_legacy_checkpoint``).
 Nothing else in the folder is read: a file planted there (say accelerate's ``random_states_0.pkl``) is never
 opened. Sources: safetensors' format (no code execution on load); PyTorch's ``weights_only`` unpickler.
 """
@@ -37,9 +44,66 @@ ZERO_FILE = "zero-{rank}.pt"
 
 
 def zero3_optimizer(optimizer):
-    """The DeepSpeed ZeRO-3 optimizer inside accelerate's wrapper, or None (one process, DDP)."""
+    """The DeepSpeed ZeRO-3 optimizer inside accelerate's wrapper, or None (one process, DDP, ZeRO-1/2)."""
     inner = getattr(optimizer, "optimizer", optimizer)
     return inner if hasattr(inner, "fp32_partitioned_groups_flat") else None
+
+
+def zero12_optimizer(optimizer):
+    """The DeepSpeed ZeRO-1/2 optimizer inside accelerate's wrapper, or None."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return inner if hasattr(inner, "single_partition_of_fp32_groups") else None
+
+
+def _engine(optimizer) -> str:
+    if zero3_optimizer(optimizer) is not None:
+        return "zero3"
+    return "replicated" if zero12_optimizer(optimizer) is None else "zero12"
+
+
+def _is_plain(v) -> bool:
+    """Loadable by ``torch.load(weights_only=True)`` without any class of ours or DeepSpeed's."""
+    if v is None or type(v) in (bool, int, float, str) or isinstance(v, torch.Tensor):
+        return True
+    if type(v) in (list, tuple):
+        return all(_is_plain(x) for x in v)
+    if type(v) is dict:
+        return all(type(k) in (str, int) and _is_plain(x) for k, x in v.items())
+    return False
+
+
+def _zero12_state(zopt) -> dict:
+    """This process's ZeRO-1/2 optimizer partition, plain values only (enums as ints, no loss-scaler object)."""
+    out = {}
+    for k, v in zopt.state_dict().items():
+        if k == "loss_scaler":
+            out["loss_scaler_numbers"] = {a: x for a, x in vars(v).items() if type(x) in (bool, int, float)}
+        elif isinstance(v, int) and type(v) not in (bool, int):  # ZeroStageEnum
+            out[k] = int(v)
+        elif k == "single_partition_of_fp32_groups":
+            out[k] = [t.detach().cpu().clone() for t in v]
+        elif _is_plain(v):
+            out[k] = v
+        # else: objects DeepSpeed keeps for its universal checkpoints (param_slice_mappings); not read back
+    return out
+
+
+def _load_zero12_state(zopt, path: Path, world: int) -> None:
+    saved = _load_tensors(path)
+    groups = saved.get("single_partition_of_fp32_groups") if isinstance(saved, dict) else None
+    have = [t.numel() for t in zopt.single_partition_of_fp32_groups]
+    if (not isinstance(groups, list) or len(groups) != len(have)
+            or any(not isinstance(g, torch.Tensor) or g.numel() > n for g, n in zip(groups, have))
+            or saved.get("partition_count") != list(zopt.partition_count)):
+        raise ValueError(f"ZeRO-1/2 partition file {str(path)!r} does not match this run's partitions "
+                         f"({have} elements in {list(zopt.partition_count)} partitions); different model, "
+                         f"trainable parameters or world size?")
+    for k, v in saved.pop("loss_scaler_numbers", {}).items():
+        setattr(zopt.loss_scaler, k, v)
+    sd = {**saved, "loss_scaler": zopt.loss_scaler}
+    # the optimizer picks list[its data-parallel rank]; rigid checkpoint: the AdamW state over the flat
+    # partitions, then the fp32 master partitions copied from the file (the weights were restored before)
+    zopt.load_state_dict([sd] * world, load_optimizer_states=True, load_from_fp32_weights=True)
 
 
 def _zero3_state(zopt) -> dict:
@@ -107,15 +171,17 @@ def save_checkpoint(acc, output_dir: Path, state: dict, *, policy, optimizer, sc
         tmp.mkdir()
     acc.wait_for_everyone()
     save_file(_rng_state(method), str(tmp / f"rng-{acc.process_index}.safetensors"))
-    zopt = zero3_optimizer(optimizer)
-    if zopt is not None:  # every process writes its own partition
-        torch.save(_zero3_state(zopt), tmp / ZERO_FILE.format(rank=acc.process_index))
+    engine = _engine(optimizer)
+    if engine == "zero3":  # every process writes its own partition
+        torch.save(_zero3_state(zero3_optimizer(optimizer)), tmp / ZERO_FILE.format(rank=acc.process_index))
+    elif engine == "zero12":
+        torch.save(_zero12_state(zero12_optimizer(optimizer)), tmp / ZERO_FILE.format(rank=acc.process_index))
     if acc.is_main_process:
-        if zopt is None:
+        if engine != "zero3":  # parameters are whole on every process
             save_file(trainable_state(policy), str(tmp / MODEL_FILE))
+        if engine == "replicated":
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-        full = {**state, "scheduler": scheduler.state_dict(), "world_size": acc.num_processes,
-                "engine": "replicated" if zopt is None else "zero3"}
+        full = {**state, "scheduler": scheduler.state_dict(), "world_size": acc.num_processes, "engine": engine}
         (tmp / STATE_FILE).write_text(json.dumps(full))
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -145,15 +211,20 @@ def load_checkpoint(acc, ckpt: Path, *, policy, optimizer, scheduler, method) ->
     if state.get("world_size", acc.num_processes) != acc.num_processes:
         raise ValueError(f"checkpoint {str(ckpt)!r} was written by {state['world_size']} processes; resume with "
                          f"the same number (got {acc.num_processes}) so the data order and RNG streams match")
-    zopt = zero3_optimizer(optimizer)
-    engine = "replicated" if zopt is None else "zero3"
+    engine = _engine(optimizer)
     if state.pop("engine", "replicated") != engine:
-        raise ValueError(f"checkpoint {str(ckpt)!r} was not written by a {engine} run (one process / DDP and "
-                         f"DeepSpeed ZeRO-3 checkpoints hold different files); resume under the engine that wrote it")
-    if zopt is not None:
-        _load_zero3_state(zopt, ckpt / ZERO_FILE.format(rank=acc.process_index), acc.num_processes)
+        raise ValueError(f"checkpoint {str(ckpt)!r} was not written by a {engine} run (one process / DDP, "
+                         f"DeepSpeed ZeRO-1/2 and ZeRO-3 checkpoints hold different files); resume under the engine "
+                         f"that wrote it")
+    zero_file = ckpt / ZERO_FILE.format(rank=acc.process_index)
+    if engine == "zero3":
+        _load_zero3_state(zero3_optimizer(optimizer), zero_file, acc.num_processes)
+    elif engine == "zero12":
+        _load_weights(ckpt, policy)
+        _load_zero12_state(zero12_optimizer(optimizer), zero_file, acc.num_processes)
     else:
-        _load_replicated(ckpt, policy, optimizer)
+        _load_weights(ckpt, policy)
+        optimizer.load_state_dict(_load_tensors(ckpt / OPTIMIZER_FILE))
     scheduler.load_state_dict(state.pop("scheduler"))
     rng = load_file(str(ckpt / f"rng-{acc.process_index}.safetensors"))
     torch.set_rng_state(rng.pop("torch_cpu"))
@@ -165,7 +236,7 @@ def load_checkpoint(acc, ckpt: Path, *, policy, optimizer, scheduler, method) ->
     return state
 
 
-def _load_replicated(ckpt: Path, policy, optimizer) -> None:
+def _load_weights(ckpt: Path, policy) -> None:
     from safetensors.torch import load_file
 
     weights = load_file(str(ckpt / MODEL_FILE))
@@ -177,8 +248,7 @@ def _load_replicated(ckpt: Path, policy, optimizer) -> None:
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t.to(params[n].device))
-    optimizer.load_state_dict(_load_tensors(ckpt / OPTIMIZER_FILE))
 
 
 __all__ = ["MODEL_FILE", "OPTIMIZER_FILE", "STATE_FILE", "ZERO_FILE", "latest_checkpoint", "load_checkpoint",
-           "save_checkpoint", "trainable_state", "zero3_optimizer"]
+           "save_checkpoint", "trainable_state", "zero12_optimizer", "zero3_optimizer"]

@@ -56,10 +56,9 @@ def check_engine(acc, cfg: TrainConfig, method) -> None:
         if cfg.g_effect_every:
             raise ValueError(f"g_effect_every={cfg.g_effect_every} reads full gradients outside a forward, which "
                              f"{name} shards; set g_effect_every=0 or run with one process / DDP")
-        zero3 = acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3
-        if (cfg.resume or cfg.save_every) and not zero3:
+        if (cfg.resume or cfg.save_every) and acc.distributed_type != DistributedType.DEEPSPEED:
             raise ValueError(f"resume / save_every are implemented with pickle-free checkpoints for one process, "
-                             f"DDP and DeepSpeed ZeRO-3 only; under {name} set save_every=0 and resume=False (the "
+                             f"DDP and DeepSpeed ZeRO-1/2/3; under {name} set save_every=0 and resume=False (the "
                              f"final weights are written gathered to output_dir/model.safetensors)")
     if acc.distributed_type == DistributedType.DEEPSPEED:
         ds = acc.state.deepspeed_plugin.deepspeed_config
