@@ -1,8 +1,10 @@
 """FSDP2 (torch's ``fully_shard``, gloo, 2 CPU processes) on the objective module: parameters are sharded,
 the loss -- which reads the sharded ``lm_head`` inside the module's forward -- and the gradients gathered by the
 engine's hooks give, after two SGD steps with the global-count normalisation, the weights of one unsharded
-process on the whole batch. (accelerate's FSDP plugin refuses a CPU-only machine, so the engine is driven
-directly here; ``fastweight.train`` hands the same module to accelerate.)"""
+process on the whole batch; and a checkpoint of the sharded module and its AdamW state, written and read by
+``fastweight.train.checkpoint`` (full tensors gathered on rank 0, broadcast back on resume), continues bit for
+bit. (accelerate's FSDP plugin refuses a CPU-only machine, so the engine is driven directly here;
+``fastweight.train`` hands the same module to accelerate.)"""
 from __future__ import annotations
 
 import os
@@ -28,10 +30,10 @@ def _model():
     return transformers.LlamaForCausalLM(cfg)
 
 
-def _batches():
+def _batches(steps=STEPS):
     """Per step: the global forget and retain batches (4 rows each, ragged answers)."""
     out = []
-    for step in range(STEPS):
+    for step in range(steps):
         g = torch.Generator().manual_seed(step)
         pair = []
         for _ in range(2):
@@ -104,3 +106,98 @@ def test_fsdp2_objective_sharded_matches_one_process(tmp_path):
         opt.zero_grad()
     for n, p in obj.policy.named_parameters():
         torch.testing.assert_close(got[n], p.detach(), rtol=1e-5, atol=1e-6, msg=n)
+
+
+def _sharded_objective(method):
+    from torch.distributed.fsdp import fully_shard
+
+    obj = UnlearnObjective(_model(), method)
+    for layer in obj.policy.model.layers:
+        fully_shard(layer)
+    fully_shard(obj)
+    opt = torch.optim.AdamW(obj.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - 0.2 * s)
+    return obj, opt, sched
+
+
+def _resume_worker(rank, world, port, out_dir):
+    """Steps 1-3 uninterrupted, checkpoint after step 1; a fresh sharded module + AdamW resumes from it."""
+    from types import SimpleNamespace
+    from pathlib import Path
+
+    from fastweight.train.checkpoint import is_fsdp, load_checkpoint, save_checkpoint
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        acc = SimpleNamespace(is_main_process=rank == 0, process_index=rank, num_processes=world,
+                              wait_for_everyone=dist.barrier)
+        method = build_method("ga", retain_loss="nll")
+        batches = _batches(3)
+
+        def step(obj, opt, sched, forget, retain):
+            norm = {k: v / world if k != "local" else v for k, v in _norm(method, forget, retain, 1).items()}
+            mine = lambda b: {k: v[rank::world] for k, v in b.items()}  # noqa: E731
+            obj(mine(forget), mine(retain), norm)["loss"].backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+
+        def full(obj):
+            return {n: p.full_tensor().detach().clone() for n, p in obj.named_parameters()}
+
+        obj, opt, sched = _sharded_objective(method)
+        assert is_fsdp(obj)
+        step(obj, opt, sched, *batches[0])
+        at_cut = full(obj)
+        ckpt = save_checkpoint(acc, Path(out_dir), {"global_step": 1, "epoch": 0, "batch_in_epoch": 1},
+                               policy=obj.policy, optimizer=opt, scheduler=sched, method=None, module=obj)
+        for b in batches[1:]:
+            step(obj, opt, sched, *b)
+        uninterrupted = full(obj)
+
+        obj2, opt2, sched2 = _sharded_objective(method)
+        state = load_checkpoint(acc, ckpt, policy=obj2.policy, optimizer=opt2, scheduler=sched2, method=None,
+                                module=obj2)
+        loaded = full(obj2)
+        for b in batches[1:]:
+            step(obj2, opt2, sched2, *b)
+        torch.save({"state": state, "at_cut": at_cut, "loaded": loaded, "uninterrupted": uninterrupted,
+                    "resumed": full(obj2), "lr": sched2.get_last_lr()[0], "lr_want": sched.get_last_lr()[0]},
+                   os.path.join(out_dir, f"resume{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_checkpoint_resume_is_exact(tmp_path):
+    """FSDP2 on 2 gloo processes, AdamW: the checkpoint holds the full trainable weights and optimizer state
+    (safetensors + a weights_only tensor file); a fresh sharded module resumed from it continues bit for bit."""
+    pytest.importorskip("torch.distributed.fsdp")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    from safetensors.torch import load_file
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_resume_worker, args=(r, 2, 29563, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode == 0
+    ckpt = tmp_path / "checkpoints" / "step-00000001"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["model.safetensors", "optimizer.pt", "rng-0.safetensors",
+                                                      "rng-1.safetensors", "trainer_state.json"]
+    weights = load_file(str(ckpt / "model.safetensors"))
+    osd = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    for r in range(2):
+        res = torch.load(tmp_path / f"resume{r}.pt", weights_only=True)
+        assert res["state"]["global_step"] == 1 and res["lr"] == res["lr_want"]
+        assert set(weights) == set(res["at_cut"])  # every trainable tensor, full size
+        for n, t in res["at_cut"].items():
+            assert torch.equal(weights[n], t) and torch.equal(res["loaded"][n], t), n
+        for n, t in res["uninterrupted"].items():
+            assert torch.equal(res["resumed"][n], t), n
+        assert not torch.equal(res["uninterrupted"]["policy.lm_head.weight"], res["at_cut"]["policy.lm_head.weight"])
+    assert {k for s in osd["state"].values() for k in s} >= {"exp_avg", "exp_avg_sq", "step"}

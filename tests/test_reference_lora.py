@@ -224,6 +224,19 @@ def test_deepspeed_checkpoints_are_accepted_at_every_zero_stage(stage):
     check_engine(_fake_acc("DEEPSPEED", zero_stage=stage), TrainConfig(save_every=2, resume=True), None)
 
 
+def test_fsdp2_checkpoints_are_accepted_fsdp1_refused():
+    from types import SimpleNamespace
+
+    from fastweight.train.engine import check_engine
+
+    acc = _fake_acc("FSDP")
+    acc.state.fsdp_plugin = SimpleNamespace(fsdp_version=2)
+    check_engine(acc, TrainConfig(save_every=2, resume=True), None)  # tests/test_distributed_fsdp.py resumes it
+    acc.state.fsdp_plugin = SimpleNamespace(fsdp_version=1)
+    with pytest.raises(ValueError, match="fsdp_version 2"):
+        check_engine(acc, TrainConfig(save_every=2), None)
+
+
 def test_deepspeed_auto_values_are_filled_from_the_config():
     from fastweight.train.engine import check_engine
 

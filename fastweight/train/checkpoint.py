@@ -9,7 +9,12 @@ renamed once complete, holding:
   * ``rng-<rank>.safetensors`` — the torch CPU (and CUDA) generator states of each process and the state of
     every generator the method owns (e.g. ``satimp_hard`` random sampling), as uint8 tensors;
   * ``trainer_state.json`` — step, epoch, batches consumed, the LR scheduler's state, the world size and the
-    engine layout (``"replicated"``, ``"zero12"`` or ``"zero3"``).
+    engine layout (``"replicated"``, ``"fsdp"``, ``"zero12"`` or ``"zero3"``).
+Under FSDP the engine gathers the trainable weights and the optimizer state as full CPU tensors on the main
+process (``torch.distributed.checkpoint.state_dict.get_state_dict``), which writes them as ``model.safetensors``
+(keyed by the prepared module's names) and ``optimizer.pt``; on resume the main process reads them and the engine
+broadcasts them, every process keeping its shards (``set_state_dict(..., broadcast_from_rank0=True)``). The main
+process needs host memory for the full trainable weights and optimizer state.
 Under DeepSpeed ZeRO-3 the weights and the optimizer state are partitioned over the processes, so instead of
 ``model.safetensors`` and ``optimizer.pt`` every process writes ``zero-<rank>.pt``: its flat fp32 master
 partitions, the state dict of the torch AdamW over them (tensors and numbers) and the loss scaler's numbers,
@@ -55,10 +60,59 @@ def zero12_optimizer(optimizer):
     return inner if hasattr(inner, "single_partition_of_fp32_groups") else None
 
 
-def _engine(optimizer) -> str:
+def is_fsdp(module) -> bool:
+    """True when ``module`` is sharded by FSDP2 (``fully_shard``: DTensor parameters) or wrapped by FSDP1."""
+    if module is None:
+        return False
+    if any(type(m).__name__ == "FullyShardedDataParallel" for m in module.modules()):
+        return True
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def _engine(optimizer, module=None) -> str:
     if zero3_optimizer(optimizer) is not None:
         return "zero3"
-    return "replicated" if zero12_optimizer(optimizer) is None else "zero12"
+    if zero12_optimizer(optimizer) is not None:
+        return "zero12"
+    return "fsdp" if is_fsdp(module) else "replicated"
+
+
+def _fsdp_full_state(module, optimizer):
+    """Trainable weights and optimizer state of an FSDP module as full (unsharded) CPU tensors on rank 0 and
+    empty dicts elsewhere; a collective: every rank calls it. Source: ``torch.distributed.checkpoint.state_dict``
+    (``get_state_dict`` with ``full_state_dict=True, cpu_offload=True``)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd, osd = get_state_dict(module, getattr(optimizer, "optimizer", optimizer), options=opts)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    return {n: t.contiguous() for n, t in msd.items() if n in trainable}, osd
+
+
+def _load_fsdp(ckpt: Path, module, optimizer, rank: int) -> None:
+    """Rank 0 reads the full weights and optimizer state and broadcasts them; every rank keeps its shards."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
+    )
+
+    msd, osd = {}, {}
+    if rank == 0:
+        msd = load_file(str(ckpt / MODEL_FILE))
+        osd = _load_tensors(ckpt / OPTIMIZER_FILE)
+        want = {n for n, p in module.named_parameters() if p.requires_grad}
+        if set(msd) != want:
+            raise ValueError(f"checkpoint {str(ckpt)!r} holds {len(msd)} trainable tensors, the run trains "
+                             f"{len(want)} (different trainable_layers, method or LoRA settings?)")
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    # two calls, not set_state_dict: that one treats an empty model dict (every rank but 0) as "optimizer only"
+    # and skips the model's broadcast there, leaving rank 0 waiting
+    set_model_state_dict(module, msd, options=opts)
+    set_optimizer_state_dict(module, getattr(optimizer, "optimizer", optimizer), osd, options=opts)
 
 
 def _is_plain(v) -> bool:
@@ -157,8 +211,11 @@ def _rng_state(method) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(acc, output_dir: Path, state: dict, *, policy, optimizer, scheduler, method,
-                    keep: int = 1) -> Path:
-    """Write the checkpoint of ``state['global_step']`` (all processes call this; see the module docstring)."""
+                    keep: int = 1, module=None) -> Path:
+    """Write the checkpoint of ``state['global_step']`` (all processes call this; see the module docstring).
+
+    ``module``: the engine-prepared module (the objective); needed to checkpoint FSDP-sharded weights.
+    """
     from safetensors.torch import save_file
 
     root = output_dir / "checkpoints"
@@ -171,13 +228,17 @@ def save_checkpoint(acc, output_dir: Path, state: dict, *, policy, optimizer, sc
         tmp.mkdir()
     acc.wait_for_everyone()
     save_file(_rng_state(method), str(tmp / f"rng-{acc.process_index}.safetensors"))
-    engine = _engine(optimizer)
+    engine = _engine(optimizer, module)
+    fsdp_state = _fsdp_full_state(module, optimizer) if engine == "fsdp" else None  # collective
     if engine == "zero3":  # every process writes its own partition
         torch.save(_zero3_state(zero3_optimizer(optimizer)), tmp / ZERO_FILE.format(rank=acc.process_index))
     elif engine == "zero12":
         torch.save(_zero12_state(zero12_optimizer(optimizer)), tmp / ZERO_FILE.format(rank=acc.process_index))
     if acc.is_main_process:
-        if engine != "zero3":  # parameters are whole on every process
+        if engine == "fsdp":  # full tensors gathered on the main process, keyed by the module's names
+            save_file(fsdp_state[0], str(tmp / MODEL_FILE))
+            torch.save(fsdp_state[1], tmp / OPTIMIZER_FILE)
+        elif engine != "zero3":  # parameters are whole on every process
             save_file(trainable_state(policy), str(tmp / MODEL_FILE))
         if engine == "replicated":
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
@@ -203,7 +264,7 @@ def _load_tensors(path: Path):
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def load_checkpoint(acc, ckpt: Path, *, policy, optimizer, scheduler, method) -> dict:
+def load_checkpoint(acc, ckpt: Path, *, policy, optimizer, scheduler, method, module=None) -> dict:
     """Restore what ``save_checkpoint`` wrote; returns the trainer state dict. No pickle is executed."""
     from safetensors.torch import load_file
 
@@ -211,9 +272,9 @@ def load_checkpoint(acc, ckpt: Path, *, policy, optimizer, scheduler, method) ->
     if state.get("world_size", acc.num_processes) != acc.num_processes:
         raise ValueError(f"checkpoint {str(ckpt)!r} was written by {state['world_size']} processes; resume with "
                          f"the same number (got {acc.num_processes}) so the data order and RNG streams match")
-    engine = _engine(optimizer)
+    engine = _engine(optimizer, module)
     if state.pop("engine", "replicated") != engine:
-        raise ValueError(f"checkpoint {str(ckpt)!r} was not written by a {engine} run (one process / DDP, "
+        raise ValueError(f"checkpoint {str(ckpt)!r} was not written by a {engine} run (one process / DDP, FSDP, "
                          f"DeepSpeed ZeRO-1/2 and ZeRO-3 checkpoints hold different files); resume under the engine "
                          f"that wrote it")
     zero_file = ckpt / ZERO_FILE.format(rank=acc.process_index)
@@ -222,6 +283,8 @@ def load_checkpoint(acc, ckpt: Path, *, policy, optimizer, scheduler, method) ->
     elif engine == "zero12":
         _load_weights(ckpt, policy)
         _load_zero12_state(zero12_optimizer(optimizer), zero_file, acc.num_processes)
+    elif engine == "fsdp":
+        _load_fsdp(ckpt, module, optimizer, acc.process_index)
     else:
         _load_weights(ckpt, policy)
         optimizer.load_state_dict(_load_tensors(ckpt / OPTIMIZER_FILE))
@@ -251,4 +314,4 @@ def _load_weights(ckpt: Path, policy) -> None:
 
 
 __all__ = ["MODEL_FILE", "OPTIMIZER_FILE", "STATE_FILE", "ZERO_FILE", "latest_checkpoint", "load_checkpoint",
-           "save_checkpoint", "trainable_state", "zero12_optimizer", "zero3_optimizer"]
+           "is_fsdp", "save_checkpoint", "trainable_state", "zero12_optimizer", "zero3_optimizer"]

@@ -56,10 +56,13 @@ def check_engine(acc, cfg: TrainConfig, method) -> None:
         if cfg.g_effect_every:
             raise ValueError(f"g_effect_every={cfg.g_effect_every} reads full gradients outside a forward, which "
                              f"{name} shards; set g_effect_every=0 or run with one process / DDP")
-        if (cfg.resume or cfg.save_every) and acc.distributed_type != DistributedType.DEEPSPEED:
+        fsdp1 = (acc.distributed_type == DistributedType.FSDP
+                 and getattr(getattr(acc.state, "fsdp_plugin", None), "fsdp_version", 1) != 2)
+        if (cfg.resume or cfg.save_every) and fsdp1:
             raise ValueError(f"resume / save_every are implemented with pickle-free checkpoints for one process, "
-                             f"DDP and DeepSpeed ZeRO-1/2/3; under {name} set save_every=0 and resume=False (the "
-                             f"final weights are written gathered to output_dir/model.safetensors)")
+                             f"DDP, FSDP2 and DeepSpeed ZeRO-1/2/3; under {name} (FSDP1) launch with "
+                             f"--fsdp_version 2, or set save_every=0 and resume=False (the final weights are written "
+                             f"gathered to output_dir/model.safetensors)")
     if acc.distributed_type == DistributedType.DEEPSPEED:
         ds = acc.state.deepspeed_plugin.deepspeed_config
         for key, want in (("gradient_accumulation_steps", cfg.grad_accum),

@@ -231,7 +231,8 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
     if method is not None and method.ref_kind == "table":
         inner.set_ref(build_reference_table(acc, objective, data, sampler, collate, cfg, start_epoch=0))
     if ckpt is not None:
-        state = load_checkpoint(acc, ckpt, policy=policy, optimizer=optimizer, scheduler=scheduler, method=method)
+        state = load_checkpoint(acc, ckpt, policy=policy, optimizer=optimizer, scheduler=scheduler, method=method,
+                                module=objective)
         if log_path.is_file():
             if acc.is_main_process:
                 repair_log(log_path)  # a line torn by a kill: dropped, the original kept beside it
@@ -256,7 +257,7 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
         return {f"eval_{k}": float(v) for k, v in (res or {}).items()}
 
     world = acc.num_processes
-    ckpt_args = dict(policy=policy, optimizer=optimizer, scheduler=scheduler, method=method)
+    ckpt_args = dict(policy=policy, optimizer=optimizer, scheduler=scheduler, method=method, module=objective)
     # disable=None: no bar when stderr is not a terminal (no bar spam in log files)
     show = acc.is_main_process and cfg.progress
     bar = tqdm(total=total, initial=state["global_step"], disable=None if show else True,
