@@ -114,3 +114,6 @@ else:
     report["local_numel"] = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
     report["full_numel"] = sum(getattr(p, "ds_numel", p.numel()) for p in params)
 (out / f"report-{mode}-{rank}.json").write_text(json.dumps(report))
+if torch.distributed.is_available() and torch.distributed.is_initialized():
+    torch.distributed.barrier()  # leave the process group before interpreter exit tears its threads down
+    torch.distributed.destroy_process_group()
