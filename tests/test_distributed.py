@@ -50,6 +50,23 @@ def _assert_same_weights(got: dict, want: dict, rtol=1e-4, atol=1e-5):
         torch.testing.assert_close(got[k].float(), want[k].float(), rtol=rtol, atol=atol, msg=k)
 
 
+def _assert_exact_resume(reports, tmp_path, files):
+    """Both ranks stopped after step 3 (checkpoint at 2), resumed to step 4 with the uninterrupted run's logged
+    steps; the checkpoint holds ``files``; no planted pickle ran; final weights equal bit for bit."""
+    from safetensors.torch import load_file
+
+    for r in reports:
+        assert r["cut_at"] == "step-00000002" and r["resume_steps"] == 4
+        assert r["files"] == files
+        assert r["history"] == r["full_history"]  # same losses, gradient norms and learning rates, step by step
+    assert not list(tmp_path.glob("pwned-*"))
+    full = load_file(str(tmp_path / "full" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert set(full) == set(resumed)
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+
+
 @pytest.mark.slow
 def test_split_invariance_in_one_process(tiny_dir, tmp_path):
     """batch 2 x accumulation 2 == batch 1 x accumulation 4 == batch 4 (the same global batch of 4)."""
@@ -102,19 +119,8 @@ def test_deepspeed_zero3_resume_is_exact_without_pickle(tiny_dir, tmp_path):
     reports = _launch(["--use_deepspeed", "--zero_stage", "3", "--gradient_accumulation_steps", "2",
                        "--zero3_save_16bit_model", "true", "--offload_optimizer_device", "none",
                        "--offload_param_device", "none"], tiny_dir, tmp_path, "zero3_resume", 29535)
-    from safetensors.torch import load_file
-
-    for r in reports:
-        assert r["cut_at"] == "step-00000002" and r["resume_steps"] == 4
-        assert r["files"] == ["rng-0.safetensors", "rng-1.safetensors", "trainer_state.json", "zero-0.pt",
-                              "zero-1.pt"]
-        assert r["history"] == r["full_history"]  # same losses, gradient norms and learning rates, step by step
-    assert not list(tmp_path.glob("pwned-*"))
-    full = load_file(str(tmp_path / "full" / "model.safetensors"))
-    resumed = load_file(str(tmp_path / "cut" / "model.safetensors"))
-    assert set(full) == set(resumed)
-    for k in full:
-        assert torch.equal(full[k], resumed[k]), k
+    _assert_exact_resume(reports, tmp_path,
+                         ["rng-0.safetensors", "rng-1.safetensors", "trainer_state.json", "zero-0.pt", "zero-1.pt"])
     ckpt = latest_checkpoint(tmp_path / "cut")
     for f in ("zero-0.pt", "zero-1.pt"):  # tensors, numbers and strings only
         torch.load(ckpt / f, weights_only=True)
@@ -145,17 +151,8 @@ def test_deepspeed_zero12_resume_is_exact_without_pickle(tiny_dir, tmp_path, sta
                       tiny_dir, tmp_path, mode, 29537 + stage)
     from safetensors.torch import load_file
 
-    for r in reports:
-        assert r["cut_at"] == "step-00000002" and r["resume_steps"] == 4
-        assert r["files"] == ["model.safetensors", "rng-0.safetensors", "rng-1.safetensors", "trainer_state.json",
-                              "zero-0.pt", "zero-1.pt"]
-        assert r["history"] == r["full_history"]
-    assert not list(tmp_path.glob("pwned-*"))
-    full = load_file(str(tmp_path / "full" / "model.safetensors"))
-    resumed = load_file(str(tmp_path / "cut" / "model.safetensors"))
-    assert set(full) == set(resumed)
-    for k in full:
-        assert torch.equal(full[k], resumed[k]), k
+    _assert_exact_resume(reports, tmp_path, ["model.safetensors", "rng-0.safetensors", "rng-1.safetensors",
+                                             "trainer_state.json", "zero-0.pt", "zero-1.pt"])
     ckpt = latest_checkpoint(tmp_path / "cut")
     assert json.loads((ckpt / "trainer_state.json").read_text())["engine"] == "zero12"
     for f in ("zero-0.pt", "zero-1.pt"):  # each rank holds its half of the fp32 master weights

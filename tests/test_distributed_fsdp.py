@@ -81,18 +81,22 @@ def _worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
-def test_fsdp2_objective_sharded_matches_one_process(tmp_path):
+def _spawn(worker, port, tmp_path, world=2):
+    """Run ``worker(rank, world, port, out_dir)`` on ``world`` spawned gloo processes; all must exit 0."""
     pytest.importorskip("torch.distributed.fsdp")
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, 2, 29561, str(tmp_path))) for r in range(2)]
+    procs = [ctx.Process(target=worker, args=(r, world, port, str(tmp_path))) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=300)
         assert p.exitcode == 0
+
+@pytest.mark.slow
+def test_fsdp2_objective_sharded_matches_one_process(tmp_path):
+    _spawn(_worker, 29561, tmp_path)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     got = results[0]["weights"]
     for r in results:
@@ -174,18 +178,9 @@ def _resume_worker(rank, world, port, out_dir):
 def test_fsdp2_checkpoint_resume_is_exact(tmp_path):
     """FSDP2 on 2 gloo processes, AdamW: the checkpoint holds the full trainable weights and optimizer state
     (safetensors + a weights_only tensor file); a fresh sharded module resumed from it continues bit for bit."""
-    pytest.importorskip("torch.distributed.fsdp")
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     from safetensors.torch import load_file
 
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_resume_worker, args=(r, 2, 29563, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-        assert p.exitcode == 0
+    _spawn(_resume_worker, 29563, tmp_path)
     ckpt = tmp_path / "checkpoints" / "step-00000001"
     assert sorted(p.name for p in ckpt.iterdir()) == ["model.safetensors", "optimizer.pt", "rng-0.safetensors",
                                                       "rng-1.safetensors", "trainer_state.json"]
