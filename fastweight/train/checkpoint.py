@@ -13,7 +13,8 @@ renamed once complete, holding:
 Under FSDP the engine gathers the trainable weights and the optimizer state as full CPU tensors on the main
 process (``torch.distributed.checkpoint.state_dict.get_state_dict``), which writes them as ``model.safetensors``
 (keyed by the prepared module's names) and ``optimizer.pt``; on resume the main process reads them and the engine
-broadcasts them, every process keeping its shards (``set_state_dict(..., broadcast_from_rank0=True)``). The main
+broadcasts them, every process keeping its shards (``set_model_state_dict`` / ``set_optimizer_state_dict`` with
+``broadcast_from_rank0=True``). The main
 process needs host memory for the full trainable weights and optimizer state.
 Under DeepSpeed ZeRO-3 the weights and the optimizer state are partitioned over the processes, so instead of
 ``model.safetensors`` and ``optimizer.pt`` every process writes ``zero-<rank>.pt``: its flat fp32 master
@@ -104,10 +105,7 @@ def _load_fsdp(ckpt: Path, module, optimizer, rank: int) -> None:
     if rank == 0:
         msd = load_file(str(ckpt / MODEL_FILE))
         osd = _load_tensors(ckpt / OPTIMIZER_FILE)
-        want = {n for n, p in module.named_parameters() if p.requires_grad}
-        if set(msd) != want:
-            raise ValueError(f"checkpoint {str(ckpt)!r} holds {len(msd)} trainable tensors, the run trains "
-                             f"{len(want)} (different trainable_layers, method or LoRA settings?)")
+        _check_trainable(ckpt, msd, module)
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     # two calls, not set_state_dict: that one treats an empty model dict (every rank but 0) as "optimizer only"
     # and skips the model's broadcast there, leaving rank 0 waiting
@@ -131,7 +129,7 @@ def _zero12_state(zopt) -> dict:
     out = {}
     for k, v in zopt.state_dict().items():
         if k == "loss_scaler":
-            out["loss_scaler_numbers"] = {a: x for a, x in vars(v).items() if type(x) in (bool, int, float)}
+            out["loss_scaler_numbers"] = _scaler_numbers(v)
         elif isinstance(v, int) and type(v) not in (bool, int):  # ZeroStageEnum
             out[k] = int(v)
         elif k == "single_partition_of_fp32_groups":
@@ -160,10 +158,15 @@ def _load_zero12_state(zopt, path: Path, world: int) -> None:
     zopt.load_state_dict([sd] * world, load_optimizer_states=True, load_from_fp32_weights=True)
 
 
+def _scaler_numbers(scaler) -> dict:
+    """A DeepSpeed loss scaler's plain attributes (scale, counters, flags): saved instead of the object."""
+    return {k: v for k, v in vars(scaler).items() if type(v) in (bool, int, float)}
+
+
 def _zero3_state(zopt) -> dict:
     """This process's ZeRO-3 partition as tensors, numbers and strings (loadable with weights_only=True)."""
     sd = zopt.state_dict()
-    scaler = {k: v for k, v in vars(sd["loss_scaler"]).items() if type(v) in (bool, int, float)}
+    scaler = _scaler_numbers(sd["loss_scaler"])
     return {"optimizer": sd["optimizer_state_dict"], "fp32_flat_groups": [t.detach().cpu().clone() for t in
                                                                           sd["fp32_flat_groups"]],
             "loss_scaler": scaler, "dynamic_loss_scale": bool(sd["dynamic_loss_scale"]),
@@ -299,15 +302,19 @@ def load_checkpoint(acc, ckpt: Path, *, policy, optimizer, scheduler, method, mo
     return state
 
 
+def _check_trainable(ckpt: Path, weights: dict, module) -> None:
+    want = {n for n, p in module.named_parameters() if p.requires_grad}
+    if set(weights) != want:
+        raise ValueError(f"checkpoint {str(ckpt)!r} holds {len(weights)} trainable tensors, the run trains "
+                         f"{len(want)} (different trainable_layers, method or LoRA settings?)")
+
+
 def _load_weights(ckpt: Path, policy) -> None:
     from safetensors.torch import load_file
 
     weights = load_file(str(ckpt / MODEL_FILE))
     params = dict(policy.named_parameters())
-    want = {n for n, p in params.items() if p.requires_grad}
-    if set(weights) != want:
-        raise ValueError(f"checkpoint {str(ckpt)!r} holds {len(weights)} trainable tensors, the run trains "
-                         f"{len(want)} (different trainable_layers, method or LoRA settings?)")
+    _check_trainable(ckpt, weights, policy)
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t.to(params[n].device))
