@@ -7,6 +7,7 @@ bit. (accelerate's FSDP plugin refuses a CPU-only machine, so the engine is driv
 ``fastweight.train`` hands the same module to accelerate.)"""
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -52,42 +53,49 @@ def _norm(method, forget, retain, world):
             / world, "local": 1}
 
 
-def _worker(rank, world, port, out_dir):
+def _in_group(body, rank, world, port, out_dir):
+    """Spawned process: join the gloo group, run ``body(rank, world, out_dir)``, leave the group. The body's
+    objects (FSDP modules, their meshes) are freed before the group is destroyed, never after."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from torch.distributed.fsdp import fully_shard
-
-        method = build_method("ga", retain_loss="nll")
-        obj = UnlearnObjective(_model(), method)
-        for layer in obj.policy.model.layers:
-            fully_shard(layer)
-        fully_shard(obj)  # the root group holds embed_tokens, norm and lm_head
-        full = sum(p.numel() for p in obj.parameters())
-        local = sum(p.to_local().numel() for p in obj.parameters())
-        opt = torch.optim.SGD(obj.parameters(), lr=LR)
-        for forget, retain in _batches():
-            norm = _norm(method, forget, retain, 1)  # global counts (whole batch) ...
-            norm = {k: v / world if k != "local" else v for k, v in norm.items()}  # ... per process share
-            mine = lambda b: {k: v[rank::world] for k, v in b.items()}  # noqa: E731
-            out = obj(mine(forget), mine(retain), norm)
-            out["loss"].backward()
-            opt.step()
-            opt.zero_grad()
-        weights = {n: p.full_tensor().detach().clone() for n, p in obj.policy.named_parameters()}
-        torch.save({"local": local, "full": full, "weights": weights}, os.path.join(out_dir, f"rank{rank}.pt"))
+        body(rank, world, out_dir)
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
 
+def _worker(rank, world, out_dir):
+    from torch.distributed.fsdp import fully_shard
+
+    method = build_method("ga", retain_loss="nll")
+    obj = UnlearnObjective(_model(), method)
+    for layer in obj.policy.model.layers:
+        fully_shard(layer)
+    fully_shard(obj)  # the root group holds embed_tokens, norm and lm_head
+    full = sum(p.numel() for p in obj.parameters())
+    local = sum(p.to_local().numel() for p in obj.parameters())
+    opt = torch.optim.SGD(obj.parameters(), lr=LR)
+    for forget, retain in _batches():
+        norm = _norm(method, forget, retain, 1)  # global counts (whole batch) ...
+        norm = {k: v / world if k != "local" else v for k, v in norm.items()}  # ... per process share
+        mine = lambda b: {k: v[rank::world] for k, v in b.items()}  # noqa: E731
+        out = obj(mine(forget), mine(retain), norm)
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    weights = {n: p.full_tensor().detach().clone() for n, p in obj.policy.named_parameters()}
+    torch.save({"local": local, "full": full, "weights": weights}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
 def _spawn(worker, port, tmp_path, world=2):
-    """Run ``worker(rank, world, port, out_dir)`` on ``world`` spawned gloo processes; all must exit 0."""
+    """Run ``worker(rank, world, out_dir)`` on ``world`` spawned gloo processes; all must exit 0."""
     pytest.importorskip("torch.distributed.fsdp")
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=worker, args=(r, world, port, str(tmp_path))) for r in range(world)]
+    procs = [ctx.Process(target=_in_group, args=(worker, r, world, port, str(tmp_path))) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
@@ -124,54 +132,48 @@ def _sharded_objective(method):
     return obj, opt, sched
 
 
-def _resume_worker(rank, world, port, out_dir):
+def _resume_worker(rank, world, out_dir):
     """Steps 1-3 uninterrupted, checkpoint after step 1; a fresh sharded module + AdamW resumes from it."""
     from types import SimpleNamespace
     from pathlib import Path
 
     from fastweight.train.checkpoint import is_fsdp, load_checkpoint, save_checkpoint
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        acc = SimpleNamespace(is_main_process=rank == 0, process_index=rank, num_processes=world,
-                              wait_for_everyone=dist.barrier)
-        method = build_method("ga", retain_loss="nll")
-        batches = _batches(3)
+    acc = SimpleNamespace(is_main_process=rank == 0, process_index=rank, num_processes=world,
+                          wait_for_everyone=dist.barrier)
+    method = build_method("ga", retain_loss="nll")
+    batches = _batches(3)
 
-        def step(obj, opt, sched, forget, retain):
-            norm = {k: v / world if k != "local" else v for k, v in _norm(method, forget, retain, 1).items()}
-            mine = lambda b: {k: v[rank::world] for k, v in b.items()}  # noqa: E731
-            obj(mine(forget), mine(retain), norm)["loss"].backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad()
+    def step(obj, opt, sched, forget, retain):
+        norm = {k: v / world if k != "local" else v for k, v in _norm(method, forget, retain, 1).items()}
+        mine = lambda b: {k: v[rank::world] for k, v in b.items()}  # noqa: E731
+        obj(mine(forget), mine(retain), norm)["loss"].backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
 
-        def full(obj):
-            return {n: p.full_tensor().detach().clone() for n, p in obj.named_parameters()}
+    def full(obj):
+        return {n: p.full_tensor().detach().clone() for n, p in obj.named_parameters()}
 
-        obj, opt, sched = _sharded_objective(method)
-        assert is_fsdp(obj)
-        step(obj, opt, sched, *batches[0])
-        at_cut = full(obj)
-        ckpt = save_checkpoint(acc, Path(out_dir), {"global_step": 1, "epoch": 0, "batch_in_epoch": 1},
-                               policy=obj.policy, optimizer=opt, scheduler=sched, method=None, module=obj)
-        for b in batches[1:]:
-            step(obj, opt, sched, *b)
-        uninterrupted = full(obj)
+    obj, opt, sched = _sharded_objective(method)
+    assert is_fsdp(obj)
+    step(obj, opt, sched, *batches[0])
+    at_cut = full(obj)
+    ckpt = save_checkpoint(acc, Path(out_dir), {"global_step": 1, "epoch": 0, "batch_in_epoch": 1},
+                           policy=obj.policy, optimizer=opt, scheduler=sched, method=None, module=obj)
+    for b in batches[1:]:
+        step(obj, opt, sched, *b)
+    uninterrupted = full(obj)
 
-        obj2, opt2, sched2 = _sharded_objective(method)
-        state = load_checkpoint(acc, ckpt, policy=obj2.policy, optimizer=opt2, scheduler=sched2, method=None,
-                                module=obj2)
-        loaded = full(obj2)
-        for b in batches[1:]:
-            step(obj2, opt2, sched2, *b)
-        torch.save({"state": state, "at_cut": at_cut, "loaded": loaded, "uninterrupted": uninterrupted,
-                    "resumed": full(obj2), "lr": sched2.get_last_lr()[0], "lr_want": sched.get_last_lr()[0]},
-                   os.path.join(out_dir, f"resume{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    obj2, opt2, sched2 = _sharded_objective(method)
+    state = load_checkpoint(acc, ckpt, policy=obj2.policy, optimizer=opt2, scheduler=sched2, method=None,
+                            module=obj2)
+    loaded = full(obj2)
+    for b in batches[1:]:
+        step(obj2, opt2, sched2, *b)
+    torch.save({"state": state, "at_cut": at_cut, "loaded": loaded, "uninterrupted": uninterrupted,
+                "resumed": full(obj2), "lr": sched2.get_last_lr()[0], "lr_want": sched.get_last_lr()[0]},
+               os.path.join(out_dir, f"resume{rank}.pt"))
 
 
 @pytest.mark.slow

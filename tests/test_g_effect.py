@@ -4,6 +4,7 @@ accumulation, accelerate and DDP, the tracker, the plots, errors, and the exampl
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import re
 import sys
@@ -321,29 +322,31 @@ def test_ddp_wrapped_model(tmp_path):
     if not dist.is_available():
         pytest.skip("torch.distributed unavailable")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    def train(measure):  # DDP objects live in this frame only: freed before the process group is destroyed
+        inner = tiny_llama()
+        model = DDP(inner)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step, b in enumerate((batch(1), batch(2), batch(3))):
+            if step == 1:  # the DDP forward/backward path, then a measurement, then another step
+                out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                loss = F.cross_entropy(out[:, :-1].reshape(-1, V), b["labels"][:, 1:].reshape(-1))
+            else:
+                loss = ref_ga(model.module, b)
+            loss.backward()
+            if measure:
+                r = g_effect(model, "grad", batch(9))
+                assert r.total == pytest.approx(g_effect(inner, "grad", batch(9)).total, rel=1e-12)
+            opt.step()
+            opt.zero_grad()
+        return {k: v.clone() for k, v in inner.state_dict().items()}
+
     try:
-        finals = []
-        for measure in (False, True):
-            inner = tiny_llama()
-            model = DDP(inner)
-            opt = torch.optim.SGD(model.parameters(), lr=0.1)
-            for step, b in enumerate((batch(1), batch(2), batch(3))):
-                if step == 1:  # the DDP forward/backward path, then a measurement, then another step
-                    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                    loss = F.cross_entropy(out[:, :-1].reshape(-1, V), b["labels"][:, 1:].reshape(-1))
-                else:
-                    loss = ref_ga(model.module, b)
-                loss.backward()
-                if measure:
-                    r = g_effect(model, "grad", batch(9))
-                    assert r.total == pytest.approx(g_effect(inner, "grad", batch(9)).total, rel=1e-12)
-                opt.step()
-                opt.zero_grad()
-            finals.append(inner.state_dict())
-        for k in finals[0]:
-            assert torch.equal(finals[0][k], finals[1][k]), f"measuring under DDP changed training: {k}"
+        finals = [train(False), train(True)]
     finally:
+        gc.collect()
         dist.destroy_process_group()
+    for k in finals[0]:
+        assert torch.equal(finals[0][k], finals[1][k]), f"measuring under DDP changed training: {k}"
 
 
 def test_method_objective_and_fused_probe():

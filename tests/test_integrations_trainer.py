@@ -6,6 +6,7 @@ a constant learning rate: the per-micro-batch loss and the final weights must ag
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -248,9 +249,14 @@ def test_ddp_wrapper_runs_the_method_inside_its_forward(tmp_path):
         calls = []
         handle = wrapped.register_forward_pre_hook(lambda m, a, kw: calls.append(sorted(kw)), with_kwargs=True)
         trainer2 = UnlearnTrainer(model=twin, args=_args(tmp_path), method="gd")
-        loss = trainer2.compute_loss(wrapped, inputs)
-        loss.backward()
+        out = trainer2.compute_loss(wrapped, inputs)
+        out.backward()
         handle.remove()
+        loss = out.detach()
+        # the DDP reducer must go before its process group: freed after destroy_process_group, its gloo group's
+        # destructor joined worker threads that never returned (a CI run hung here)
+        del out, wrapped, trainer2
+        gc.collect()
     finally:
         dist.destroy_process_group()
     assert calls == [["fastweight_run"]], "the method must run inside the wrapper's forward"
