@@ -29,6 +29,7 @@ import transformers  # noqa: E402
 
 from fastweight._constants import IGNORE_INDEX  # noqa: E402
 from fastweight.integrations.trainer import UnlearnTrainer, add_reference_logprobs  # noqa: E402
+from helpers import tiny_llama_lm  # noqa: E402  (tests/ is this script's folder, first on sys.path)
 
 V, T, N, STEPS = 61, 8, 4, 2
 CASES = {  # name: (method, method_options, ref_model)
@@ -48,14 +49,7 @@ DS_CONFIG = {
 
 
 def model(seed=0):
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    m = transformers.LlamaForCausalLM(cfg).float()
-    with torch.no_grad():
-        m.lm_head.weight.normal_(0, 0.3)
-    return m
+    return tiny_llama_lm(V, seed=seed)
 
 
 def dataset(seed=0, ref=None):

@@ -45,3 +45,15 @@ def tiny_dir(tmp_path_factory):
     from helpers import save_tiny_tofu_model
 
     return save_tiny_tofu_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Reset accelerate's process-wide state after the test: a Trainer run stopped by an exception leaves the
+    GradientState mid-accumulation (sync_gradients False), which would make a later accelerate loop in this
+    process skip optimizer steps. Modules use it with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    GradientState._reset_state()
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -148,6 +148,23 @@ def upstream_like(shape, dtype: torch.dtype, *, seed: int = 1) -> torch.Tensor:
     return g.to(dtype).to(torch.float32)
 
 
+# --------------------------------------------------------------------------------------- tiny Hugging Face model
+def tiny_llama_lm(vocab_size: int, *, seed: int = 0, **config):
+    """A random 2-layer ``LlamaForCausalLM`` (hidden 16, eager attention, float32) whose ``lm_head`` has std 0.3,
+    so token probabilities are far from uniform and every loss is non-trivial. ``config`` overrides fields."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(**{**dict(vocab_size=vocab_size, hidden_size=16, intermediate_size=24,
+                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                             max_position_embeddings=32), **config})
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg).float()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.3)
+    return model
+
+
 # ------------------------------------------------------------------------------------------------ tiny TOFU model
 _TINY_TOFU = None
 

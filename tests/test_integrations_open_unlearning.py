@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fastweight._constants import IGNORE_INDEX
+from helpers import tiny_llama_lm
 
 transformers = pytest.importorskip("transformers")
 from fastweight.integrations.open_unlearning import OPEN_UNLEARNING_HANDLERS, open_unlearning_method  # noqa: E402
@@ -21,26 +22,10 @@ from fastweight.integrations.trainer import UnlearnTrainer  # noqa: E402
 V, B, T = 53, 3, 9
 
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """A Trainer run stopped by an exception leaves accelerate's process-wide GradientState mid-accumulation
-    (sync_gradients False), which would make a later accelerate loop in this process skip optimizer steps."""
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    GradientState._reset_state()
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 def _model(seed=0):
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg).float()
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0, 0.3)
-    return model
+    return tiny_llama_lm(V, seed=seed)
 
 
 def _batch(gen, prompt=3):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fastweight._constants import IGNORE_INDEX
+from helpers import tiny_llama_lm
 
 transformers = pytest.importorskip("transformers")
 try:  # recent peft reads torch.distributed.tensor as an attribute; transformers 4.45 does not import it
@@ -29,27 +30,10 @@ OPTIONS = {"rmu": dict(layer=1, trainable_layers=(1,), alpha=2.0, steering_coef=
            "satimp_instance": dict(beta1=0.0), "satimp_batch": dict(beta1=0.0)}
 
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """A Trainer run stopped by an exception leaves accelerate's process-wide GradientState mid-accumulation
-    (sync_gradients False), which would make a later accelerate loop in this process skip optimizer steps."""
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    GradientState._reset_state()
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 def _model(seed=0, **config):
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-                                   **config)
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg).float()
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0, 0.3)
-    return model
+    return tiny_llama_lm(V, seed=seed, **config)
 
 
 def _seq(gen, prompt=3):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import fastweight
 from fastweight._constants import IGNORE_INDEX
+from helpers import tiny_llama_lm
 
 transformers = pytest.importorskip("transformers")
 trl = pytest.importorskip("trl")
@@ -24,13 +25,7 @@ V, T = 37, 9
 
 
 def _model():
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).float()
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0, 0.3)
-    return model.eval()
+    return tiny_llama_lm(V).eval()
 
 
 def _batch():
