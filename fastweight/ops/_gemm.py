@@ -48,19 +48,23 @@ def use_onednn(*tensors: torch.Tensor) -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def onednn_weight(w: torch.Tensor) -> bool:
+    """True when products with this weight go through oneDNN (so ``linear`` returns a new tensor and a caller
+    need not keep an ``out`` buffer for it)."""
+    return use_onednn(w) and _dense(w)
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ w.T (+ b)``: x [M, K], w [N, K], b [N] -> [M, N] in x's dtype.
 
-    Through oneDNN (a new tensor, ``out`` unused) when ``use_onednn`` and w is dense in either orientation;
-    else ``torch.mm`` / ``torch.addmm`` into ``out`` when given.
+    Through oneDNN (a new tensor, ``out`` unused) when ``onednn_weight(w)`` and x, b qualify too; else
+    ``torch.mm`` / ``torch.addmm`` (into ``out`` when given).
     """
-    operands = (x, w) if b is None else (x, w, b)
-    if use_onednn(*operands) and _dense(w) and x.dim() == 2 and 1 in x.stride():
+    operands = (x,) if b is None else (x, b)
+    if onednn_weight(w) and use_onednn(*operands) and x.dim() == 2 and 1 in x.stride():
         return _onednn_linear(x, w, b)
-    if b is None:
-        return torch.mm(x, w.t(), out=out) if out is not None else torch.mm(x, w.t())
-    return torch.addmm(b, x, w.t(), out=out) if out is not None else torch.addmm(b, x, w.t())
+    return torch.mm(x, w.t(), out=out) if b is None else torch.addmm(b, x, w.t(), out=out)
 
 
 def add_linear_t_(acc: torch.Tensor, a: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

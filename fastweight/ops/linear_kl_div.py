@@ -26,7 +26,7 @@ from fastweight.ops._common import (
     acc_dtype, autocast_cast, check_finite, check_float_tensor, check_ignore_index, check_labels, check_ref_shift,
     launch_kernel, no_autocast, resolve_backend, signature_of, triton_interpret,
 )
-from fastweight.ops._gemm import add_linear_t_, linear, use_onednn
+from fastweight.ops._gemm import add_linear_t_, linear, onednn_weight
 from fastweight.ops.linear_logprobs import FWD_PROGRAMS, TileConfig, triton_cdiv
 
 # ---------------------------------------------------------------------------------------------------------
@@ -296,7 +296,7 @@ class _Both:
         c = max(1, min(self.step, n))
         # oneDNN returns each chunk's logits as new tensors; torch.mm writes into two reused buffers.
         self.z = self.r = None
-        if not use_onednn(self.W, self.Wr):
+        if not (onednn_weight(self.W) and onednn_weight(self.Wr)):
             self.z = torch.empty(c, V, dtype=self.acc, device=hidden.device)
             self.r = torch.empty(c, V, dtype=self.acc, device=hidden.device)
 

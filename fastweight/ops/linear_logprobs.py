@@ -32,7 +32,7 @@ from fastweight.ops._common import (
     acc_dtype, autocast_cast, check_finite, check_float_tensor, check_labels, check_weight_options,
     importance_weight_torch, launch_kernel, no_autocast, resolve_backend, signature_of, triton_interpret,
 )
-from fastweight.ops._gemm import add_linear_t_, linear, use_onednn
+from fastweight.ops._gemm import add_linear_t_, linear, onednn_weight
 
 # ---------------------------------------------------------------------------------------------------------
 # Tuning (Triton): one tile config per (input dtype, kernel), chosen from `cuobjdump -res-usage` of the
@@ -317,7 +317,7 @@ class _Chunker:
         self.step = max(1, opts.chunk_elements // V)
         self.c = c = min(self.step, self.rows.numel())
         # oneDNN returns each chunk's logits as a new tensor; torch.mm writes into one reused buffer.
-        self.buf = None if use_onednn(self.W) else torch.empty(c, V, dtype=self.acc, device=hidden.device)
+        self.buf = None if onednn_weight(self.W) else torch.empty(c, V, dtype=self.acc, device=hidden.device)
         self.aux = None  # 1 - tanh^2 for the softcap derivative, allocated when a gradient needs it
 
     def __iter__(self):
