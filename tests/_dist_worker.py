@@ -43,6 +43,23 @@ def run(name, on_step=None, **kw):
     return res, model
 
 
+class Stop(Exception):
+    pass
+
+
+def cut_after_step_3():
+    """Run "cut" for 2 epochs with save_every=2, stopped after step 3; returns its latest checkpoint (step 2)."""
+    def stop(step, _):
+        if step == 3:
+            raise Stop
+
+    try:
+        run("cut", epochs=2, save_every=2, on_step=stop)
+    except Stop:
+        pass
+    return latest_checkpoint(out / "cut")
+
+
 if mode == "ddp":
     res, model = run("ddp")
     if rank == 0:
@@ -52,25 +69,8 @@ if mode == "ddp":
     report["history"] = res.history
     # resume under DDP: stop after step 3 (checkpoint at 2), resume, compare with an uninterrupted run
     full, _ = run("full", epochs=2, save_every=2)
-
-    class Stop(Exception):
-        pass
-
-    def stop(step, _):
-        if step == 3:
-            raise Stop
-
-    model, tok = load_model_and_tokenizer(model_dir)
-    forget, retain = sets(tok)
-    cfg = dict(output_dir=str(out / "cut"), method="npo", method_args={"retain_loss": "nll"}, lr=1e-2, epochs=2,
-               batch_size=1, grad_accum=2, progress=False, seed=5, save_every=2)
-    try:
-        train(model, forget, retain, TrainConfig(**cfg), on_step=stop)
-    except Stop:
-        pass
-    report["cut_at"] = latest_checkpoint(out / "cut").name
-    model, tok = load_model_and_tokenizer(model_dir)
-    resumed = train(model, *sets(tok), TrainConfig(**{**cfg, "resume": True}))
+    report["cut_at"] = cut_after_step_3().name
+    resumed, _ = run("cut", epochs=2, save_every=2, resume=True)
     want = full.model.state_dict()
     report["resume_equal"] = all(torch.equal(v, want[k]) for k, v in resumed.model.state_dict().items())
     report["resume_steps"] = resumed.global_step
@@ -83,19 +83,8 @@ elif mode.endswith("_resume"):
         def __reduce__(self):
             return (open, (str(out / f"pwned-{rank}"), "w"))
 
-    class Stop(Exception):
-        pass
-
-    def stop(step, _):
-        if step == 3:
-            raise Stop
-
     full, _ = run("full", epochs=2, save_every=2)
-    try:
-        run("cut", epochs=2, save_every=2, on_step=stop)
-    except Stop:
-        pass
-    ckpt = latest_checkpoint(out / "cut")
+    ckpt = cut_after_step_3()
     report["cut_at"] = ckpt.name
     report["files"] = sorted(p.name for p in ckpt.iterdir())
     torch.distributed.barrier()  # both ranks have listed the folder before rank 0 plants files in it
