@@ -31,7 +31,7 @@ from fastweight.pipelines.tracking import Reporter, check_report_to, eval_hook, 
 from fastweight.train import models as _models
 from fastweight.train.config import TrainConfig
 from fastweight.train.jsonlog import move_aside, repair_log
-from fastweight.train.methods import build_method
+from fastweight.train.methods import METHODS, build_method
 
 EMBEDDED = _models.EMBEDDED
 _HASH_FULL = 64 << 20   # files up to 64 MiB are hashed whole ...
@@ -63,7 +63,7 @@ class BaseConfig:
                                "local save_pretrained folder, or a .gguf file")
     data: str | None = opt(None, "benchmark data (hub name or local folder); default: generate a small "
                                  "benchmark-format set into --cache-dir")
-    method: str = opt("satimp", "unlearning method (fastweight.train.methods.METHODS)")
+    method: str = opt("satimp", "unlearning method", choices=METHODS)
     method_args: dict | None = opt(None, "method options; None = this pipeline's tuned defaults for the method "
                                          "(only the options the method has); given values are merged over them")
     lr: float = opt(3e-4, "unlearning learning rate")

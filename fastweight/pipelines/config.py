@@ -161,6 +161,16 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def metavar_of(tp) -> str:
+    """What ``--help`` shows for a value of type ``tp``: INT, FLOAT, TEXT, JSON (``X | None`` as ``X``)."""
+    if get_origin(tp) is typing.Union or (hasattr(types, "UnionType") and isinstance(tp, types.UnionType)):
+        inner = [a for a in get_args(tp) if not _is_none_type(a)]
+        return metavar_of(inner[0]) if len(inner) == 1 else "VALUE"
+    if tp is dict or get_origin(tp) is dict:
+        return "JSON"
+    return {int: "INT", float: "FLOAT", str: "TEXT"}.get(tp, "VALUE")
+
+
 def build_parser(cls, description: str, *, shortcuts: tuple[str, ...] = METHOD_SHORTCUTS) -> OneLineParser:
     """A parser with one ``--flag`` per field of ``cls`` (help from ``opt``), plus ``--config``,
     ``--method-arg``, the method shortcuts and ``--debug``. Flags left out parse to None (= not given)."""
@@ -178,14 +188,15 @@ def build_parser(cls, description: str, *, shortcuts: tuple[str, ...] = METHOD_S
         if tp is bool:
             p.add_argument(flag, action="store_true", default=None, help=help_)
         else:
-            choices = get_args(tp) if get_origin(tp) is Literal else None
-            p.add_argument(flag, default=None, choices=choices, help=help_, metavar=None if choices else "VALUE")
+            choices = get_args(tp) if get_origin(tp) is Literal else f.metadata.get("choices")
+            p.add_argument(flag, default=None, choices=choices, help=help_,
+                           metavar=None if choices else f.metadata.get("metavar", metavar_of(tp)))
     p.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="method option override, repeatable; the value is parsed as JSON when it parses "
                         "(beta1=5, retain_loss=nll, 'trainable_layers=[5,6,7]')")
     for name in shortcuts:
-        p.add_argument(f"--{name.replace('_', '-')}", default=None, metavar="VALUE",
-                       help=f"shortcut for --method-arg {name}=VALUE")
+        p.add_argument(f"--{name.replace('_', '-')}", default=None, metavar="FLOAT",
+                       help=f"shortcut for --method-arg {name}=FLOAT")
     p.add_argument("--retain-loss", choices=("none", "nll", "kl"), help="shortcut for --method-arg retain_loss=VALUE")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return p
@@ -265,4 +276,4 @@ def cli_main(parse, run, show=print_results, argv=None) -> int:
 
 
 __all__ = ["METHOD_SHORTCUTS", "MixedPrecision", "OneLineParser", "ReportTo", "TorchDtype", "build_parser", "cli_main",
-           "coerce", "config_from_args", "config_from_mapping", "opt", "print_results", "read_config_file"]
+           "coerce", "config_from_args", "config_from_mapping", "metavar_of", "opt", "print_results", "read_config_file"]

@@ -53,7 +53,8 @@ class WmdpConfig(C.BaseConfig):
     retain_corpus: str | None = opt(None, "retain corpus: NAME:CONFIG (wikitext:wikitext-2-raw-v1) or a file")
     max_docs: int | None = opt(None, "cap on documents per corpus")
     window: int = opt(128, "training window in tokens (RMU's code uses 512)")
-    method: str = opt("rmu", "unlearning method (default rmu, the WMDP reference)")
+    method: str = opt("rmu", "unlearning method (rmu is the WMDP reference; flat and idkdpo need QA pairs)",
+                      choices=C.METHODS)
     answer_format: str | None = opt(None, f"MCQ scoring: {' / '.join(ANSWER_FORMATS)}; default letter (hub "
                                           "data, lm-eval's prompt) or choice (generated data)")
     lm_eval: bool = opt(False, "score through lm-eval's task machinery (pip install lm-eval)")
