@@ -11,7 +11,8 @@ benchmark skips with that reason):
 
 ==========================  =================================================================================
 fastweight                  ``fastweight.satimp_loss(hidden, labels, lm_head=W)``: fused linear, no logits
-fastweight_torch            the same with ``backend="torch"`` (CUDA only: on CPU it *is* ``fastweight``)
+fastweight_triton           the same with ``backend="triton"``: the fused-linear Triton kernels (CUDA only; ``auto``
+                            runs fused-linear ops on the chunk loops with cuBLAS products, faster on an H200)
 fastweight_logits           ``satimp_loss(hidden @ W.T, labels)``: fastweight's logits path
 fastweight_logits_inplace   the same with ``inplace_backward=True`` (gradient written into the logits buffer)
 naive                       ``fastweight.reference``: full ``log_softmax`` + ``gather`` + detached weights
@@ -186,12 +187,12 @@ def _fastweight(device, dtype) -> LossFn:
     return lambda h, w, y: fastweight.satimp_loss(h, y, lm_head=w, beta1=BETA1, beta2=BETA2)
 
 
-def _fastweight_torch(device, dtype) -> LossFn:
+def _fastweight_triton(device, dtype) -> LossFn:
     import fastweight
 
     if device.type != "cuda":
-        raise Unavailable("on CPU backend='auto' already is the torch backend: identical to `fastweight`")
-    return lambda h, w, y: fastweight.satimp_loss(h, y, lm_head=w, beta1=BETA1, beta2=BETA2, backend="torch")
+        raise Unavailable("the fused-linear Triton kernels need a CUDA GPU")
+    return lambda h, w, y: fastweight.satimp_loss(h, y, lm_head=w, beta1=BETA1, beta2=BETA2, backend="triton")
 
 
 def _fastweight_logits(device, dtype, inplace: bool = False) -> LossFn:
@@ -233,6 +234,8 @@ def _cce(device, dtype) -> LossFn:
     except ImportError as exc:
         raise Unavailable(f"cut-cross-entropy is not installed (pip install cut-cross-entropy): {exc}") from None
     impl = "cce" if device.type == "cuda" else "torch_compile"
+    if impl == "cce" and dtype == torch.float32:
+        raise Unavailable("cut-cross-entropy's CUDA backward needs bf16/fp16 embeddings (it asserts so)")
     _needs_compile_backend(device, f"cce impl={impl}")
 
     def fn(h, w, y):
@@ -259,7 +262,8 @@ def _liger(device, dtype) -> LossFn:
 
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     Provider("fastweight", "fastweight fused linear (hidden + lm_head)", _fastweight),
-    Provider("fastweight_torch", "fastweight fused linear, backend='torch'", _fastweight_torch),
+    Provider("fastweight_triton", "fastweight fused linear, backend='triton' (the fused-linear kernels)",
+             _fastweight_triton),
     Provider("fastweight_logits", "fastweight logits path (hidden @ W.T, then satimp_loss)", _fastweight_logits),
     Provider("fastweight_logits_inplace", "fastweight logits path, inplace_backward=True",
              lambda device, dtype: _fastweight_logits(device, dtype, inplace=True)),

@@ -94,3 +94,21 @@ def test_linear_kl_div_triton(dtype, variant):
         lambda x, w, bb=None: lkl_ref(x, w, rh, rW, y, bias=bb, ref_bias=rb, **kw),
         tensors, dtype=dtype, upstream=up, c=16.0, value_scale=max(1.0, lse), grad_scale=gscale,
         names=["hidden", "lm_head", "bias"][: len(tensors)])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+def test_satimp_fused_linear_auto_cuda(dtype, reduction):
+    """backend="auto" on CUDA runs the fused-linear loss on the chunk loops with cuBLAS products (16-bit operands
+    on the tensor cores with float32 results, no float32 copy of lm_head), within the same error bound."""
+    from fastweight.ops import _gemm
+
+    h, W, b, y = _cuda(*make_hidden(1031, 96, 4099, dtype, seed=21, bias=True, ignore_rows=[0, 9, 10]))
+    up = upstream_like((1031,), dtype).cuda() if reduction == "none" else None
+    compare_with_reference(
+        lambda h_, W_, b_: fastweight.satimp_loss(h_, y, lm_head=W_, bias=b_, beta1=1.0, beta2=0.5,
+                                                  reduction=reduction),
+        lambda h_, W_, b_: lref.linear_weighted_logprobs(h_, W_, y, b_, beta1=1.0, beta2=0.5, reduction=reduction),
+        [h, W, b], dtype=dtype, upstream=up, names=["hidden", "lm_head", "bias"])
+    if dtype != torch.float32:  # the out_dtype products ran (a torch without them falls back to an upcast)
+        assert _gemm._MM_OUT_DTYPE == {"mm": True, "addmm": True}, _gemm._MM_OUT_DTYPE

@@ -131,3 +131,76 @@ def test_fused_linear_kl_both_gemm_paths(onednn, monkeypatch):
         return ref_kl.linear_kl_div(h, w_, ref_h.to(h.dtype), ref_w.to(h.dtype), y)
 
     compare_with_reference(impl, naive, [hidden, w], dtype=torch.float32, c=16.0, names=["hidden", "lm_head"])
+
+
+@pytest.fixture
+def tensor_cores_on_cpu(monkeypatch):
+    """Run the 16-bit tensor-core route on CPU: the operands stay 16-bit, the chunk products cast their float32
+    side (float16: scaled by its max) and multiply with float32 results (torch.mm of the upcast operands here;
+    ``out_dtype`` products on CUDA). Records the dtypes each product saw."""
+    seen = []
+    real = _gemm._mm_f32
+
+    def spy(a, b):
+        seen.append((a.dtype, b.dtype))
+        return real(a, b)
+
+    monkeypatch.setattr(_gemm, "tensor_cores", lambda w: w.dtype in _gemm.HALF)
+    monkeypatch.setattr(_gemm, "_mm_f32", spy)
+    monkeypatch.setitem(_gemm._MM_OUT_DTYPE, "mm", True)
+    monkeypatch.setitem(_gemm._MM_OUT_DTYPE, "addmm", True)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fused_linear_satimp_tensor_core_route(dtype, tensor_cores_on_cpu):
+    """SatImp from hidden states with 16-bit operands kept 16-bit: values and all three gradients within the
+    error-relative bound of the float64 reference, every product fed 16-bit operands on both sides."""
+    hidden, w, b, y = make_hidden(50, 24, 1030, dtype, seed=11, bias=True, ignore_rows=[0, 7, 8, 49])
+    opts = LinearLogprobsOptions(beta1=1.0, beta2=1.0, weighted=True, reduction="sum", chunk_elements=20 * 1030)
+
+    def impl(h, w_, b_):
+        return linear_weighted_logprobs_2d(h, w_, b_, y, opts)[0]
+
+    def naive(h, w_, b_):
+        return ref.linear_weighted_logprobs(h, w_, y, b_, None, beta1=1.0, beta2=1.0, reduction="sum")
+
+    compare_with_reference(impl, naive, [hidden, w, b], dtype=dtype, c=16.0, names=["hidden", "lm_head", "bias"])
+    assert tensor_cores_on_cpu and all(a == dtype and b_ == dtype for a, b_ in tensor_cores_on_cpu)
+
+
+def test_fused_linear_kl_tensor_core_route(tensor_cores_on_cpu):
+    hidden, w, _, y = make_hidden(30, 12, 1030, torch.bfloat16, seed=5, ignore_rows=[2, 3])
+    ref_h, ref_w, _, _ = make_hidden(30, 12, 1030, torch.bfloat16, seed=6)
+
+    def impl(h, w_):
+        return linear_kl_div(h, w_, ref_h, ref_w, y, backend="torch", chunk_elements=10 * 1030)
+
+    def naive(h, w_):
+        return ref_kl.linear_kl_div(h, w_, ref_h.to(h.dtype), ref_w.to(h.dtype), y)
+
+    compare_with_reference(impl, naive, [hidden, w], dtype=torch.bfloat16, c=16.0, names=["hidden", "lm_head"])
+    assert tensor_cores_on_cpu and all(a == torch.bfloat16 == b_ for a, b_ in tensor_cores_on_cpu)
+
+
+def test_half_scaling_keeps_float16_in_range():
+    x = torch.tensor([[1e6, -3.0], [2e-3, 0.0]])
+    x16, scale = _gemm._half(x, torch.float16)
+    assert x16.dtype == torch.float16 and torch.isfinite(x16).all() and scale == 1e6
+    assert torch.allclose(x16.float() * scale, x, rtol=1e-3, atol=1e-3 * 1e6 * 2 ** -10)
+    xb, sb = _gemm._half(x, torch.bfloat16)
+    assert xb.dtype == torch.bfloat16 and sb == 1.0
+
+
+def test_auto_backend_runs_fused_linear_ops_on_the_chunk_loops():
+    from fastweight.ops._common import resolve_backend
+
+    class FakeCuda:  # resolve_backend reads only .is_cuda / .is_floating_point() / .dtype / .device
+        is_cuda, dtype, device = True, torch.bfloat16, torch.device("cuda")
+
+        def is_floating_point(self):
+            return True
+
+    assert resolve_backend("auto", FakeCuda(), fused_linear=True) == "torch"
+    assert resolve_backend("auto", FakeCuda()) == "triton"
+    assert resolve_backend("triton", FakeCuda(), fused_linear=True) == "triton"

@@ -22,11 +22,14 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> str:
+def resolve_backend(backend: str | None, *tensors: torch.Tensor, fused_linear: bool = False) -> str:
     """Map ``backend`` ("auto" | "triton" | "torch" | None) to "triton" or "torch".
 
-    auto: Triton for CUDA tensors, torch otherwise. Explicit "triton" on CPU tensors is allowed only under
-    ``TRITON_INTERPRET=1`` (the kernels' CPU correctness path).
+    auto: Triton for CUDA tensors, torch otherwise; for the fused-linear ops (``fused_linear``) torch on every
+    device: their chunk loops run the three GEMMs through cuBLAS (16-bit operands on the tensor cores, float32
+    results) and were 4-10x faster than the fused-linear Triton kernels on an H200 (docs/benchmarks.md).
+    Explicit "triton" on CPU tensors is allowed only under ``TRITON_INTERPRET=1`` (the kernels' CPU
+    correctness path).
     """
     backend = "auto" if backend is None else backend
     if backend not in BACKENDS:
@@ -35,7 +38,7 @@ def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> str:
     if backend == "torch":
         return "torch"
     if backend == "auto":
-        if on_cuda and all(t.dtype in TRITON_DTYPES for t in tensors if t.is_floating_point()):
+        if on_cuda and not fused_linear and all(t.dtype in TRITON_DTYPES for t in tensors if t.is_floating_point()):
             return "triton"
         return "torch"
     # explicit triton

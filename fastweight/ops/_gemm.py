@@ -16,6 +16,14 @@ view can send it to a very slow path); float64, other devices, a PyTorch without
 ``torch.backends.mkldnn.matmul.fp32_precision`` like ``torch.mm`` does, so its default is full float32.
 oneDNN returns a new tensor (no ``out=``): callers use the returned tensor and drop the previous chunk's
 before computing the next, so peak memory is one chunk as with a reused buffer.
+
+On CUDA, bfloat16 / float16 operands stay in their dtype and the products run on the tensor cores with float32
+accumulation and float32 results (``torch.mm(..., out_dtype=torch.float32)``): no float32 copy of lm_head, and
+the logits carry no 16-bit rounding (the same arithmetic as the Triton kernels' ``tl.dot``). Measured on an H200
+(docs/benchmarks.md) the chunk loops with these GEMMs beat the fused-linear Triton kernels, whose float32
+atomics dominate, so ``backend="auto"`` sends fused-linear ops on CUDA here. A float32 gradient factor is cast
+to the operand dtype for the product (float16: scaled by its max first so nothing overflows), as the kernels
+cast their tiles. ``FASTWEIGHT_TENSOR_CORES=0`` keeps the float32 upcast instead.
 """
 from __future__ import annotations
 
@@ -27,6 +35,76 @@ import torch
 # accumulator (measured at c = 256, H = 576, V = 49152: 1024 / 4096 / 16384 rows gave 244 / 235 / 160 GFLOP/s;
 # MKL's in-place addmm_ 180).
 DW_BLOCK = 1024
+
+
+HALF = (torch.bfloat16, torch.float16)
+_MM_OUT_DTYPE = {"mm": True, "addmm": True}  # cleared on the first failure (a torch without the out_dtype ops)
+
+
+def tensor_cores(w: torch.Tensor) -> bool:
+    """True when products with this (CUDA, 16-bit) weight run in its own dtype with float32 results."""
+    if os.environ.get("FASTWEIGHT_TENSOR_CORES", "1") in ("0", "false", "False", ""):
+        return False
+    return w.is_cuda and w.dtype in HALF
+
+
+def gemm_operand(t: torch.Tensor, acc: torch.dtype, w: torch.Tensor | None = None) -> torch.Tensor:
+    """``t`` as the chunk loops keep it: in its own dtype when products with ``w`` (default: ``t`` itself) run
+    on the tensor cores and ``t`` has that dtype, else cast to the accumulation dtype ``acc``."""
+    w = t if w is None else w
+    return t if tensor_cores(w) and t.dtype == w.dtype else t.to(acc)
+
+
+def new_products(w: torch.Tensor) -> bool:
+    """True when ``linear`` with this weight returns a new tensor (oneDNN, tensor cores): no ``out`` buffer."""
+    return onednn_weight(w) or tensor_cores(w)
+
+
+def _half(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """(x16, scale) with x ~ scale * x16 in ``dtype``; float16 is scaled by max|x| (its range is 65504)."""
+    if x.dtype == dtype:
+        return x, 1.0
+    if dtype == torch.bfloat16:
+        return x.to(dtype), 1.0  # bfloat16 has float32's exponent range
+    top = float(x.abs().amax()) if x.numel() else 0.0
+    scale = top if 0.0 < top < float("inf") else 1.0
+    return (x * (1.0 / scale)).to(dtype), scale
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [M, K] @ b [K, N] of one 16-bit dtype -> float32 [M, N], float32 accumulation."""
+    if _MM_OUT_DTYPE["mm"]:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE["mm"] = False
+    return torch.mm(a.float(), b.float())
+
+
+def _tensor_core_linear(x, w, b):
+    x16, scale = _half(x, w.dtype)
+    z = _mm_f32(x16, w.t())
+    if scale != 1.0:
+        z.mul_(scale)
+    return z if b is None else z.add_(b)
+
+
+def _tensor_core_add_t_(acc, a, h, dtype):
+    a16, sa = _half(a, dtype)
+    h16, sh = _half(h, dtype)
+    if _MM_OUT_DTYPE["addmm"]:
+        try:
+            return torch.addmm(acc, a16.t(), h16, out_dtype=torch.float32, alpha=sa * sh, out=acc)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE["addmm"] = False
+    for v0 in range(0, acc.shape[0], 4 * DW_BLOCK):  # bounded float32 temporaries
+        v1 = min(acc.shape[0], v0 + 4 * DW_BLOCK)
+        acc[v0:v1].add_(_mm_f32(a16[:, v0:v1].t(), h16), alpha=sa * sh)
+    return acc
 
 
 def _onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -58,20 +136,27 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ w.T (+ b)``: x [M, K], w [N, K], b [N] -> [M, N] in x's dtype.
 
-    Through oneDNN (a new tensor, ``out`` unused) when ``onednn_weight(w)`` and x, b qualify too; else
-    ``torch.mm`` / ``torch.addmm`` (into ``out`` when given).
+    Through oneDNN (a new tensor, ``out`` unused) when ``onednn_weight(w)`` and x, b qualify too; on the tensor
+    cores (a new float32 tensor) when ``tensor_cores(w)``; else ``torch.mm`` / ``torch.addmm`` (into ``out``).
     """
+    if tensor_cores(w):
+        return _tensor_core_linear(x, w, b)
     operands = (x,) if b is None else (x, b)
     if onednn_weight(w) and use_onednn(*operands) and x.dim() == 2 and 1 in x.stride():
         return _onednn_linear(x, w, b)
     return torch.mm(x, w.t(), out=out) if b is None else torch.addmm(b, x, w.t(), out=out)
 
 
-def add_linear_t_(acc: torch.Tensor, a: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+def add_linear_t_(acc: torch.Tensor, a: torch.Tensor, h: torch.Tensor, *,
+                  operands: torch.dtype | None = None) -> torch.Tensor:
     """``acc += a.T @ h`` in place: acc [V, H], a [c, V], h [c, H] (the d lm_head update of one chunk).
 
-    oneDNN: one ``[DW_BLOCK, H]`` product per vocabulary block, added to its rows of acc; else ``addmm_``.
+    ``operands``: a 16-bit dtype when the chunk's products run on CUDA's tensor cores (a and h are cast to it,
+    float32 accumulation into acc); oneDNN: one ``[DW_BLOCK, H]`` product per vocabulary block, added to its
+    rows of acc; else ``addmm_``.
     """
+    if operands in HALF:
+        return _tensor_core_add_t_(acc, a, h, operands)
     if not (use_onednn(acc, a, h) and a.stride(1) == 1):
         return acc.addmm_(a.t(), h)
     hT = h.t().contiguous()  # [H, c]: the product's weight, dense

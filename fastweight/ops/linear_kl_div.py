@@ -26,8 +26,8 @@ from fastweight.ops._common import (
     acc_dtype, autocast_cast, check_finite, check_float_tensor, check_ignore_index, check_labels, check_ref_shift,
     launch_kernel, no_autocast, resolve_backend, signature_of, triton_interpret,
 )
-from fastweight.ops._gemm import add_linear_t_, linear, onednn_weight
-from fastweight.ops.linear_logprobs import FWD_PROGRAMS, TileConfig, triton_cdiv
+from fastweight.ops._gemm import add_linear_t_, gemm_operand, linear, new_products
+from fastweight.ops.linear_logprobs import FWD_PROGRAMS, TileConfig, chunk_step, triton_cdiv
 
 # ---------------------------------------------------------------------------------------------------------
 # Tuning (Triton): two logits tiles (z and r) are live per step, so the float32 tiles have half of
@@ -286,17 +286,17 @@ class _Both:
     def __init__(self, hidden, lm_head, bias, ref_hidden, ref_lm_head, ref_bias, labels, opts):
         self.acc = acc_dtype(hidden.dtype)
         cast = (lambda t: None if t is None else t.to(self.acc))
-        self.h, self.W, self.b = hidden, cast(lm_head), cast(bias)
-        self.hr, self.Wr, self.br = ref_hidden, cast(ref_lm_head), cast(ref_bias)
+        self.h, self.W, self.b = hidden, gemm_operand(lm_head, self.acc), cast(bias)
+        self.hr, self.Wr, self.br = ref_hidden, gemm_operand(ref_lm_head, self.acc), cast(ref_bias)
         self.labels, self.opts = labels, opts
         self.rows = _rows(hidden, labels, opts)
         V = lm_head.shape[0]
-        self.step = max(1, opts.chunk_elements // V)
+        self.step = chunk_step(opts.chunk_elements, V, hidden.device, TORCH_CHUNK_ELEMENTS)
         n = hidden.shape[0] if self.rows is None else self.rows.numel()
         c = max(1, min(self.step, n))
         # oneDNN returns each chunk's logits as new tensors; torch.mm writes into two reused buffers.
         self.z = self.r = None
-        if not (onednn_weight(self.W) and onednn_weight(self.Wr)):
+        if not (new_products(self.W) and new_products(self.Wr)):
             self.z = torch.empty(c, V, dtype=self.acc, device=hidden.device)
             self.r = torch.empty(c, V, dtype=self.acc, device=hidden.device)
 
@@ -306,10 +306,11 @@ class _Both:
     def logits(self, idx):
         """(h_c, z view, r view, softcap derivative of z or None) for the rows idx."""
         sel = (lambda t: t[idx]) if isinstance(idx, slice) else (lambda t: t.index_select(0, idx))
-        h = sel(self.h).to(self.acc)
+        h = gemm_operand(sel(self.h), self.acc, self.W)
         n = h.shape[0]
         z, deriv = _logits(None if self.z is None else self.z[:n], h, self.W, self.b, self.opts.softcap)
-        r, _ = _logits(None if self.r is None else self.r[:n], sel(self.hr).to(self.acc), self.Wr, self.br,
+        r, _ = _logits(None if self.r is None else self.r[:n], gemm_operand(sel(self.hr), self.acc, self.Wr),
+                       self.Wr, self.br,
                        self.opts.ref_softcap)
         if self.labels is not None and self.opts.ref_shift != 0:
             r.scatter_add_(1, sel(self.labels).long()[:, None],
@@ -358,7 +359,7 @@ def linear_kl_backward_torch(hidden, lm_head, bias, ref_hidden, ref_lm_head, ref
         if dh is not None:
             dh[idx] = linear(z, both.W.t())
         if dW is not None:
-            add_linear_t_(dW, z, h)
+            add_linear_t_(dW, z, h, operands=both.W.dtype)
         if db is not None:
             db += z.sum(0)
         del z, r, deriv  # free this chunk's logits before the next chunk's are formed (oneDNN allocates them)
@@ -424,7 +425,7 @@ def linear_kl_div(hidden: torch.Tensor, lm_head: torch.Tensor, ref_hidden: torch
     hidden, lm_head, ref_hidden, ref_lm_head = (t if t.stride(-1) == 1 else t.contiguous()
                                                 for t in (hidden, lm_head, ref_hidden, ref_lm_head))
     tensors = [t for t in (hidden, lm_head, bias, ref_hidden, ref_lm_head, ref_bias, labels) if t is not None]
-    backend = resolve_backend(opts.backend, *tensors)
+    backend = resolve_backend(opts.backend, *tensors, fused_linear=True)
     if backend == "triton" and ref_hidden.shape[1] != hidden.shape[1]:
         raise ValueError(f"ref_hidden has H_r = {ref_hidden.shape[1]} but hidden has H = {hidden.shape[1]}: the "
                          "Triton backend needs equal hidden sizes (use backend='torch')")

@@ -32,7 +32,7 @@ from fastweight.ops._common import (
     acc_dtype, autocast_cast, check_finite, check_float_tensor, check_labels, check_weight_options,
     importance_weight_torch, launch_kernel, no_autocast, resolve_backend, signature_of, triton_interpret,
 )
-from fastweight.ops._gemm import add_linear_t_, linear, onednn_weight
+from fastweight.ops._gemm import add_linear_t_, gemm_operand, linear, new_products
 
 # ---------------------------------------------------------------------------------------------------------
 # Tuning (Triton): one tile config per (input dtype, kernel), chosen from `cuobjdump -res-usage` of the
@@ -72,6 +72,18 @@ FINALIZE_NUM_WARPS = 4
 # SatImp) in 3.15-3.45 s, within that machine's noise; c = 256 peaks at 170 MiB extra (fresh-process RSS,
 # d lm_head's 113 MiB included), inside the 200 MB budget (docs/performance.md).
 TORCH_CHUNK_ELEMENTS = 3 << 22
+# CUDA: 32 Mi float32 (128 MiB) per chunk buffer when chunk_elements is left at its default. Every chunk's
+# d lm_head update reads and writes the whole float32 [V, H] accumulator (1 GB per chunk at Llama-2-7B's head),
+# so on a GPU few large chunks matter more than cache residency (c = 1048 rows at V = 32000).
+CUDA_CHUNK_ELEMENTS = 1 << 25
+
+
+def chunk_step(chunk_elements: int, V: int, device: torch.device, default: int = TORCH_CHUNK_ELEMENTS) -> int:
+    """Rows per chunk of the torch path: chunk_elements // V (>= 1); an op's ``default`` grows to
+    CUDA_CHUNK_ELEMENTS on CUDA."""
+    if device.type == "cuda" and chunk_elements == default:
+        chunk_elements = CUDA_CHUNK_ELEMENTS
+    return max(1, chunk_elements // max(V, 1))
 # exp(z) without max-subtraction is exact to fp32 rounding while the row sum stays in [2**-60, 2**100]
 # (the largest logit then lies in [-42 - log V, 69]); chunks outside fall back to the max-shifted pass.
 _SUM_LO, _SUM_HI = 2.0 ** -60, 2.0 ** 100
@@ -307,17 +319,18 @@ class _Chunker:
 
     def __init__(self, hidden, lm_head, bias, labels, opts):
         self.acc = acc_dtype(hidden.dtype)
-        self.W = lm_head.to(self.acc)  # no copy for float32 / float64
+        # float32 (float64) operands, except 16-bit CUDA ones that stay as they are for the tensor cores
+        self.W = gemm_operand(lm_head, self.acc)  # no copy for float32 / float64 / tensor cores
         self.b = None if bias is None else bias.to(self.acc)
         self.hidden, self.labels, self.cap = hidden, labels.long(), opts.softcap  # gather needs int64
         valid = labels != opts.ignore_index
         self.rows = valid.nonzero().squeeze(1)
         self.all_valid = self.rows.numel() == labels.numel()
         V = lm_head.shape[0]
-        self.step = max(1, opts.chunk_elements // V)
+        self.step = chunk_step(opts.chunk_elements, V, hidden.device)
         self.c = c = min(self.step, self.rows.numel())
         # oneDNN returns each chunk's logits as a new tensor; torch.mm writes into one reused buffer.
-        self.buf = None if onednn_weight(self.W) else torch.empty(c, V, dtype=self.acc, device=hidden.device)
+        self.buf = None if new_products(self.W) else torch.empty(c, V, dtype=self.acc, device=hidden.device)
         self.aux = None  # 1 - tanh^2 for the softcap derivative, allocated when a gradient needs it
 
     def __iter__(self):
@@ -330,7 +343,7 @@ class _Chunker:
             else:
                 idx = self.rows[s:e]
                 h, y = self.hidden.index_select(0, idx), self.labels.index_select(0, idx)
-            yield idx, h.to(self.acc), y
+            yield idx, gemm_operand(h, self.acc, self.W), y
 
     def logits_(self, h, y, *, want_deriv: bool):
         """Write logits of the chunk into the buffer; returns (z view, z[., y] [c], (1 - t^2) view or None)."""
@@ -381,7 +394,7 @@ class _Chunker:
         if dh is not None:
             dh[idx] = linear(E, self.W.t()).mul_(-coef[:, None])
         if dW is not None:
-            add_linear_t_(dW, E, h * (-coef)[:, None])
+            add_linear_t_(dW, E, h * (-coef)[:, None], operands=self.W.dtype)
         if db is not None:
             db.addmv_(E.t(), -coef)
 
@@ -559,7 +572,8 @@ def linear_token_logprobs_2d(hidden: torch.Tensor, lm_head: torch.Tensor, bias: 
     """
     hidden, lm_head, bias = autocast_cast(hidden, lm_head, bias)
     validate(hidden, lm_head, bias, labels, opts)
-    backend = resolve_backend(opts.backend, *(t for t in (hidden, lm_head, bias) if t is not None))
+    backend = resolve_backend(opts.backend, *(t for t in (hidden, lm_head, bias) if t is not None),
+                              fused_linear=True)
     with no_autocast(hidden.device):
         return LinearTokenLogprobsFunction.apply(hidden, lm_head, bias, labels, opts, backend)
 
@@ -577,7 +591,8 @@ def linear_weighted_logprobs_2d(hidden: torch.Tensor, lm_head: torch.Tensor, bia
     """
     hidden, lm_head, bias = autocast_cast(hidden, lm_head, bias)
     validate(hidden, lm_head, bias, labels, opts)
-    backend = resolve_backend(opts.backend, *(t for t in (hidden, lm_head, bias) if t is not None))
+    backend = resolve_backend(opts.backend, *(t for t in (hidden, lm_head, bias) if t is not None),
+                              fused_linear=True)
     if divisor is not None:
         if opts.reduction == "none":
             raise ValueError("divisor is only meaningful with reduction 'mean' or 'sum'")
