@@ -148,7 +148,6 @@ def tensor_cores_on_cpu(monkeypatch):
     monkeypatch.setattr(_gemm, "tensor_cores", lambda w: w.dtype in _gemm.HALF)
     monkeypatch.setattr(_gemm, "_mm_f32", spy)
     monkeypatch.setitem(_gemm._MM_OUT_DTYPE, "mm", True)
-    monkeypatch.setitem(_gemm._MM_OUT_DTYPE, "addmm", True)
     return seen
 
 

@@ -38,7 +38,7 @@ DW_BLOCK = 1024
 
 
 HALF = (torch.bfloat16, torch.float16)
-_MM_OUT_DTYPE = {"mm": True, "addmm": True}  # cleared on the first failure (a torch without the out_dtype ops)
+_MM_OUT_DTYPE = {"mm": True}  # cleared on the first failure (a torch without torch.mm(..., out_dtype=))
 
 
 def tensor_cores(w: torch.Tensor) -> bool:
@@ -92,16 +92,11 @@ def _tensor_core_linear(x, w, b):
 
 
 def _tensor_core_add_t_(acc, a, h, dtype):
+    """acc += a.T @ h with 16-bit operands, float32 products added block by block (no aliasing of acc as an
+    ``out=`` of its own product; a [4 * DW_BLOCK, H] float32 temporary at a time)."""
     a16, sa = _half(a, dtype)
     h16, sh = _half(h, dtype)
-    if _MM_OUT_DTYPE["addmm"]:
-        try:
-            return torch.addmm(acc, a16.t(), h16, out_dtype=torch.float32, alpha=sa * sh, out=acc)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except (TypeError, RuntimeError, NotImplementedError):
-            _MM_OUT_DTYPE["addmm"] = False
-    for v0 in range(0, acc.shape[0], 4 * DW_BLOCK):  # bounded float32 temporaries
+    for v0 in range(0, acc.shape[0], 4 * DW_BLOCK):
         v1 = min(acc.shape[0], v0 + 4 * DW_BLOCK)
         acc[v0:v1].add_(_mm_f32(a16[:, v0:v1].t(), h16), alpha=sa * sh)
     return acc
