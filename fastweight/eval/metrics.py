@@ -37,8 +37,9 @@ from typing import Literal, Mapping, Sequence, TypedDict
 
 import torch
 
-import fastweight
 from fastweight._constants import IGNORE_INDEX
+from fastweight.ops.token_stats import linear_token_stats
+from fastweight.train.methods import lm_forward
 
 
 class MetricResult(TypedDict):
@@ -281,8 +282,12 @@ def forget_quality(tr_unlearned: Sequence[float], tr_retain: Sequence[float]) ->
 def answer_token_stats(model, batch: Mapping[str, torch.Tensor]) -> list[dict]:
     """Teacher-forced statistics of the labelled tokens of each sequence.
 
+    Computed from the last hidden states and the output layer (``train.methods.lm_forward``) with the fused
+    statistics op (``ops.token_stats.linear_token_stats``): the logits exist ``c`` rows at a time, never as a
+    ``[B, T, V]`` tensor; log p and the greedy flag equal the logits path's (ties: the first maximal index).
+
     Args:
-        model: a causal LM returning ``.logits`` [B, T, V].
+        model: a Hugging Face causal LM (``get_output_embeddings()`` and a decoder or ``output_hidden_states``).
         batch: ``input_ids`` [B, T], ``attention_mask`` [B, T], ``labels`` [B, T] (unshifted, IGNORE_INDEX
             outside the answer), right- or left-padded.
     Returns:
@@ -290,10 +295,10 @@ def answer_token_stats(model, batch: Mapping[str, torch.Tensor]) -> list[dict]:
         argmax == label), ``labels`` (list of int, the scored label ids), ``avg_logp`` (float, mean of
         ``token_logp``; nan for an empty answer).
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:].to(logits.device)
-    logp = fastweight.token_logprobs(logits, labels, backend="auto")
-    correct = logits.argmax(dim=-1) == labels
+    hid = lm_forward(model, batch)  # last hidden states + the output layer: the [B, T, V] logits never exist
+    labels = batch["labels"][:, 1:].to(hid.hidden.device)
+    stats = linear_token_stats(hid.hidden[:, :-1], labels, **hid.head())
+    logp, correct = stats.logp, stats.argmax
     valid = labels != IGNORE_INDEX
     out = []
     for b in range(labels.shape[0]):

@@ -163,7 +163,7 @@ def flatten_rows(x: torch.Tensor, labels: torch.Tensor, name: str, ignore_index:
 def signature_of(args: dict[str, Any], constexprs: dict[str, Any]) -> dict[str, str]:
     """Triton signature for ``triton.compile(ASTSource(...))`` from concrete launch arguments."""
     names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-             torch.int64: "i64", torch.int32: "i32"}
+             torch.int64: "i64", torch.int32: "i32", torch.int8: "i8"}
     sig: dict[str, str] = {}
     for k, v in args.items():
         if isinstance(v, torch.Tensor):
