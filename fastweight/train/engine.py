@@ -13,6 +13,7 @@ import torch
 
 from fastweight.train.config import TrainConfig
 from fastweight.train.objective import RefLogpTable
+from fastweight.train.zero3 import fill_auto
 
 
 class NonFiniteError(FloatingPointError):
@@ -47,8 +48,10 @@ def engine_name(acc) -> str:
     return str(acc.distributed_type.value)
 
 
-def check_engine(acc, cfg: TrainConfig, method) -> None:
-    """ValueError, before any model work, for engine settings this trainer cannot honour."""
+def check_engine(acc, cfg: TrainConfig, method, model=None) -> None:
+    """ValueError, before any model work, for engine settings this trainer cannot honour. Under DeepSpeed the
+    config's "auto" values are filled: batch sizes and clipping from ``cfg``, bucket sizes from ``model``'s
+    hidden size (as transformers' Trainer does; ``zero3.fill_auto``)."""
     from accelerate.utils import DistributedType
 
     name = engine_name(acc)
@@ -80,6 +83,8 @@ def check_engine(acc, cfg: TrainConfig, method) -> None:
         elif not math.isclose(float(clip), want_clip):
             raise ValueError(f"DeepSpeed config gradient_clipping={clip} disagrees with max_grad_norm="
                              f"{cfg.max_grad_norm}; set it to \"auto\"")
+        if model is not None:
+            fill_auto(ds, model)
         if ds.get("optimizer") or ds.get("scheduler"):
             raise ValueError("the DeepSpeed config must not define 'optimizer' or 'scheduler': fastweight.train "
                              "passes its own AdamW and learning-rate schedule")
