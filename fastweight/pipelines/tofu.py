@@ -144,6 +144,7 @@ def _evaluate(model, tokenizer, sets, ecfg, folder: Path, retain_tr, label: str)
         for split in tqdm(splits, desc=f"TOFU eval {label}", unit="split", disable=None, leave=False):
             summary = evaluate_tofu(model, tokenizer, sets, ecfg, output_dir=folder, retain_tr=retain_tr,
                                     splits=[split])
+    C.barrier()  # the main process's files are complete before any process reads them (load_eval)
     return summary
 
 

@@ -54,17 +54,19 @@ def hidden_size(model) -> int:
     return size
 
 
-def fill_auto(config: dict[str, Any], model) -> None:
+def fill_auto(config: dict[str, Any], model, user: dict[str, Any] | None = None) -> None:
     """Replace the model-dependent ``"auto"`` entries of a DeepSpeed ``config`` in place (see the module
-    docstring); entries given as numbers are kept."""
-    zero = config.get("zero_optimization")
-    if not isinstance(zero, dict) or not any(zero.get(k) == "auto" for k in _HIDDEN_KEYS):
+    docstring); entries given as numbers are kept. ``user``: the config as written, when ``config`` may hold
+    values filled for an earlier model (then its ``"auto"`` entries are filled again)."""
+    zero, given = config.get("zero_optimization"), (user or config).get("zero_optimization")
+    if not isinstance(zero, dict) or not isinstance(given, dict) or \
+            not any(given.get(k) == "auto" for k in _HIDDEN_KEYS):
         return
     h = hidden_size(model)
     values = {"reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
               "stage3_param_persistence_threshold": 10 * h}
     for key, value in values.items():
-        if zero.get(key) == "auto":
+        if given.get(key) == "auto":
             zero[key] = value
 
 
