@@ -175,7 +175,7 @@ def evaluate_muse(model, tokenizer, data: MuseData, config: MuseEvalConfig | Non
     if accelerator is not None:
         model = accelerator.unwrap_model(model)
     shard = Sharded(accelerator)
-    store = EvalStore(output_dir, cfg.bench, main=shard.rank == 0)
+    store = EvalStore(output_dir, cfg.bench, main=shard.main)
     results, record = store.results, store.record
 
     def gathered(rows: list, fn: Callable[[list], M.MetricResult]) -> M.MetricResult:

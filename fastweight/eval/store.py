@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 def atomic_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # per process: never two writers of one file
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
 
@@ -26,6 +26,9 @@ class Sharded:
         self.acc = accelerator
         self.rank = accelerator.process_index if accelerator is not None else 0
         self.world = accelerator.num_processes if accelerator is not None else 1
+        # the process that writes result files: with an accelerator its main process; without one (each
+        # process of a launched run evaluates every row) global rank 0
+        self.main = accelerator.is_main_process if accelerator is not None else _global_rank() == 0
 
     def map(self, rows: Sequence, fn: Callable[[list], list]) -> list:
         idx = list(range(self.rank, len(rows), self.world))
@@ -35,6 +38,12 @@ class Sharded:
 
             local = gather_object(local)
         return [v for _, v in sorted(local, key=lambda t: t[0])]
+
+
+def _global_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 class EvalStore:

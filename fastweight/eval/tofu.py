@@ -130,7 +130,7 @@ def evaluate_tofu(model, tokenizer, eval_sets: Mapping[str, Sequence[dict]], con
     if accelerator is not None:
         model = accelerator.unwrap_model(model)
     shard = Sharded(accelerator)
-    store = EvalStore(output_dir, cfg.bench, main=shard.rank == 0)
+    store = EvalStore(output_dir, cfg.bench, main=shard.main)
     results, record = store.results, store.record
 
     was_training = model.training

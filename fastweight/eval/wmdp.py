@@ -228,7 +228,7 @@ def evaluate_mcq_sets(model, tokenizer, sets: Mapping[str, tuple[Sequence[Mappin
     if accelerator is not None:
         model = accelerator.unwrap_model(model)
     shard = Sharded(accelerator)
-    store = EvalStore(output_dir, cfg.bench, main=shard.rank == 0)
+    store = EvalStore(output_dir, cfg.bench, main=shard.main)
     results = store.results
 
     def loglik(rs: list[dict], subject: str | None) -> list[list[float]]:

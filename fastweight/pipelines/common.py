@@ -27,8 +27,11 @@ from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
 
 from fastweight.pipelines.config import MixedPrecision, ReportTo, TorchDtype, opt
+from fastweight.pipelines.ranks import barrier, is_main, main_first
+from fastweight.train.zero3 import gathered_forwards
 from fastweight.pipelines.tracking import Reporter, check_report_to, eval_hook, step_hook
 from fastweight.train import models as _models
+from fastweight.train import zero3 as _zero3
 from fastweight.train.config import TrainConfig
 from fastweight.train.jsonlog import move_aside, repair_log
 from fastweight.train.methods import METHODS, build_method
@@ -244,6 +247,10 @@ def _check_local_model(path: Path, option: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ output folder
 def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a per-process temporary file and a rename; on the main process only
+    (the other processes of a launched run skip it: ``ranks``)."""
+    if not is_main():
+        return
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -278,6 +285,15 @@ class OutputDir:
             raise ValueError(f"--output-dir {str(p)!r} is not writable ({str(probe)!r})")
 
     def open(self) -> Path:
+        """Check and claim the folder: on the main process only, after every process has checked it (``check``
+        in ``run``) and before any reads it."""
+        barrier()
+        if is_main():
+            self._open()
+        barrier()
+        return self.path
+
+    def _open(self) -> Path:
         self.check()
         p = self.path
         if p.is_dir() and any(p.iterdir()):
@@ -298,6 +314,10 @@ class OutputDir:
         folder = self.path / sub
         fp = {"fingerprint": fingerprint(key), "key": key}
         mark = folder / "FINGERPRINT.json"
+        barrier()
+        if not is_main():
+            barrier()  # the main process moves aside and creates it
+            return folder
         if folder.exists():
             old = json.loads(mark.read_text()) if mark.is_file() else None
             if old is None or old.get("fingerprint") != fp["fingerprint"]:
@@ -305,6 +325,7 @@ class OutputDir:
                 self._say(f"{sub}: produced by other settings; moved to {moved.name} and recomputing")
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(mark, json.dumps(fp, indent=1, default=str))
+        barrier()
         return folder
 
     def prepare_training(self, key: Mapping[str, Any]) -> bool:
@@ -313,14 +334,17 @@ class OutputDir:
 
         p, mark = self.path, self.path / "UNLEARN_FINGERPRINT.json"
         fp = fingerprint(key)
-        old = json.loads(mark.read_text()).get("fingerprint") if mark.is_file() else None
-        stale = [q for q in (p / "checkpoints", p / "log.jsonl", p / "g_effect.json") if q.exists()]
-        if stale and old != fp:
-            for q in stale:
-                moved = move_aside(q, "stale")
-                self._say(f"{q.name}: produced by other unlearning settings; moved to {moved.name}")
-        atomic_write(mark, json.dumps({"fingerprint": fp, "key": key}, indent=1, default=str))
-        repair_log(p / "log.jsonl")
+        barrier()
+        if is_main():
+            old = json.loads(mark.read_text()).get("fingerprint") if mark.is_file() else None
+            stale = [q for q in (p / "checkpoints", p / "log.jsonl", p / "g_effect.json") if q.exists()]
+            if stale and old != fp:
+                for q in stale:
+                    moved = move_aside(q, "stale")
+                    self._say(f"{q.name}: produced by other unlearning settings; moved to {moved.name}")
+            atomic_write(mark, json.dumps({"fingerprint": fp, "key": key}, indent=1, default=str))
+            repair_log(p / "log.jsonl")
+        barrier()
         has = latest_checkpoint(p) is not None
         if self.resume and not has:
             self._say(f"--resume: no unlearning checkpoint in {p}; unlearning starts from the target model")
@@ -329,6 +353,7 @@ class OutputDir:
     def finish(self, results: Mapping[str, Any]) -> Path:
         atomic_write(self.path / self.RESULTS, json.dumps(results, indent=1, default=str))
         atomic_write(self.path / self.STATUS, json.dumps({"state": "complete", "finished": time.time()}))
+        barrier()
         return self.path / self.RESULTS
 
 
@@ -337,9 +362,15 @@ def finetune_cached(base, tokenizer, dataset, cfg: BaseConfig, folder: Path, key
                     *, epochs: int | None = None):
     """A copy of ``base`` fine-tuned on ``dataset`` (NLL), cached in ``folder`` with ``FINGERPRINT.json``
     recording ``key`` (model and data content fingerprints and every hyper-parameter); reused only when it
-    matches. ``cfg.ft_max_steps`` caps the run."""
+    matches. ``cfg.ft_max_steps`` caps the run.
+
+    Under a launcher every process fine-tunes (the engine shards and reduces), the main process writes the cache
+    and every process then loads it back: under ZeRO-3 ``base`` is partitioned (it cannot be deep-copied), so
+    the copy to train is ``cfg.model`` loaded again (partitioned), and the trained weights are the ones the
+    engine gathered into ``model.safetensors``."""
     mark = folder / "FINGERPRINT.json"
     fp = fingerprint(key)
+    barrier()  # nobody reads the cache while a process of this run writes it
     if (folder / "config.json").is_file() and mark.is_file() and json.loads(mark.read_text()).get("fingerprint") == fp:
         print(f"[{label}] cached: {folder}")
         return load_model(str(folder), cfg.torch_dtype)[0]
@@ -349,18 +380,44 @@ def finetune_cached(base, tokenizer, dataset, cfg: BaseConfig, folder: Path, key
                      trainable_layers=cfg.trainable_layers, mixed_precision=cfg.mixed_precision,
                      gradient_checkpointing=cfg.gradient_checkpointing)
     run_dir = Path(tc.output_dir)
-    if run_dir.exists():  # a previous fine-tuning of this cache entry was interrupted: keep it, start over
+    if run_dir.exists() and is_main():  # a previous fine-tuning of this cache entry was interrupted: keep it
         move_aside(run_dir, "interrupted")
-    res = train(copy.deepcopy(base), dataset, None, tc)
-    if folder.exists():
-        move_aside(folder, "stale")
-    _models.save_model(res.model, tokenizer, folder)
-    atomic_write(mark, json.dumps({"fingerprint": fp, "key": key}, indent=1, default=str))
+    barrier()
+    partitioned = _zero3.is_partitioned(base)
+    res = train(load_model(cfg.model, cfg.torch_dtype)[0] if partitioned else copy.deepcopy(base), dataset, None, tc)
+    if is_main():
+        if folder.exists():
+            move_aside(folder, "stale")
+        if _zero3.is_partitioned(res.model):  # empty shards here: the engine's gathered weights are on disk
+            _save_gathered_copy(res.model, tokenizer, run_dir / "model.safetensors", folder)
+        else:
+            _models.save_model(res.model, tokenizer, folder)
+        atomic_write(mark, json.dumps({"fingerprint": fp, "key": key}, indent=1, default=str))
+        import shutil
+
+        shutil.rmtree(run_dir, ignore_errors=True)  # this call's own scratch folder
+        print(f"[{label}] fine-tuned {res.global_step} steps in {time.time() - t0:.0f} s -> {folder}")
+    barrier()
+    if _zero3.is_partitioned(res.model):
+        return load_model(str(folder), cfg.torch_dtype)[0]
+    return res.model
+
+
+def _save_gathered_copy(model, tokenizer, weights: Path, folder: Path) -> None:
+    """A ``save_pretrained``-style folder from a partitioned model's config and the full weights the engine
+    gathered (``weights``), written through a temporary sibling and a rename."""
     import shutil
 
-    shutil.rmtree(run_dir, ignore_errors=True)  # this call's own scratch folder
-    print(f"[{label}] fine-tuned {res.global_step} steps in {time.time() - t0:.0f} s -> {folder}")
-    return res.model
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.config.save_pretrained(tmp)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.copyfile(weights, tmp / "model.safetensors")
+    os.replace(tmp, folder)
 
 
 def ft_key(cfg: BaseConfig, model_fp: str, data_fp: str, **extra: Any) -> dict[str, Any]:
@@ -476,4 +533,4 @@ def warn(msg: str) -> None:
 __all__ = ["BaseConfig", "EMBEDDED", "OutputDir", "Reporter", "Results", "check_model_spec", "check_report_to", "data_fingerprint",
            "finetune_cached", "fingerprint", "ft_key", "git_commit", "load_model", "markdown_table",
            "model_fingerprint", "PipelineWarning", "provenance", "repair_log", "resolve_method_args", "step_hook",
-           "eval_hook", "train_key", "unlearn_train_config", "warn"]
+           "eval_hook", "train_key", "unlearn_train_config", "warn", "barrier", "gathered_forwards", "is_main", "main_first"]

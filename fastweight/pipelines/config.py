@@ -20,6 +20,8 @@ from dataclasses import MISSING, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+from fastweight.pipelines.ranks import is_main, shutdown
+
 MixedPrecision = Literal["no", "bf16", "fp16"]
 ReportTo = Literal["none", "tensorboard", "wandb"]
 TorchDtype = Literal["fp32", "bf16", "fp16"]
@@ -263,7 +265,9 @@ def cli_main(parse, run, show=print_results, argv=None) -> int:
     saved = warnings.formatwarning
     warnings.formatwarning = lambda message, category, *a, **k: f"WARNING: {message}\n"  # one line each
     try:
-        show(run(cfg))
+        results = run(cfg)
+        if is_main():  # under a launcher: one report, from the main process
+            show(results)
     except (ValueError, TypeError, OSError, ImportError) as e:
         if debug:
             raise
@@ -272,6 +276,7 @@ def cli_main(parse, run, show=print_results, argv=None) -> int:
         return 2
     finally:
         warnings.formatwarning = saved
+        shutdown()
     return 0
 
 

@@ -153,7 +153,8 @@ def run(cfg: MuseConfig) -> C.Results:
     if cfg.retrain_model is not None:
         C.check_model_spec(cfg.retrain_model, "retrain_model")
     method_args = C.resolve_method_args(cfg.method, cfg.method_args, TUNED_METHOD_ARGS)
-    data_src = _data_source(cfg)
+    with C.main_first():  # the main process generates the data; the others read it
+        data_src = _data_source(cfg)
     data = load_muse(data_src, retain_split=cfg.retain_split)
     for name in ("forget_text", "retain_text"):
         if not getattr(data, name):
@@ -192,8 +193,9 @@ def run(cfg: MuseConfig) -> C.Results:
                                           Path(cfg.cache_dir) / f"muse-retrain-{C.fingerprint(key)}", key, "retrain")
             retrain_fp = C.fingerprint(key)
         folder = outdir.keyed("eval/retrained", {**eval_key, "model": retrain_fp})
-        columns["retrained"] = evaluate_muse(retrained, tokenizer, data, ecfg, output_dir=folder) | \
-            membership_attacks(retrained, tokenizer, data, cfg, ecfg, folder)
+        with C.gathered_forwards(retrained, whole="gradnorm" in cfg.attacks):
+            columns["retrained"] = evaluate_muse(retrained, tokenizer, data, ecfg, output_dir=folder) | \
+                membership_attacks(retrained, tokenizer, data, cfg, ecfg, folder)
         retrain_auc = columns["retrained"]["privleak_auc"]
         reference = retrained if "reference" in cfg.attacks else None
         del retrained
@@ -208,9 +210,10 @@ def run(cfg: MuseConfig) -> C.Results:
     del base
     folder = outdir.keyed("eval/target", {**eval_key, "model": target_fp, "retrain_auc": retrain_auc})
     mia = dict(cfg=cfg, ecfg=ecfg, reference=reference, reference_fp=retrain_fp)
-    columns = {"target (before)": evaluate_muse(target, tokenizer, data, ecfg, output_dir=folder,
-                                                retrain_auc=retrain_auc) |
-               membership_attacks(target, tokenizer, data, folder=folder, **mia), **columns}
+    with C.gathered_forwards(target, whole="gradnorm" in cfg.attacks):
+        columns = {"target (before)": evaluate_muse(target, tokenizer, data, ecfg, output_dir=folder,
+                                                    retrain_auc=retrain_auc) |
+                   membership_attacks(target, tokenizer, data, folder=folder, **mia), **columns}
     reporter.log(columns["target (before)"], 0, "eval/target")
     history, during, plots = [], [], []
     if not cfg.eval_only:
@@ -234,12 +237,14 @@ def run(cfg: MuseConfig) -> C.Results:
             membership_attacks(res.model, tokenizer, data, folder=folder, **mia)
         reporter.log(after, res.global_step, "eval/unlearned")
         columns = {"target (before)": columns.pop("target (before)"), f"{cfg.method} (after)": after, **columns}
-        if history:
+        if history and C.is_main():
             plots.append(str(plot_training(history, out / "training.png", title=f"{cfg.method} on MUSE forget")))
-    plots.append(str(plot_muse(columns, out / "muse.png", reference="retrained" if "retrained" in columns else None)))
+    if C.is_main():  # figures and the table: written by the main process only
+        plots.append(str(plot_muse(columns, out / "muse.png",
+                                   reference="retrained" if "retrained" in columns else None)))
     reporter.finish()
     table = C.markdown_table(columns, TABLE_KEYS + tuple(f"mia_{a}" for a in cfg.attacks), fmt=".3f")
-    (out / "table.md").write_text(table + "\n")
+    C.atomic_write(out / "table.md", table + "\n")
     results = C.Results(metrics=columns, table=table, output_dir=out, config=vars(cfg).copy(), history=history,
                         during=during, note=note, plots=plots,
                         provenance=C.provenance(cfg, commit, data=data_fp, model=model_fp, target=target_fp),

@@ -140,8 +140,11 @@ def _evaluate(model, tokenizer, sets, ecfg, folder: Path, retain_tr, label: str)
     """``evaluate_tofu`` split by split under a progress bar (no bar when stderr is not a terminal)."""
     splits = [s for s in EVAL_SPLITS if sets.get(s)]
     summary: dict[str, float] = {}
-    for split in tqdm(splits, desc=f"TOFU eval {label}", unit="split", disable=None, leave=False):
-        summary = evaluate_tofu(model, tokenizer, sets, ecfg, output_dir=folder, retain_tr=retain_tr, splits=[split])
+    with C.gathered_forwards(model):  # a ZeRO-3-partitioned model outside the engine; else a no-op
+        for split in tqdm(splits, desc=f"TOFU eval {label}", unit="split", disable=None, leave=False):
+            summary = evaluate_tofu(model, tokenizer, sets, ecfg, output_dir=folder, retain_tr=retain_tr,
+                                    splits=[split])
+    C.barrier()  # the main process's files are complete before any process reads them (load_eval)
     return summary
 
 
@@ -157,7 +160,8 @@ def run(cfg: TofuConfig) -> C.Results:
     if cfg.retain_model is not None:
         C.check_model_spec(cfg.retain_model, "retain_model")
     method_args = C.resolve_method_args(cfg.method, cfg.method_args, TUNED_METHOD_ARGS)
-    data = _data_source(cfg)
+    with C.main_first():  # the main process generates the data; the others read it
+        data = _data_source(cfg)
     names = split_configs(cfg.split)
     rows = {k: load_tofu(data, names[k]) for k in ("forget", "retain")}
     sets = {s: load_tofu(data, names[f"{s}_eval"]) for s in EVAL_SPLITS}
@@ -245,16 +249,17 @@ def run(cfg: TofuConfig) -> C.Results:
         after = _evaluate(res.model, tokenizer, sets, ecfg, folder, retain_tr, cfg.method)
         reporter.log(after, res.global_step, "eval/unlearned")
         columns = {"target (before)": columns.pop("target (before)"), f"{cfg.method} (after)": after, **columns}
-        if history:
+        if history and C.is_main():
             plots.append(str(plot_training(history, out / "training.png", title=f"{cfg.method} on TOFU {cfg.split}")))
-    plots.append(str(plot_es({k: {"forget": v["forget_es"], "retain": v["retain_es"]} for k, v in columns.items()},
-                             out / "es.png")))
-    if any("forget_quality" in v for v in columns.values()):  # the retain model's own FQ is 1 by definition
-        plots.append(str(plot_fq_mu({k: (v["model_utility"], v.get("forget_quality", 1.0))
-                                     for k, v in columns.items() if "model_utility" in v}, out / "fq_mu.png")))
+    if C.is_main():  # figures and the table: written by the main process only
+        plots.append(str(plot_es({k: {"forget": v["forget_es"], "retain": v["retain_es"]}
+                                  for k, v in columns.items()}, out / "es.png")))
+        if any("forget_quality" in v for v in columns.values()):  # the retain model's own FQ is 1 by definition
+            plots.append(str(plot_fq_mu({k: (v["model_utility"], v.get("forget_quality", 1.0))
+                                         for k, v in columns.items() if "model_utility" in v}, out / "fq_mu.png")))
     reporter.finish()
     table = C.markdown_table(columns, TABLE_KEYS)
-    (out / "table.md").write_text(table + "\n")
+    C.atomic_write(out / "table.md", table + "\n")
     results = C.Results(metrics=columns, table=table, output_dir=out, config=vars(cfg).copy(), history=history,
                         during=during, g_effect=g_effect, note=note, plots=plots,
                         provenance=C.provenance(cfg, commit, data=data_fp, model=model_fp, target=target_fp),

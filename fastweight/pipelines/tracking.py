@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from fastweight.pipelines.ranks import is_main
+
 
 def check_report_to(kind: str) -> None:
     """Fail before any model is loaded when the tracker's package is missing."""
@@ -31,7 +33,7 @@ class Reporter:
 
     def __init__(self, kind: str, output_dir: Path, run_name: str, config: Mapping[str, Any]) -> None:
         self.kind, self.tracker = kind, None
-        if kind == "none":
+        if kind == "none" or not is_main():  # one tracker per run: the main process's
             return
         if kind == "tensorboard":
             try:

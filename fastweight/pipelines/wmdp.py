@@ -122,7 +122,8 @@ def run(cfg: WmdpConfig) -> C.Results:
     outdir.check()
     C.check_model_spec(cfg.model)
     C.check_report_to(cfg.report_to)
-    wmdp, mmlu, forget_text, retain_text, subject, generated = load_sets(cfg)
+    with C.main_first():  # the main process generates the data; the others read it
+        wmdp, mmlu, forget_text, retain_text, subject, generated = load_sets(cfg)
     for name, rows in (("wmdp", wmdp), ("mmlu", mmlu), ("forget corpus", forget_text), ("retain corpus", retain_text)):
         if not rows:
             raise ValueError(f"the {name} set is empty")
@@ -150,8 +151,9 @@ def run(cfg: WmdpConfig) -> C.Results:
     eval_key = {"data": data_fp, "eval": vars(ecfg)}
     columns: dict[str, dict[str, float]] = {}
     if cfg.eval_base:
-        columns["base"] = evaluate_mcq_sets(model, tokenizer, sets, ecfg,
-                                            output_dir=outdir.keyed("eval/base", {**eval_key, "model": model_fp}))
+        folder = outdir.keyed("eval/base", {**eval_key, "model": model_fp})
+        with C.gathered_forwards(model):
+            columns["base"] = evaluate_mcq_sets(model, tokenizer, sets, ecfg, output_dir=folder)
     if ft_epochs > 0:
         texts = forget_text[:cfg.ft_max_rows] + retain_text[:cfg.ft_max_rows]
         key = C.ft_key(cfg, model_fp, C.data_fingerprint(texts), window=cfg.window, epochs=ft_epochs)
@@ -161,7 +163,8 @@ def run(cfg: WmdpConfig) -> C.Results:
         target_fp = C.fingerprint(key)
     folder = outdir.keyed("eval/target", {**eval_key, "model": target_fp})
     t0 = time.time()
-    columns["target (before)"] = evaluate_mcq_sets(model, tokenizer, sets, ecfg, output_dir=folder)
+    with C.gathered_forwards(model):  # a ZeRO-3-partitioned model outside the engine; else a no-op
+        columns["target (before)"] = evaluate_mcq_sets(model, tokenizer, sets, ecfg, output_dir=folder)
     print(f"[target] evaluated in {time.time() - t0:.0f} s")
     reporter.log(columns["target (before)"], 0, "eval/target")
     history, during, plots = [], [], []
@@ -183,15 +186,16 @@ def run(cfg: WmdpConfig) -> C.Results:
         folder = outdir.keyed("eval/unlearned", {**eval_key, "unlearn": unlearn_key})
         columns[f"{cfg.method} (after)"] = evaluate_mcq_sets(res.model, tokenizer, sets, ecfg, output_dir=folder)
         reporter.log(columns[f"{cfg.method} (after)"], res.global_step, "eval/unlearned")
-        if history:
+        if history and C.is_main():
             plots.append(str(plot_training(history, out / "training.png",
                                            title=f"{cfg.method} on the WMDP forget corpus")))
     keys = [k for k in TABLE_KEYS if any(k in c for c in columns.values())]
     chance = {k: 1.0 / _n_choices(wmdp if k.startswith("wmdp") else mmlu) for k in keys}
-    plots.append(str(plot_mcq(columns, keys, out / "wmdp.png", chance=chance)))
+    if C.is_main():  # figures and the table: written by the main process only
+        plots.append(str(plot_mcq(columns, keys, out / "wmdp.png", chance=chance)))
     reporter.finish()
     table = C.markdown_table(columns, TABLE_KEYS, header="accuracy", fmt=".3f")
-    (out / "table.md").write_text(table + "\n")
+    C.atomic_write(out / "table.md", table + "\n")
     results = C.Results(metrics=columns, table=table, output_dir=out, config=vars(cfg).copy(), history=history,
                         during=during, note=note, plots=plots,
                         provenance=C.provenance(cfg, commit, data=data_fp, model=model_fp, target=target_fp),

@@ -7,12 +7,14 @@ features that read full weights or gradients outside a forward are refused up fr
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 
 from fastweight.train.config import TrainConfig
 from fastweight.train.objective import RefLogpTable
+from fastweight.train.zero3 import fill_auto
 
 
 class NonFiniteError(FloatingPointError):
@@ -47,8 +49,10 @@ def engine_name(acc) -> str:
     return str(acc.distributed_type.value)
 
 
-def check_engine(acc, cfg: TrainConfig, method) -> None:
-    """ValueError, before any model work, for engine settings this trainer cannot honour."""
+def check_engine(acc, cfg: TrainConfig, method, model=None) -> None:
+    """ValueError, before any model work, for engine settings this trainer cannot honour. Under DeepSpeed the
+    config's "auto" values are filled: batch sizes and clipping from ``cfg``, bucket sizes from ``model``'s
+    hidden size (as transformers' Trainer does; ``zero3.fill_auto``)."""
     from accelerate.utils import DistributedType
 
     name = engine_name(acc)
@@ -64,22 +68,30 @@ def check_engine(acc, cfg: TrainConfig, method) -> None:
                              f"--fsdp_version 2, or set save_every=0 and resume=False (the final weights are written "
                              f"gathered to output_dir/model.safetensors)")
     if acc.distributed_type == DistributedType.DEEPSPEED:
-        ds = acc.state.deepspeed_plugin.deepspeed_config
+        plugin = acc.state.deepspeed_plugin
+        ds = plugin.deepspeed_config
+        # the config as the user wrote it: the plugin outlives one train() (a pipeline fine-tunes, then
+        # unlearns with another batch size), and the "auto" values filled for one run must not bind the next
+        if not hasattr(plugin, "_fastweight_user_config"):
+            plugin._fastweight_user_config = copy.deepcopy(ds)
+        user = plugin._fastweight_user_config
         for key, want in (("gradient_accumulation_steps", cfg.grad_accum),
                           ("train_micro_batch_size_per_gpu", cfg.batch_size)):
-            got = ds.get(key, "auto")
+            got = user.get(key, "auto")
             if got != "auto" and int(got) != want:
                 raise ValueError(f"DeepSpeed config {key}={got} disagrees with the TrainConfig ({want}); set it "
                                  f"to \"auto\" or to {want}")
             ds[key] = want
         ds["train_batch_size"] = cfg.batch_size * cfg.grad_accum * acc.num_processes
-        clip = ds.get("gradient_clipping", "auto")
+        clip = user.get("gradient_clipping", "auto")
         want_clip = cfg.max_grad_norm or 0.0
         if clip == "auto":
             ds["gradient_clipping"] = want_clip
         elif not math.isclose(float(clip), want_clip):
             raise ValueError(f"DeepSpeed config gradient_clipping={clip} disagrees with max_grad_norm="
                              f"{cfg.max_grad_norm}; set it to \"auto\"")
+        if model is not None:
+            fill_auto(ds, model, user=user)
         if ds.get("optimizer") or ds.get("scheduler"):
             raise ValueError("the DeepSpeed config must not define 'optimizer' or 'scheduler': fastweight.train "
                              "passes its own AdamW and learning-rate schedule")

@@ -150,7 +150,7 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
     # accelerate's GradientState is process-wide: a loop stopped mid-accumulation (a transformers.Trainer that
     # raised) leaves sync_gradients False, which makes the prepared optimizer skip its steps; start synced
     acc.gradient_state._set_sync_gradients(True)
-    check_engine(acc, cfg, method)
+    check_engine(acc, cfg, method, model)
     needs_idk = method is not None and method.needs_idk
     model = maybe_lora(model, cfg)
     is_peft = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -80,12 +81,38 @@ def load_model_and_tokenizer(spec: str, dtype: str | torch.dtype = torch.float32
 
     name, kw = _resolve(spec)
     tokenizer = AutoTokenizer.from_pretrained(name, **kw)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kw)
+    with _zero3_init(name, kw):  # under a ZeRO-3 launch: created partitioned, no rank holds the whole model
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kw)
     if "gguf_file" in kw:
         _drop_gguf_marker(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+@contextmanager
+def _zero3_init(name: str, kw: dict):
+    """transformers' ``HfDeepSpeedConfig`` registered while loading when the launcher asked for DeepSpeed ZeRO-3
+    with ``zero3_init_flag`` (accelerate's default for stage 3): ``from_pretrained`` then builds the model inside
+    ``deepspeed.zero.Init`` (fastweight/train/zero3.py). The "auto" bucket sizes are filled from the model's
+    config first, as transformers' Trainer does; the previously registered config is restored afterwards."""
+    from fastweight.train import zero3
+
+    plugin = zero3.launch_plugin()
+    if plugin is None or not plugin.zero3_init_flag:
+        yield
+        return
+    from transformers import AutoConfig
+    from transformers.integrations import deepspeed as hf_ds
+
+    zero3.fill_auto(plugin.deepspeed_config, AutoConfig.from_pretrained(name, **kw))
+    previous = hf_ds._hf_deepspeed_config_weak_ref
+    plugin.set_deepspeed_weakref()
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = previous
+        plugin.dschf = None
 
 
 def _drop_gguf_marker(model) -> None:
