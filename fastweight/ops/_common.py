@@ -71,6 +71,16 @@ def check_ref_shift(ref_shift: Any) -> None:
         raise ValueError(f"ref_shift must be finite, got {ref_shift}")
 
 
+def check_logit_scale(name: str, value: Any) -> None:
+    """The factor multiplying a model's projection (Cohere ``logit_scale``, Granite ``1 / logits_scaling``):
+    a positive finite real number, checked in float32 too (the kernels read it as float32)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0 and math.isfinite(float(torch.tensor(value, dtype=torch.float32)))
+            and float(torch.tensor(value, dtype=torch.float32)) > 0):
+        raise ValueError(f"{name} must be a positive finite number (in float32 too), got {value}")
+
+
 def check_weight_options(beta1: float, beta2: float, reduction: str, ignore_index: int) -> None:
     """The options every token-logprob op shares: weight exponents, reduction and the ignore label."""
     check_beta("beta1", beta1)

@@ -1,7 +1,8 @@
 """Token log-likelihoods straight from hidden states and the output projection (fused linear; no logits).
 
 Twin of ``fastweight.ops.token_logprobs`` for the input ``hidden [N, H]``, ``lm_head [V, H]`` (optional
-``bias [V]`` and Gemma-2 ``softcap``): ``z = softcap * tanh((hidden @ lm_head.T + bias) / softcap)``.
+``bias [V]``, Gemma-2 ``softcap`` and ``logit_scale`` s, as Cohere's ``logit_scale`` or Granite's
+``1 / logits_scaling``): ``z = softcap * tanh(s * (hidden @ lm_head.T + bias) / softcap)``.
 
 * ``linear_token_logprobs_2d`` -> ``(logp [N], lse [N])``; backward recomputes the logits block by block.
 * ``linear_weighted_logprobs_2d`` -> ``(reduce(sg[w_t] * logp_t), w [N])``. For "mean"/"sum" the per-row
@@ -29,7 +30,7 @@ import torch
 
 from fastweight._constants import IGNORE_INDEX, Reduction
 from fastweight.ops._common import (
-    acc_dtype, autocast_cast, check_finite, check_float_tensor, check_labels, check_weight_options,
+    acc_dtype, autocast_cast, check_finite, check_float_tensor, check_labels, check_logit_scale, check_weight_options,
     importance_weight_torch, launch_kernel, no_autocast, resolve_backend, signature_of, triton_interpret,
 )
 from fastweight.ops._gemm import add_linear_t_, gemm_operand, linear, new_products
@@ -98,6 +99,9 @@ class LinearLogprobsOptions:
     weighted: compute weights at all (False for plain token log-probs / GA).
     reduction: "none" | "mean" | "sum" of ``w * logp``; "mean" divides by the number of valid rows.
     softcap: final-logit soft-capping constant (> 0) or None.
+    logit_scale: positive finite s multiplying the projection before soft-capping (1.0: none). Both paths
+        fold it into the per-row gradient coefficient; the torch path scales each [c, H] hidden chunk (the
+        float32 products when CUDA operands stay 16-bit).
     backend: "auto" | "triton" | "torch".
     check_finite: scan hidden / lm_head / bias for NaN/inf first (one extra pass and a host sync).
     chunk_elements: torch path, float32 elements of the [c, V] chunk buffer (c = chunk_elements // V, >= 1).
@@ -112,12 +116,14 @@ class LinearLogprobsOptions:
     backend: str | None = "auto"
     check_finite: bool = False
     chunk_elements: int = TORCH_CHUNK_ELEMENTS
+    logit_scale: float = 1.0
 
     def __post_init__(self) -> None:
         check_weight_options(self.beta1, self.beta2, self.reduction, self.ignore_index)
         if self.softcap is not None and (isinstance(self.softcap, bool) or not isinstance(self.softcap, (int, float))
                                          or not math.isfinite(self.softcap) or self.softcap <= 0):
             raise ValueError(f"softcap must be a positive finite number or None, got {self.softcap!r}")
+        check_logit_scale("logit_scale", self.logit_scale)
         if isinstance(self.chunk_elements, bool) or not isinstance(self.chunk_elements, int) or self.chunk_elements < 1:
             raise ValueError(f"chunk_elements must be a positive int, got {self.chunk_elements!r}")
 
@@ -184,7 +190,8 @@ def _launch_args(hidden, lm_head, bias, labels, opts: LinearLogprobsOptions, *, 
         args = dict(hidden_ptr=hidden, stride_hidden_n=hidden.stride(0), lm_head_ptr=lm_head,
                     stride_lm_head_v=lm_head.stride(0), bias_ptr=bias_arg, labels_ptr=labels,
                     part_max_ptr=part_max, part_sum_ptr=part_sum, z_y_ptr=z_y, N=N, V=V, H=H,
-                    ignore_index=opts.ignore_index, softcap=softcap, v_per_split=v_per_split)
+                    ignore_index=opts.ignore_index, softcap=softcap, logit_scale=float(opts.logit_scale),
+                    v_per_split=v_per_split)
         grid, constexprs = (n_blocks, splits), common
         outputs = dict(part_max=part_max, part_sum=part_sum, z_y=z_y, splits=splits)
     elif kernel == "finalize":
@@ -207,7 +214,8 @@ def _launch_args(hidden, lm_head, bias, labels, opts: LinearLogprobsOptions, *, 
                     stride_lm_head_v=lm_head.stride(0), bias_ptr=bias_arg, labels_ptr=labels, lse_ptr=lse,
                     logp_ptr=logp, g_ptr=g, dh_ptr=dh if dh is not None else lse, stride_dh_n=H,
                     dw_ptr=dw if dw is not None else lse, stride_dw_v=H, db_ptr=db if db is not None else lse,
-                    N=N, V=V, H=H, ignore_index=opts.ignore_index, softcap=softcap)
+                    N=N, V=V, H=H, ignore_index=opts.ignore_index, softcap=softcap,
+                    logit_scale=float(opts.logit_scale))
         grid = (n_blocks, triton_cdiv(V, tile.BLOCK_V))
         constexprs = dict(common, COMPUTE_DH=bool(compute_dh), COMPUTE_DW=bool(compute_dw))
         outputs = dict(lse=lse, logp=logp, g=g, dh=dh, dw=dw, db=db)
@@ -322,6 +330,11 @@ class _Chunker:
         # float32 (float64) operands, except 16-bit CUDA ones that stay as they are for the tensor cores
         self.W = gemm_operand(lm_head, self.acc)  # no copy for float32 / float64 / tensor cores
         self.b = None if bias is None else bias.to(self.acc)
+        # logit_scale s: z = s (h W^T + b). Float32 (64) operands: (s h_c) W^T + s b, scaling the [c, H] chunk,
+        # not the [c, V] products; 16-bit tensor-core operands: the float32 products are scaled (s h_c in 16
+        # bits would round again). Every gradient takes s in its per-row coefficient. s = 1 touches nothing.
+        self.scale = float(opts.logit_scale)
+        self.b_s = self.b if self.b is None or self.scale == 1.0 else self.b * self.scale
         self.hidden, self.labels, self.cap = hidden, labels.long(), opts.softcap  # gather needs int64
         valid = labels != opts.ignore_index
         self.rows = valid.nonzero().squeeze(1)
@@ -347,7 +360,13 @@ class _Chunker:
 
     def logits_(self, h, y, *, want_deriv: bool):
         """Write logits of the chunk into the buffer; returns (z view, z[., y] [c], (1 - t^2) view or None)."""
-        z = linear(h, self.W, self.b, out=None if self.buf is None else self.buf[: h.shape[0]])
+        out = None if self.buf is None else self.buf[: h.shape[0]]
+        if self.scale == 1.0:
+            z = linear(h, self.W, self.b, out=out)
+        elif h.dtype == self.acc:
+            z = linear(h * self.scale, self.W, self.b_s, out=out)
+        else:
+            z = linear(h, self.W, self.b, out=out).mul_(self.scale)
         deriv = None
         if self.cap is not None:
             z.mul_(1.0 / self.cap).tanh_()
@@ -386,11 +405,14 @@ class _Chunker:
         """Accumulate the gradients of a chunk whose buffer holds E with da = -coef * E (* deriv).
 
         The caller has already put the one-hot term into E's target column (E[t, y_t] = -(1 - p_t) / p-scale),
-        so one GEMM each gives every term; coef [c] is a per-row scalar applied to the [c, H] side:
-            dh_c = -coef * (E @ W),   dW += E^T @ (-coef * h_c),   db += E^T @ (-coef).
+        so one GEMM each gives every term; coef [c] is a per-row scalar applied to the [c, H] side (times the
+        logit scale s, the derivative of z with respect to h W^T + b):
+            dh_c = -s coef * (E @ W),   dW += E^T @ (-s coef * h_c),   db += E^T @ (-s coef).
         """
         if deriv is not None:
             E.mul_(deriv)
+        if self.scale != 1.0:
+            coef = coef * self.scale
         if dh is not None:
             dh[idx] = linear(E, self.W.t()).mul_(-coef[:, None])
         if dW is not None:
