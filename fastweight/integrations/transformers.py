@@ -339,7 +339,8 @@ def patch(model: torch.nn.Module, loss: str | Callable[..., torch.Tensor] = "sat
 
     Args:
         model: a transformers causal LM (``*ForCausalLM``: Llama, Mistral, Mixtral, Qwen2/3, Qwen2-MoE, Phi-3,
-            Gemma/Gemma-2, Granite, Cohere, ...), possibly wrapped by PEFT. Patched in place (instance attribute), and returned.
+            Gemma/Gemma-2, Granite, Cohere, ...), possibly wrapped by PEFT. Patched in place (instance
+            attribute), and returned.
         loss: a name of ``fastweight.losses.LOSSES`` whose method needs neither a reference model nor a retain
             batch ("satimp", "wga", "simimp", "ga", "nll", "simnpo", ...), or a callable with the loss signature
             ``fn(hidden, labels, *, lm_head, bias, softcap, shift, reduction, backend, **kw)`` (plus

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from fastweight._constants import IGNORE_INDEX
-from fastweight.ops._common import check_float_tensor, flatten_rows
+from fastweight.ops._common import check_float_tensor, flatten_rows, shift_labels
 from fastweight.ops.linear_logprobs import (
     LinearLogprobsOptions, linear_token_logprobs_2d, linear_weighted_logprobs_2d,
 )
@@ -76,18 +76,30 @@ def token_logprobs(x: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.Tens
                    bias: torch.Tensor | None = None, softcap: float | None = None,
                    logit_scale: float = 1.0, shift: bool = False,
                    ignore_index: int = IGNORE_INDEX, backend: str | None = "auto", check_finite: bool = False,
-                   ) -> torch.Tensor:
-    """log p_t shaped like ``labels`` (float32; float64 for float64 input), differentiable; 0 where ignored."""
+                   token_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """log p_t shaped like ``labels`` (float32; float64 for float64 input), differentiable; 0 where ignored.
+
+    ``token_weights``: optional float tensor shaped like ``labels`` (weight of each label token; detached).
+    Returns ``c_t * log p_t`` and back-propagates ``g_t * c_t`` inside the op (O(N), no [N, V] tensor); with
+    ``shift=True`` the weight moves with its label (entry t scores labels[..., t + 1] with its weight).
+    Weights of ones give the unweighted result bit for bit; rows of weight 0 cost no GEMM on the fused path.
+    """
     _check_linear_args(lm_head, bias, softcap, logit_scale)
     name = "logits" if lm_head is None else "hidden"
     rows, flat_labels = flatten_rows(x, labels, name, ignore_index, shift)
+    flat_weights = None
+    if token_weights is not None:
+        if not isinstance(token_weights, torch.Tensor) or token_weights.shape != labels.shape:
+            raise ValueError(f"token_weights must be a tensor shaped like labels {tuple(labels.shape)}, got "
+                             f"{tuple(getattr(token_weights, 'shape', ())) or type(token_weights).__name__}")
+        flat_weights = (shift_labels(token_weights, 0) if shift else token_weights).reshape(-1)
     if lm_head is not None:
         _check_lm_head(rows, lm_head)
         lopts = LinearLogprobsOptions(ignore_index=ignore_index, softcap=softcap,
                                       logit_scale=logit_scale, backend=backend,
                                       check_finite=check_finite)
-        logp, _ = linear_token_logprobs_2d(rows, lm_head, bias, flat_labels, lopts)
+        logp, _ = linear_token_logprobs_2d(rows, lm_head, bias, flat_labels, lopts, flat_weights)
     else:
         opts = TokenLogprobsOptions(ignore_index=ignore_index, backend=backend, check_finite=check_finite)
-        logp, _ = token_logprobs_2d(rows, flat_labels, opts)
+        logp, _ = token_logprobs_2d(rows, flat_labels, opts, flat_weights)
     return logp.reshape(labels.shape)

@@ -425,9 +425,9 @@ def linear_kl_div(hidden: torch.Tensor, lm_head: torch.Tensor, ref_hidden: torch
 
     hidden [N, H], lm_head [V, H] (+ bias [V], softcap, logit_scale s): the trained model,
         z = cap(s * (hidden @ lm_head.T + bias)); differentiable (gradients in their own dtypes).
-    ref_hidden [N, H_r], ref_lm_head [V, H_r] (+ ref_bias [V], ref_softcap, ref_logit_scale): the frozen reference; must not
-        require grad. All four matrices share one dtype: fp32 / bf16 / fp16 (fp64 on the torch backend);
-        the Triton backend needs H_r = H.
+    ref_hidden [N, H_r], ref_lm_head [V, H_r] (+ ref_bias [V], ref_softcap, ref_logit_scale): the frozen
+        reference; must not require grad. All four matrices share one dtype: fp32 / bf16 / fp16 (fp64 on the
+        torch backend); the Triton backend needs H_r = H.
     labels: optional [N] int: rows with ``ignore_index`` give 0 and zero gradient, and ``ref_shift`` lowers
         the reference logit of each counted row's label (UNDIAL); without labels every row counts.
     Gradient w.r.t. the trained logits: ``g_t * (softmax(z_t) - softmax(r_t))`` (softcap derivative applied).

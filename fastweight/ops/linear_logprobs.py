@@ -30,8 +30,9 @@ import torch
 
 from fastweight._constants import IGNORE_INDEX, Reduction
 from fastweight.ops._common import (
-    acc_dtype, autocast_cast, check_finite, check_float_tensor, check_labels, check_logit_scale, check_weight_options,
-    importance_weight_torch, launch_kernel, no_autocast, resolve_backend, signature_of, triton_interpret,
+    acc_dtype, autocast_cast, check_finite, check_float_tensor, check_labels, check_logit_scale,
+    check_token_weights, check_weight_options, importance_weight_torch, launch_kernel, no_autocast, resolve_backend,
+    signature_of, triton_interpret,
 )
 from fastweight.ops._gemm import add_linear_t_, gemm_operand, linear, new_products
 
@@ -273,12 +274,13 @@ def aot_cases() -> list[dict[str, Any]]:
 
 
 def linear_logprobs_forward_triton(hidden, lm_head, bias, labels, opts, *, grad_scale=None,
-                                   needs=(True, True, True)):
+                                   needs=(True, True, True), token_weights=None):
     """Triton forward. Returns (logp [N] f32, lse [N] f32, w [N] f32, grads).
 
     ``grad_scale``: 0-d float32 tensor or None. When given, ``grads`` = (d hidden, d lm_head, d bias) of
-    ``sum_t grad_scale * w_t * logp_t`` (None where ``needs`` is False) in float32 (float64 for float64
-    inputs; the caller scales by the upstream gradient and casts once), else ``grads`` is None.
+    ``sum_t grad_scale * w_t * c_t * logp_t`` (c = ``token_weights`` [N] or 1; None where ``needs`` is False)
+    in float32 (float64 for float64 inputs; the caller scales by the upstream gradient and casts once), else
+    ``grads`` is None.
     """
     from fastweight.kernels.linear_logprobs import _linear_logprobs_finalize, _linear_logprobs_fwd
 
@@ -294,6 +296,8 @@ def linear_logprobs_forward_triton(hidden, lm_head, bias, labels, opts, *, grad_
     grads = None
     if grad_scale is not None:
         g = grad_scale.to(torch.float32) * out["weight"]
+        if token_weights is not None:
+            g = g * token_weights.to(torch.float32)
         grads = linear_logprobs_backward_triton(hidden, lm_head, bias, labels, out["lse"], out["logp"], g, opts,
                                                 needs=needs, cast=False)
     return out["logp"], out["lse"], out["weight"], grads
@@ -436,7 +440,7 @@ def _cast_grads(grads, *like):
 
 
 def linear_logprobs_forward_torch(hidden, lm_head, bias, labels, opts, *, grad_scale=None,
-                                  needs=(True, True, True)):
+                                  needs=(True, True, True), token_weights=None):
     """Same contract as ``linear_logprobs_forward_triton`` (float64 outputs for float64 inputs)."""
     ch = _Chunker(hidden, lm_head, bias, labels, opts)
     N, acc, dev = hidden.shape[0], ch.acc, hidden.device
@@ -456,6 +460,8 @@ def linear_logprobs_forward_torch(hidden, lm_head, bias, labels, opts, *, grad_s
         lse[idx], logp[idx], w[idx] = lse_c, logp_c, w_c
         if any_grad:
             g = grad_scale.to(acc) * w_c
+            if token_weights is not None:
+                g = g * token_weights[idx].to(acc)
             # da = g * (onehot - p) (* (1 - t^2)) = -(g / sum) * E' with E' = E off the target and
             # E'[t, y_t] = -rest_t, since g * (1 - p_y) = g * rest / sum: no separate one-hot pass or index_add_.
             E.scatter_(1, y[:, None], -rest[:, None])
@@ -512,11 +518,12 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
 
 
 class LinearWeightedLogprobsFunction(torch.autograd.Function):
-    """hidden, lm_head, bias, labels -> (reduce(sg[w] * logp) / divisor, w [N] non-differentiable)."""
+    """hidden, lm_head, bias, labels, token weights c | None -> (reduce(c * sg[w] * logp) / divisor,
+    w [N] non-differentiable)."""
 
     @staticmethod
-    def forward(ctx, hidden, lm_head, bias, labels, divisor, opts: LinearLogprobsOptions, backend: str,
-                grad_enabled: bool):
+    def forward(ctx, hidden, lm_head, bias, labels, token_weights, divisor, opts: LinearLogprobsOptions,
+                backend: str, grad_enabled: bool):
         ctx.opts, ctx.backend = opts, backend
         # needs_input_grad is True under torch.no_grad() too; do not pay 2 GEMMs for a graph never built.
         needs = tuple(bool(n and grad_enabled) for n in ctx.needs_input_grad[:3])
@@ -529,11 +536,13 @@ class LinearWeightedLogprobsFunction(torch.autograd.Function):
             scale = scale / divisor.to(acc)
         fused = opts.reduction != "none" and any(needs)
         logp, lse, w, grads = _FORWARD[backend](hidden, lm_head, bias, labels, opts,
-                                                grad_scale=scale if fused else None, needs=needs)
-        per_token = w * logp
+                                                grad_scale=scale if fused else None, needs=needs,
+                                                token_weights=token_weights)
+        cw = w if token_weights is None else w * token_weights  # c_t * w_t: the per-row coefficient
+        per_token = cw * logp
         if opts.reduction == "none":
             out = per_token
-            ctx.save_for_backward(hidden, lm_head, bias, labels, lse, logp, w)
+            ctx.save_for_backward(hidden, lm_head, bias, labels, lse, logp, cw)
         else:
             out = per_token.sum() * scale.to(per_token.dtype)
             ctx.grads = grads  # float32 (float64) accumulators, scaled and cast once in backward
@@ -545,7 +554,7 @@ class LinearWeightedLogprobsFunction(torch.autograd.Function):
     def backward(ctx, g_out, _g_w):
         needs = ctx.needs_input_grad[:3]
         if g_out is None or not any(needs):
-            return None, None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None, None
         if ctx.opts.reduction == "none":
             hidden, lm_head, bias, labels, lse, logp, w = ctx.saved_tensors
             with no_autocast(hidden.device):  # backward may run inside the caller's autocast region
@@ -559,7 +568,7 @@ class LinearWeightedLogprobsFunction(torch.autograd.Function):
             if not (g_out.numel() == 1 and bool(g_out == 1)):
                 grads = tuple(None if t is None else t.mul_(g_out.to(t.dtype)) for t in grads)
             grads = _cast_grads(grads, *ctx.dtypes)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -586,33 +595,47 @@ def _opaque_to_dynamo(fn):
 @_opaque_to_dynamo
 def linear_token_logprobs_2d(hidden: torch.Tensor, lm_head: torch.Tensor, bias: torch.Tensor | None,
                              labels: torch.Tensor, opts: LinearLogprobsOptions,
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+                             token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden [N, H], lm_head [V, H] (fp32/bf16/fp16; fp64 on torch), bias [V] | None, labels [N] int.
 
     Returns (logp [N], lse [N]), float32 (float64 for float64 input). ``logp`` is differentiable w.r.t.
     hidden, lm_head and bias; ignored rows give logp = 0 and zero gradient (and lse = 0 on the torch path).
+    ``token_weights`` [N] float (detached, ``check_token_weights``): returns ``c_t * log p_t`` and the backward
+    runs with ``g_t * c_t`` (an O(N) product, no [N, V] tensor). Rows of weight 0 are skipped like ignored
+    rows (no GEMM work on the torch path, whole zero row blocks skipped by the Triton backward; lse 0 there on
+    the torch path). With weights of ones the result is bit for bit the unweighted one.
     """
     hidden, lm_head, bias = autocast_cast(hidden, lm_head, bias)
     validate(hidden, lm_head, bias, labels, opts)
+    token_weights = check_token_weights(token_weights, labels, acc_dtype(hidden.dtype), opts.ignore_index,
+                                        opts.check_finite)
+    if token_weights is not None:
+        labels = torch.where(token_weights == 0, opts.ignore_index, labels)
     backend = resolve_backend(opts.backend, *(t for t in (hidden, lm_head, bias) if t is not None),
                               fused_linear=True)
     with no_autocast(hidden.device):
-        return LinearTokenLogprobsFunction.apply(hidden, lm_head, bias, labels, opts, backend)
+        logp, lse = LinearTokenLogprobsFunction.apply(hidden, lm_head, bias, labels, opts, backend)
+    return (logp if token_weights is None else logp * token_weights), lse
 
 
 @_opaque_to_dynamo
 def linear_weighted_logprobs_2d(hidden: torch.Tensor, lm_head: torch.Tensor, bias: torch.Tensor | None,
                                 labels: torch.Tensor, opts: LinearLogprobsOptions, *,
                                 divisor: torch.Tensor | float | None = None,
+                                token_weights: torch.Tensor | None = None,
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """reduce(sg[w_t] * logp_t) [/ divisor] and the detached weights w [N] (0 on ignored rows).
+    """reduce(c_t * sg[w_t] * logp_t) [/ divisor] and the detached weights w [N] (0 on ignored rows; no c).
 
-    Returns a 0-d float32 tensor for "mean"/"sum" ("mean" over valid rows, 0 when none is valid) or [N]
-    float32 for "none". ``divisor`` (e.g. Hugging Face ``num_items_in_batch``) divides the reduced value;
-    it is folded into the gradient computed in the forward, so the backward does no extra work.
+    Returns a 0-d float32 tensor for "mean"/"sum" ("mean" over valid rows, 0 when none is valid; rows of token
+    weight 0 still count) or [N] float32 for "none". ``divisor`` (e.g. Hugging Face ``num_items_in_batch``)
+    divides the reduced value; it is folded into the gradient computed in the forward, so the backward does no
+    extra work. ``token_weights`` c [N] float (detached, ``check_token_weights``) or None (c = 1) enters the
+    per-row coefficient g_t = scale w_t c_t of that gradient.
     """
     hidden, lm_head, bias = autocast_cast(hidden, lm_head, bias)
     validate(hidden, lm_head, bias, labels, opts)
+    token_weights = check_token_weights(token_weights, labels, acc_dtype(hidden.dtype), opts.ignore_index,
+                                        opts.check_finite)
     backend = resolve_backend(opts.backend, *(t for t in (hidden, lm_head, bias) if t is not None),
                               fused_linear=True)
     if divisor is not None:
@@ -620,5 +643,5 @@ def linear_weighted_logprobs_2d(hidden: torch.Tensor, lm_head: torch.Tensor, bia
             raise ValueError("divisor is only meaningful with reduction 'mean' or 'sum'")
         divisor = torch.as_tensor(divisor, device=hidden.device).detach()
     with no_autocast(hidden.device):
-        return LinearWeightedLogprobsFunction.apply(hidden, lm_head, bias, labels, divisor, opts, backend,
-                                                    torch.is_grad_enabled())
+        return LinearWeightedLogprobsFunction.apply(hidden, lm_head, bias, labels, token_weights, divisor, opts,
+                                                    backend, torch.is_grad_enabled())
