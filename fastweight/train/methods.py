@@ -2,8 +2,9 @@
 
 Defaults come only from ``fastweight.losses.LOSSES`` (``build_method(name, **overrides)``); config
 dataclasses have no defaults of their own. Every method gets its tensors from one shared forward helper,
-``lm_forward``: the last decoder layer's hidden states plus the output-embedding weight (bias, Gemma-2
-soft-capping), handed to the fused losses with ``lm_head=`` so [B, T, V] logits are never built by the model.
+``lm_forward``: the last decoder layer's hidden states plus the output head read by ``output_head`` (weight,
+bias, Gemma-2 soft-capping, Cohere/Granite logit scale), handed to the fused losses with ``lm_head=`` so
+[B, T, V] logits are never built by the model.
 
 Batches are dicts of tensors in Hugging Face form: ``input_ids`` [B, T], ``attention_mask`` [B, T] (optional),
 ``labels`` [B, T] unshifted with ``IGNORE_INDEX`` on prompt and padding (the losses apply the causal shift).
