@@ -131,6 +131,9 @@ def test_identical_models_give_zero_kl_and_gradient():
     (dict(ref_softcap=float("inf")), "ref_softcap", ValueError),
     (dict(bias_shape=3), "bias must be", ValueError),
     (dict(label=99), "label", ValueError),
+    (dict(logit_scale=0.0), "logit_scale", ValueError),
+    (dict(ref_logit_scale=-2.0), "ref_logit_scale", ValueError),
+    (dict(logit_scale=True), "logit_scale", TypeError),
 ])
 def test_errors(bad, match, exc):
     N, H, V = 4, 5, 10
@@ -142,7 +145,8 @@ def test_errors(bad, match, exc):
     if "label" in bad:
         y[0] = bad["label"]
     kw = dict(softcap=bad.get("softcap"), ref_softcap=bad.get("ref_softcap"),
-              bias=torch.randn(bad["bias_shape"]) if "bias_shape" in bad else None)
+              bias=torch.randn(bad["bias_shape"]) if "bias_shape" in bad else None,
+              logit_scale=bad.get("logit_scale", 1.0), ref_logit_scale=bad.get("ref_logit_scale", 1.0))
     with pytest.raises(exc, match=match):
         linear_kl_div(h, w, rh, rw, None if bad.get("shift_no_labels") else y,
                       ref_shift=1.0 if bad.get("shift_no_labels") else 0.0, backend="torch", **kw)
