@@ -111,11 +111,12 @@ def tl_tanh(x):
 
 @triton.jit
 def tl_linear_logits_tile(hidden_ptr, stride_hidden_n, lm_head_ptr, stride_lm_head_v, bias_ptr, softcap,
-                          offs_n, offs_v, mask_n, mask_v, H,
+                          logit_scale, offs_n, offs_v, mask_n, mask_v, H,
                           HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
                           UPCAST_DOT: tl.constexpr):
-    """Logits tile z[offs_n, offs_v] = cap(hidden[offs_n] @ lm_head[offs_v].T + bias[offs_v]), float32.
+    """Logits tile z[offs_n, offs_v] = cap(logit_scale * (hidden[offs_n] @ lm_head[offs_v].T + bias[offs_v])),
+    float32.
 
     The H loop feeds tl.dot with the storage dtype (tensor cores for bf16/fp16) and accumulates in float32;
     masked rows/columns read zeros. ``cap(x) = softcap * tanh(x / softcap)`` when HAS_SOFTCAP.
@@ -136,6 +137,9 @@ def tl_linear_logits_tile(hidden_ptr, stride_hidden_n, lm_head_ptr, stride_lm_he
         acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+    # A runtime float, always applied: x * 1.0 == x exactly, so unscaled models keep their bits without a
+    # constexpr that would double every build (Granite 1 / logits_scaling, Cohere logit_scale).
+    acc = acc * logit_scale
     if HAS_SOFTCAP:
         acc = softcap * tl_tanh(acc / softcap)
     return acc

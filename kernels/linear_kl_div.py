@@ -1,12 +1,14 @@
 """Fused-linear KL to a reference model: hidden states of both models and both output projections, no logits.
 
 Math (spec symbols, ``shared/spec/LOSSES.md``, KL retain regulariser / UNDIAL), for row t:
-    z[t, v] = cap(hidden[t] . lm_head[v] + bias[v])                 (trained model, cap = softcap tanh)
-    r[t, v] = cap_r(ref_hidden[t] . ref_lm_head[v] + ref_bias[v]) - ref_shift * [v == y_t]   (reference)
+    z[t, v] = cap(s (hidden[t] . lm_head[v] + bias[v]))             (trained model, cap = softcap tanh)
+    r[t, v] = cap_r(s_r (ref_hidden[t] . ref_lm_head[v] + ref_bias[v])) - ref_shift * [v == y_t]  (reference)
+              (s, s_r = logit_scale, ref_logit_scale: runtime floats, 1 for most models)
     lse = logsumexp_v z,   lse_r = logsumexp_v r,   q = softmax(r),   p = softmax(z)
     KL_t = sum_v q_v (log q_v - log p_v) = C_t / S_r - lse_r + lse,   C_t = sum_v exp(r_v - m_r) (r_v - z_v)
     da[t, v] = g_t * (p_v - q_v) * (1 - (z[t, v] / softcap)**2 if HAS_SOFTCAP)
-    d hidden = da @ lm_head,  d lm_head = da^T @ hidden,  d bias = sum_t da[t, :]   (reference: no gradient)
+    d hidden = s da @ lm_head,  d lm_head = s da^T @ hidden,  d bias = s sum_t da[t, :]   (reference: no
+               gradient; s is folded into the per-row coefficient g_t)
 
 Kernels and grids:
     _linear_kl_fwd       grid (cdiv(N, BLOCK_N), SPLITS). One program owns BLOCK_N rows and one range of
@@ -37,7 +39,7 @@ def _linear_kl_fwd(
     ref_hidden_ptr, stride_ref_hidden_n, ref_lm_head_ptr, stride_ref_lm_head_v, ref_bias_ptr,
     labels_ptr, part_ptr,
     N, V, H, ignore_index,
-    softcap, ref_softcap, ref_shift, v_per_split, num_splits,
+    softcap, ref_softcap, logit_scale, ref_logit_scale, ref_shift, v_per_split, num_splits,
     HAS_LABELS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
@@ -68,10 +70,10 @@ def _linear_kl_fwd(
         mask_v = offs_v < v_hi
         # 1. Both models' logits tiles (float32).
         z = tl_linear_logits_tile(hidden_ptr, stride_hidden_n, lm_head_ptr, stride_lm_head_v, bias_ptr, softcap,
-                                  offs_n, offs_v, mask_n, mask_v, H,
+                                  logit_scale, offs_n, offs_v, mask_n, mask_v, H,
                                   HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
         r = tl_linear_logits_tile(ref_hidden_ptr, stride_ref_hidden_n, ref_lm_head_ptr, stride_ref_lm_head_v,
-                                  ref_bias_ptr, ref_softcap, offs_n, offs_v, mask_n, mask_v, H,
+                                  ref_bias_ptr, ref_softcap, ref_logit_scale, offs_n, offs_v, mask_n, mask_v, H,
                                   HAS_REF_BIAS, HAS_REF_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
                                   UPCAST_DOT)
         if HAS_LABELS:  # an ignored label never equals a column index >= 0 here; its row is zeroed later
@@ -149,7 +151,7 @@ def _linear_kl_bwd(
     labels_ptr, lse_ptr, lse_r_ptr, g_ptr,
     dh_ptr, stride_dh_n, dw_ptr, stride_dw_v, db_ptr,
     N, V, H, ignore_index,
-    softcap, ref_softcap, ref_shift,
+    softcap, ref_softcap, logit_scale, ref_logit_scale, ref_shift,
     HAS_LABELS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
@@ -174,16 +176,17 @@ def _linear_kl_bwd(
         valid = mask_n & (labels != ignore_index)
     else:
         valid = mask_n
-    g = tl.where(valid, tl.load(g_ptr + offs_n, mask=mask_n, other=0.0), 0.0)
+    # d z / d (hidden @ lm_head.T + bias) carries logit_scale: folded into g (exact for 1.0).
+    g = tl.where(valid, tl.load(g_ptr + offs_n, mask=mask_n, other=0.0), 0.0) * logit_scale
     if tl.max(tl.abs(g), 0) > 0.0:  # a row block with no counted row (or zero upstream) does nothing
         lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
         lse_r = tl.load(lse_r_ptr + offs_n, mask=mask_n, other=0.0)
         # 1. Recompute both tiles; u = p - q (* softcap derivative of the trained model's logits).
         z = tl_linear_logits_tile(hidden_ptr, stride_hidden_n, lm_head_ptr, stride_lm_head_v, bias_ptr, softcap,
-                                  offs_n, offs_v, mask_n, mask_v, H,
+                                  logit_scale, offs_n, offs_v, mask_n, mask_v, H,
                                   HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
         r = tl_linear_logits_tile(ref_hidden_ptr, stride_ref_hidden_n, ref_lm_head_ptr, stride_ref_lm_head_v,
-                                  ref_bias_ptr, ref_softcap, offs_n, offs_v, mask_n, mask_v, H,
+                                  ref_bias_ptr, ref_softcap, ref_logit_scale, offs_n, offs_v, mask_n, mask_v, H,
                                   HAS_REF_BIAS, HAS_REF_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
                                   UPCAST_DOT)
         if HAS_LABELS:

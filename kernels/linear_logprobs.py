@@ -1,14 +1,16 @@
 """Fused-linear token log-likelihood kernels: hidden states and the output projection, never the logits.
 
 Math (spec symbols, ``shared/spec/LOSSES.md``), for row t with label y_t:
-    a[t, v]  = hidden[t] . lm_head[v] + bias[v]                 (H-long dot products, float32 accumulation)
+    a[t, v]  = s * (hidden[t] . lm_head[v] + bias[v])           (H-long dot products, float32 accumulation;
+                                                                  s = logit_scale, a runtime float, 1 usually)
     z[t, v]  = softcap * tanh(a[t, v] / softcap)                 (HAS_SOFTCAP, Gemma-2; else z = a)
     lse_t    = logsumexp_v z[t, v]
     logp_t   = z[t, y_t] - lse_t                                  (0 for ignored rows)
     w_t      = p_t**beta1 * (1 - p_t)**beta2                      (detached, 1 - p = -expm1(logp))
     da[t, v] = g_t * (onehot(y_t)[v] - softmax(z[t])[v]) * (1 - (z[t, v] / softcap)**2 if HAS_SOFTCAP)
                (at v = y_t, 1 - p_t = -expm1(logp_t) from the forward's logp)
-    d hidden = da @ lm_head,  d lm_head = da^T @ hidden,  d bias = sum_t da[t, :]
+    d hidden = s da @ lm_head,  d lm_head = s da^T @ hidden,  d bias = s sum_t da[t, :]
+               (the backward folds s into the per-row coefficient: g_t <- s g_t)
 
 Kernels and grids:
     _linear_logprobs_fwd       grid (cdiv(N, BLOCK_N), SPLITS). One program owns BLOCK_N rows and one
@@ -61,7 +63,7 @@ def _linear_logprobs_fwd(
     labels_ptr,
     part_max_ptr, part_sum_ptr, z_y_ptr,
     N, V, H, ignore_index,
-    softcap, v_per_split,
+    softcap, logit_scale, v_per_split,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -87,7 +89,7 @@ def _linear_logprobs_fwd(
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < v_hi
         z = tl_linear_logits_tile(hidden_ptr, stride_hidden_n, lm_head_ptr, stride_lm_head_v, bias_ptr, softcap,
-                                  offs_n, offs_v, mask_n, mask_v, H,
+                                  logit_scale, offs_n, offs_v, mask_n, mask_v, H,
                                   HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
         z = tl.where(mask_v[None, :], z, float("-inf"))
         # Every tile holds >= 1 real column, so m_new is finite and exp(-inf - m_new) == 0 on the first tile.
@@ -152,7 +154,7 @@ def _linear_logprobs_bwd(
     dw_ptr, stride_dw_v,
     db_ptr,
     N, V, H, ignore_index,
-    softcap,
+    softcap, logit_scale,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -172,7 +174,8 @@ def _linear_logprobs_bwd(
     labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=ignore_index).to(tl.int64)
     valid = mask_n & (labels != ignore_index)
     # Ignored rows get g = 0 whatever the upstream value (it is not trusted there).
-    g = tl.where(valid, tl.load(g_ptr + offs_n, mask=mask_n, other=0.0), 0.0)
+    # d a / d (hidden @ lm_head.T + bias) = logit_scale: folded into the per-row coefficient (exact for 1.0).
+    g = tl.where(valid, tl.load(g_ptr + offs_n, mask=mask_n, other=0.0), 0.0) * logit_scale
     if tl.max(tl.abs(g), 0) > 0.0:  # a row block of ignored rows contributes nothing
         lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
         # 1 - p_y from the forward's log p: exp(z_y - lse) would carry lse's rounding times p_y / (1 - p_y).
@@ -180,7 +183,7 @@ def _linear_logprobs_bwd(
 
         # 1. Recompute the logits tile; da = g * u with u = onehot - softmax (* softcap derivative).
         z = tl_linear_logits_tile(hidden_ptr, stride_hidden_n, lm_head_ptr, stride_lm_head_v, bias_ptr, softcap,
-                                  offs_n, offs_v, mask_n, mask_v, H,
+                                  logit_scale, offs_n, offs_v, mask_n, mask_v, H,
                                   HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
         p = tl.exp(z - lse[:, None])
         # u = (onehot - p) (* softcap derivative) lies in [-1, 1]; g is applied outside the 16-bit dot

@@ -11,8 +11,10 @@ Grid: one program per row, ``(N,)``. Row offsets are int64 (N * V can exceed 2**
 Constexprs:
     BLOCK_V       tile width over the vocabulary (power of two).
     HAS_WEIGHTS   compute w_t (else w_t = 1).
-    COMPUTE_GRAD  forward also writes dz with g_t = grad_scale * w_t (weights detached, so the upstream
-                  coefficient is known in the forward and the backward needs no second kernel).
+    COMPUTE_GRAD  forward also writes dz with g_t = grad_scale * w_t * c_t (weights detached, so the upstream
+                  coefficient is known in the forward and the backward needs no second kernel). c_t is the
+                  caller's token weight read at ``token_weights_ptr + t * stride_token_weights``; without
+                  token weights the launcher passes a one-element 1.0 with stride 0 (g_t * 1.0 is exact).
 Accumulation is float32 for every storage dtype (fp32, bf16, fp16).
 Bytes moved per row: forward reads V elements once (twice with COMPUTE_GRAD, plus V written);
 backward reads V and writes V.
@@ -30,6 +32,7 @@ def _token_logprobs_fwd(
     logp_ptr, lse_ptr, weight_ptr,
     grad_ptr, stride_grad_n,
     grad_scale_ptr,
+    token_weights_ptr, stride_token_weights,
     V, ignore_index,
     beta1, beta2,
     HAS_WEIGHTS: tl.constexpr,
@@ -58,9 +61,11 @@ def _token_logprobs_fwd(
     tl.store(lse_ptr + row, lse)
     tl.store(weight_ptr + row, w)
 
-    # 4. d loss / d z[t] = g_t * (onehot - softmax), g_t = grad_scale * w_t; ignored rows write zeros.
+    # 4. d loss / d z[t] = g_t * (onehot - softmax), g_t = grad_scale * w_t * c_t; ignored rows (and rows
+    #    of token weight 0) write zeros.
     if COMPUTE_GRAD:
-        g = tl.load(grad_scale_ptr).to(tl.float32) * w
+        c = tl.load(token_weights_ptr + row * stride_token_weights).to(tl.float32)
+        g = tl.load(grad_scale_ptr).to(tl.float32) * w * c
         # (w = 0 on ignored rows: tl_write_row_grad selects zeros there, even for NaN / all -inf rows)
         tl_write_row_grad(row_ptr, grad_ptr + row * stride_grad_n, safe_label, lse, g, V, BLOCK_V)
 

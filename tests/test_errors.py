@@ -217,11 +217,20 @@ def test_bad_softcap(name, softcap):
 
 
 @pytest.mark.parametrize("name", ALL)
-@pytest.mark.parametrize("kw", [{"bias": torch.zeros(10)}, {"softcap": 30.0}])
+@pytest.mark.parametrize("kw", [{"bias": torch.zeros(10)}, {"softcap": 30.0}, {"logit_scale": 0.5}])
 def test_bias_or_softcap_without_lm_head(name, kw):
     z, y = inputs()
-    with pytest.raises(ValueError, match=r"bias and softcap are only meaningful with lm_head"):
+    with pytest.raises(ValueError, match=r"bias, softcap and logit_scale are only meaningful with lm_head"):
         call(name, z, y, **kw)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("scale,exc", [(0.0, ValueError), (-2.0, ValueError), (math.inf, ValueError),
+                                       ("8", TypeError)])
+def test_bad_logit_scale(name, scale, exc):
+    hidden, y = torch.randn(4, 6), torch.randint(0, 10, (4,))
+    with pytest.raises(exc, match=r"logit_scale must be a"):
+        call(name, hidden, y, lm_head=torch.randn(10, 6), logit_scale=scale)
 
 
 @pytest.mark.parametrize("name", ALL)

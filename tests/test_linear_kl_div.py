@@ -19,6 +19,9 @@ VARIANTS = {
     "labels": dict(bias=False, labels=True, kw={}),
     "undial": dict(bias=True, labels=True, kw=dict(ref_shift=10.0)),
     "softcap": dict(bias=True, labels=True, kw=dict(ref_shift=2.0, softcap=4.0, ref_softcap=3.0)),
+    # Cohere-like scales on both models (different ones), with bias and soft-capping on top.
+    "scale": dict(bias=True, labels=True, kw=dict(ref_shift=2.0, softcap=4.0, ref_softcap=3.0, logit_scale=2.5,
+                                                 ref_logit_scale=0.4)),
 }
 
 
@@ -50,9 +53,11 @@ def check(backend, dtype, N, H, V, variant, *, chunk_elements=300, c=16.0):
     # likewise p and q each carry ~eps * |lse| relative error while the gradient g (p - q) @ W is small when
     # the models are close, so the gradients' ulp term is 2 * max |lse| * max |g| * max(|W|, |h|) (sum(p + q) = 2).
     lin = (lambda x, m, bb: torch.nn.functional.linear(x.double(), m.double(), None if bb is None else bb.double()))
-    lse_scale = max(1.0, float(torch.logsumexp(lin(hidden, w, b), -1).abs().max()),
-                    float(torch.logsumexp(lin(ref_h, ref_w, ref_b), -1).abs().max()))
-    grad_scale = 2 * lse_scale * float(up.abs().max()) * max(1.0, float(w.abs().max()), float(hidden.abs().max()))
+    s, s_r = v["kw"].get("logit_scale", 1.0), v["kw"].get("ref_logit_scale", 1.0)
+    lse_scale = max(1.0, float(torch.logsumexp(s * lin(hidden, w, b), -1).abs().max()),
+                    float(torch.logsumexp(s_r * lin(ref_h, ref_w, ref_b), -1).abs().max()))
+    grad_scale = 2 * s * lse_scale * float(up.abs().max()) * max(1.0, float(w.abs().max()),
+                                                                 float(hidden.abs().max()))
     out, grads = compare_with_reference(impl, naive, tensors, dtype=dtype, upstream=up, c=c, value_scale=lse_scale,
                                         grad_scale=grad_scale, names=["hidden", "lm_head", "bias"][: len(tensors)])
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -126,6 +131,9 @@ def test_identical_models_give_zero_kl_and_gradient():
     (dict(ref_softcap=float("inf")), "ref_softcap", ValueError),
     (dict(bias_shape=3), "bias must be", ValueError),
     (dict(label=99), "label", ValueError),
+    (dict(logit_scale=0.0), "logit_scale", ValueError),
+    (dict(ref_logit_scale=-2.0), "ref_logit_scale", ValueError),
+    (dict(logit_scale=True), "logit_scale", TypeError),
 ])
 def test_errors(bad, match, exc):
     N, H, V = 4, 5, 10
@@ -137,7 +145,8 @@ def test_errors(bad, match, exc):
     if "label" in bad:
         y[0] = bad["label"]
     kw = dict(softcap=bad.get("softcap"), ref_softcap=bad.get("ref_softcap"),
-              bias=torch.randn(bad["bias_shape"]) if "bias_shape" in bad else None)
+              bias=torch.randn(bad["bias_shape"]) if "bias_shape" in bad else None,
+              logit_scale=bad.get("logit_scale", 1.0), ref_logit_scale=bad.get("ref_logit_scale", 1.0))
     with pytest.raises(exc, match=match):
         linear_kl_div(h, w, rh, rw, None if bad.get("shift_no_labels") else y,
                       ref_shift=1.0 if bad.get("shift_no_labels") else 0.0, backend="torch", **kw)

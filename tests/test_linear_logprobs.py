@@ -21,8 +21,11 @@ SHAPES = [(1, 1, 1), (7, 5, 3), (37, 13, 101), (66, 33, 257)]  # N = 1, V = 1, o
 # Gradients are V-term (d hidden) / N-term (d lm_head) sums computed by GEMMs whose blocking differs from the
 # naive one, so the ulp term of the error-relative bound is 16 eps * max|gt| (helpers' default is 8).
 REDUCTIONS = ("mean", "sum", "none")
-VARIANTS = [dict(bias=False, softcap=None), dict(bias=True, softcap=None), dict(bias=True, softcap=4.0)]
-VARIANT_IDS = ["plain", "bias", "bias_softcap"]
+# logit_scale: Granite-like 1/8 alone, and 1.5 with bias and soft-capping (the scale multiplies the bias and
+# sits inside the tanh, so each gradient carries it once).
+VARIANTS = [dict(bias=False, softcap=None), dict(bias=True, softcap=None), dict(bias=True, softcap=4.0),
+            dict(bias=False, softcap=None, logit_scale=0.125), dict(bias=True, softcap=4.0, logit_scale=1.5)]
+VARIANT_IDS = ["plain", "bias", "bias_softcap", "scale", "bias_softcap_scale"]
 
 
 def ids(dtype):
@@ -34,18 +37,19 @@ def _inputs(N, H, V, dtype, *, bias, seed=0):
 
 
 def check_weighted(backend, dtype, N, H, V, reduction, *, bias, softcap, chunk_elements=300, beta=(2.0, 0.5),
-                   c=16.0):
+                   c=16.0, logit_scale=None):
     hidden, w, b, y = _inputs(N, H, V, dtype, bias=bias)
     up = upstream_like((N,) if reduction == "none" else (), dtype)
     opts = LinearLogprobsOptions(beta1=beta[0], beta2=beta[1], weighted=True, reduction=reduction, softcap=softcap,
-                                 backend=backend, chunk_elements=chunk_elements)
+                                 backend=backend, chunk_elements=chunk_elements, logit_scale=logit_scale or 1.0)
     tensors = [hidden, w] + ([b] if bias else [])
 
     def impl(h, w_, b_=None):
         return linear_weighted_logprobs_2d(h, w_, b_, y, opts)[0]
 
     def naive(h, w_, b_=None):
-        return ref.linear_weighted_logprobs(h, w_, y, b_, softcap, beta1=beta[0], beta2=beta[1], reduction=reduction)
+        return ref.linear_weighted_logprobs(h, w_, y, b_, softcap, beta1=beta[0], beta2=beta[1], reduction=reduction,
+                                            logit_scale=logit_scale)
 
     out, grads = compare_with_reference(impl, naive, tensors, dtype=dtype, upstream=up, c=c,
                                         names=["hidden", "lm_head", "bias"][: len(tensors)])
@@ -71,14 +75,16 @@ def test_weighted_float64(variant):
     check_weighted("torch", torch.float64, 37, 13, 101, "mean", **variant, c=16.0 * 101 ** 0.5)
 
 
-def check_token(backend, dtype, N, H, V, *, bias, softcap, chunk_elements=300):
+def check_token(backend, dtype, N, H, V, *, bias, softcap, chunk_elements=300, logit_scale=None):
     hidden, w, b, y = _inputs(N, H, V, dtype, bias=bias, seed=1)
     up = upstream_like((N,), dtype)
-    opts = LinearLogprobsOptions(softcap=softcap, backend=backend, chunk_elements=chunk_elements)
+    opts = LinearLogprobsOptions(softcap=softcap, backend=backend, chunk_elements=chunk_elements,
+                                 logit_scale=logit_scale or 1.0)
     tensors = [hidden, w] + ([b] if bias else [])
     out, grads = compare_with_reference(
         lambda h, w_, b_=None: linear_token_logprobs_2d(h, w_, b_, y, opts)[0],
-        lambda h, w_, b_=None: ref.linear_token_logprobs(h, w_, y, b_, softcap), tensors, dtype=dtype,
+        lambda h, w_, b_=None: ref.linear_token_logprobs(h, w_, y, b_, softcap, logit_scale=logit_scale),
+        tensors, dtype=dtype,
         upstream=up, c=16.0, names=["hidden", "lm_head", "bias"][: len(tensors)])
     ignored = y == IGNORE_INDEX
     assert bool((out[ignored] == 0).all()) and bool((grads[0][ignored] == 0).all())
@@ -262,15 +268,19 @@ def test_probe_sees_the_naive_path():
     (dict(bias=torch.zeros(4)), "bias", ValueError),
     (dict(softcap=-1.0), "softcap", ValueError),
     (dict(labels=torch.tensor([0, 5])), "labels", ValueError),
+    (dict(logit_scale=0.0), "logit_scale", ValueError),
+    (dict(logit_scale=float("inf")), "logit_scale", ValueError),
+    (dict(logit_scale=1e-50), "logit_scale", ValueError),  # 0 in float32, what the kernels read
+    (dict(logit_scale="8"), "logit_scale", TypeError),
 ])
 def test_errors(bad, match, exc):
     args = dict(hidden=torch.zeros(2, 3), lm_head=torch.zeros(5, 3), bias=None, labels=torch.tensor([0, 1]),
-                softcap=None)
+                softcap=None, logit_scale=1.0)
     args.update(bad)
-    softcap = args.pop("softcap")
+    softcap, scale = args.pop("softcap"), args.pop("logit_scale")
     with pytest.raises(exc, match=match):
         linear_token_logprobs_2d(args["hidden"], args["lm_head"], args["bias"], args["labels"],
-                                 LinearLogprobsOptions(softcap=softcap))
+                                 LinearLogprobsOptions(softcap=softcap, logit_scale=scale))
 
 
 def test_divisor_needs_reduction():

@@ -153,7 +153,8 @@ class UnlearnTrainer(transformers.Trainer):
             ``data_collator`` defaults to ``collate_unlearn``.
     Raises ValueError at construction for: a method that needs a reference without one, a precomputed
     reference for a method that needs the reference model itself, an output layer carrying a PEFT adapter,
-    a model whose head rescales logits (``logit_scale``, ``logits_scaling``), a reference partitioned by
+    a logit scale on a family ``fastweight.integrations.transformers.LOGIT_SCALES`` does not know (Granite's
+    and Cohere's are applied), a reference partitioned by
     DeepSpeed ZeRO-3 (or ``"copy"`` of a partitioned policy).
     """
 
@@ -168,7 +169,7 @@ class UnlearnTrainer(transformers.Trainer):
         kwargs.setdefault("data_collator", collate_unlearn)
         super().__init__(*args, **kwargs)
         hf = _patch._unwrap(self.model)
-        _patch._output_layer(hf)  # LoRA on lm_head, rescaled logits: clear error now
+        _patch.output_head(hf)  # LoRA on lm_head, an unknown logit scale: clear error now
         if not _patch.is_patched(hf):  # the copy-safe forward, the fastweight_run hook; "nll" for eval loss
             _patch.patch(hf, "nll")
         name = self.method.name

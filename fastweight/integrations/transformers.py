@@ -28,8 +28,11 @@ the model's own modeling module, ``loss += model.router_aux_loss_coef * aux_loss
 
 Generic, not per architecture: W and b come from ``model.get_output_embeddings()`` (tied embeddings share
 the input embedding's Parameter, so its gradient accumulates both uses), Gemma-2/3's soft-capping from
-``config.final_logit_softcapping``. Models that rescale their logits in other ways (``config.logit_scale``,
-``config.logits_scaling``) are refused rather than silently mis-computed. PEFT models are unwrapped with
+``config.final_logit_softcapping``, and the logit scale of families whose output layer rescales
+(``logits = s * lm_head(h)``: Cohere's ``logit_scale`` s, Granite's ``1 / logits_scaling``; ``LOGIT_SCALES``
+says which family applies which attribute how) goes into the fused op's ``logit_scale``; a scale attribute on
+a family not in that table is refused rather than guessed. ``output_head`` is the one reader of a model's head
+for every caller (``patch``, ``fastweight.train``, ``UnlearnTrainer``). PEFT models are unwrapped with
 ``get_base_model()``; adapters inside the decoder work as usual, an adapter on the output layer is refused.
 
 ``num_items_in_batch`` (passed by the HF Trainer under gradient accumulation) turns a token-mean loss into
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import sys
 from typing import Any, Callable
 
@@ -56,8 +60,21 @@ CALL_KEYWORDS = ("fastweight_loss", "fastweight_token_logprobs")
 NO_LOSS = "none"
 # Private hook of fastweight.integrations.trainer: ``model(fastweight_run=fn)`` returns ``fn(hf_model)``.
 RUN_KEYWORD = "fastweight_run"
-# Config attributes of families whose logits are not ``lm_head(h)`` (optionally soft-capped).
-_UNSUPPORTED_SCALES = ("logit_scale", "logits_scaling")
+# Families whose logits are ``s * lm_head(h)``: config ``model_type`` -> (attribute, how s follows from it), as
+# each family's ``*ForCausalLM.forward`` applies it in transformers 5.25 (models/<family>/modeling_<family>.py:
+# Granite ``logits / config.logits_scaling``; MiniCPM3 divides the hidden states by it before an unbiased
+# lm_head, the same map; HyperCLOVAX ``lm_head(h) * config.logits_scaling``; Cohere ``logits * logit_scale``).
+# The same attribute name means opposite things in different families, so nothing is guessed: a non-unit
+# value on a family missing here is refused. A composite model's ``text_config`` is read the same way.
+LOGIT_SCALES: dict[str, tuple[str, str]] = {
+    **{t: ("logits_scaling", "divide") for t in ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid",
+                                                  "granite_swa", "granitemoe_swa", "minicpm3")},
+    "hyperclovax": ("logits_scaling", "multiply"),
+    **{t: ("logit_scale", "multiply") for t in ("cohere", "cohere2", "cohere2_moe", "cohere_compass")},
+}
+# Config attributes that a family carries but its forward never applies (MptConfig.logit_scale).
+_UNUSED_SCALES = {("mpt", "logit_scale")}
+_SCALE_ATTRS = ("logit_scale", "logits_scaling")
 # Fields of the output added by fastweight_token_logprobs=True.
 EXTRA_FIELDS = ("token_logprobs", "sequence_nll", "num_tokens")
 
@@ -102,11 +119,16 @@ def _resolve_loss(loss: str | Callable[..., torch.Tensor], loss_kwargs: dict[str
     unknown = sorted(set(loss_kwargs) - set(params))
     if unknown:
         raise TypeError(f"unknown keyword argument(s) {unknown} for loss {name!r}; it accepts {sorted(params)}")
-    reserved = sorted(set(loss_kwargs) & {"lm_head", "bias", "softcap", "shift", "labels"})
+    reserved = sorted(set(loss_kwargs) & {"lm_head", "bias", "softcap", "logit_scale", "shift", "labels"})
     if reserved:
         raise TypeError(f"loss_kwargs {reserved} are set by patch() from the model; do not pass them")
     kwargs.update(loss_kwargs)
     return name, fn, kwargs
+
+
+def _accepts(fn: Callable[..., Any], arg: str) -> bool:
+    params = inspect.signature(fn).parameters
+    return arg in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
 
 
 def _validate_options(name: str, fn: Callable[..., torch.Tensor], kwargs: dict[str, Any]) -> None:
@@ -117,15 +139,63 @@ def _validate_options(name: str, fn: Callable[..., torch.Tensor], kwargs: dict[s
         fn(hidden, labels, **{**kwargs, "lm_head": head, "shift": True, "backend": "torch"})
 
 
+def logit_scale_of(config: Any) -> float:
+    """The factor s of ``logits = s * lm_head(h)`` for a transformers config (1.0 for most families).
+
+    ValueError when a scale attribute is set (not 1) on a family ``LOGIT_SCALES`` does not cover, or holds
+    something other than a positive finite number."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        model_type = getattr(cfg, "model_type", None)
+        for attr in _SCALE_ATTRS:
+            value = getattr(cfg, attr, None)
+            if cfg is None or value is None or (model_type, attr) in _UNUSED_SCALES:
+                continue
+            rule = LOGIT_SCALES.get(model_type)
+            if rule is not None and rule[0] == attr:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                        or value <= 0:
+                    raise ValueError(f"model config has {attr}={value!r}: expected a positive finite number")
+                return float(value) if rule[1] == "multiply" else 1.0 / float(value)
+            if value not in (1, 1.0):
+                raise ValueError(f"model config (model_type={model_type!r}) has {attr}={value!r}: its logits are "
+                                 "rescaled in a way fastweight does not know for this family (known: "
+                                 f"{sorted(LOGIT_SCALES)}); train it through its own forward, unpatched")
+    return 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputHead:
+    """What turns a causal LM's last hidden states into logits: ``softcap(logit_scale * (h @ weight.T + bias))``.
+
+    weight [V, H] (the Parameter itself, tied or not), bias [V] | None, softcap (Gemma-2/3) | None,
+    logit_scale (``LOGIT_SCALES``; 1.0 for most families)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    softcap: float | None
+    logit_scale: float = 1.0
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of a fastweight loss (``logit_scale`` only when it is not 1, so custom losses
+        without that argument keep working on unscaled models)."""
+        kw = dict(lm_head=self.weight, bias=self.bias, softcap=self.softcap)
+        if self.logit_scale != 1.0:
+            kw["logit_scale"] = self.logit_scale
+        return kw
+
+
+def output_head(model: torch.nn.Module) -> OutputHead:
+    """The output projection of a transformers causal LM (PEFT wrappers unwrapped), with the refusals every
+    caller shares: no ``get_output_embeddings()``, a PEFT adapter on the output layer, an unknown logit scale."""
+    model = _unwrap(model)
+    weight, bias, softcap = _output_layer(model)
+    return OutputHead(weight, bias, softcap, logit_scale_of(getattr(model, "config", None)))
+
+
 def _output_layer(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
-    """(weight [V, H], bias [V] | None, softcap | None) of the model's output projection."""
+    """(weight [V, H], bias [V] | None, softcap | None) of the model's output projection (``output_head``
+    adds the logit scale)."""
     config = getattr(model, "config", None)
-    for attr in _UNSUPPORTED_SCALES:
-        value = getattr(config, attr, None)
-        if value not in (None, 1, 1.0):
-            raise ValueError(f"model config has {attr}={value}: its logits are rescaled, which the fused path does "
-                             "not reproduce; this model family is not supported by fastweight.patch (train it "
-                             "through its own forward, unpatched)")
     head = model.get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(model).__name__}.get_output_embeddings() is None: not a causal LM with an lm_head")
@@ -226,8 +296,7 @@ class FastweightForward:
         decoder = hf.get_decoder()
         outputs = decoder(**{k: v for k, v in call.items() if k not in _HEAD_ONLY})
         hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
-        weight, bias, softcap = _output_layer(hf)
-        head = dict(lm_head=weight, bias=bias, softcap=softcap, backend=state.backend)
+        head = dict(output_head(hf).loss_kwargs(), backend=state.backend)
         if shift_labels is not None:  # transformers' pre-shifted labels (context parallelism)
             labels, head["shift"] = shift_labels, False
         else:
@@ -270,10 +339,12 @@ def patch(model: torch.nn.Module, loss: str | Callable[..., torch.Tensor] = "sat
 
     Args:
         model: a transformers causal LM (``*ForCausalLM``: Llama, Mistral, Mixtral, Qwen2/3, Qwen2-MoE, Phi-3,
-            Gemma/Gemma-2, ...), possibly wrapped by PEFT. Patched in place (instance attribute), and returned.
+            Gemma/Gemma-2, Granite, Cohere, ...), possibly wrapped by PEFT. Patched in place (instance
+            attribute), and returned.
         loss: a name of ``fastweight.losses.LOSSES`` whose method needs neither a reference model nor a retain
             batch ("satimp", "wga", "simimp", "ga", "nll", "simnpo", ...), or a callable with the loss signature
-            ``fn(hidden, labels, *, lm_head, bias, softcap, shift, reduction, backend, **kw)``.
+            ``fn(hidden, labels, *, lm_head, bias, softcap, shift, reduction, backend, **kw)`` (plus
+            ``logit_scale`` for models that scale their logits, Cohere and Granite).
         backend: fastweight backend ("auto" = Triton on CUDA, torch otherwise).
         **loss_kwargs: hyper-parameters of the loss (e.g. ``beta1=5.0, beta2=0.1``); registry defaults otherwise.
             Validated now: ``patch(m, "satimp", beta1=-1)`` raises ValueError naming ``beta1``.
@@ -292,7 +363,10 @@ def patch(model: torch.nn.Module, loss: str | Callable[..., torch.Tensor] = "sat
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     name, fn, kwargs = _resolve_loss(loss, loss_kwargs)
     _validate_options(name, fn, kwargs)
-    _output_layer(hf)  # fail now, not at the first training step
+    out_head = output_head(hf)  # fail now, not at the first training step
+    if out_head.logit_scale != 1.0 and not _accepts(fn, "logit_scale"):
+        raise ValueError(f"{type(hf).__name__} scales its logits by {out_head.logit_scale} but loss {name!r} has no "
+                         "logit_scale= argument; add one (and pass it to fastweight's token_logprobs)")
     _router_aux_loss_fn(hf)
     decoder = hf.get_decoder()
     if decoder is hf:

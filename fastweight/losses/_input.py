@@ -6,7 +6,8 @@ from here, so shapes, the causal shift, the two input forms and backend choice a
 Input forms:
     logits path:       ``x`` = logits [..., V], ``lm_head`` None.
     fused-linear path: ``x`` = hidden [..., H], ``lm_head`` = W [V, H], optional ``bias`` [V] and
-                       ``softcap`` (logits = softcap * tanh((x @ W.T + b) / softcap), as in Gemma-2);
+                       ``softcap`` and ``logit_scale`` s (logits = softcap * tanh(s (x @ W.T + b) / softcap);
+                       soft-capping as in Gemma-2, s as Cohere's logit_scale or Granite's 1 / logits_scaling);
                        ``fastweight.ops.linear_logprobs`` computes it without building the logits.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from fastweight._constants import IGNORE_INDEX
-from fastweight.ops._common import check_float_tensor, flatten_rows
+from fastweight.ops._common import check_float_tensor, flatten_rows, shift_labels
 from fastweight.ops.linear_logprobs import (
     LinearLogprobsOptions, linear_token_logprobs_2d, linear_weighted_logprobs_2d,
 )
@@ -27,15 +28,15 @@ def _check_lm_head(hidden: torch.Tensor, lm_head: torch.Tensor) -> None:
         raise ValueError(f"lm_head must be [V, H] with H = {hidden.shape[-1]}, got shape {tuple(lm_head.shape)}")
 
 
-def _check_linear_args(lm_head, bias, softcap) -> None:
-    if lm_head is None and (bias is not None or softcap is not None):
-        raise ValueError("bias and softcap are only meaningful with lm_head (hidden-state input)")
+def _check_linear_args(lm_head, bias, softcap, logit_scale=1.0) -> None:
+    if lm_head is None and (bias is not None or softcap is not None or logit_scale != 1.0):
+        raise ValueError("bias, softcap and logit_scale are only meaningful with lm_head (hidden-state input)")
     if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
         raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
 
 
 def weighted_logprobs(x: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.Tensor | None = None,
-                      bias: torch.Tensor | None = None, softcap: float | None = None,
+                      bias: torch.Tensor | None = None, softcap: float | None = None, logit_scale: float = 1.0,
                       beta1: float = 0.0, beta2: float = 0.0, weighted: bool = True, reduction: str = "mean",
                       shift: bool = False, ignore_index: int = IGNORE_INDEX, backend: str | None = "auto",
                       inplace_backward: bool = False, check_finite: bool = False,
@@ -47,7 +48,7 @@ def weighted_logprobs(x: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.T
     ``num_items_in_batch``, needs reduction "sum") divides the summed value: ``sum / num_items``.
     ``inplace_backward`` only concerns the logits path (the fused-linear path never has logits).
     """
-    _check_linear_args(lm_head, bias, softcap)
+    _check_linear_args(lm_head, bias, softcap, logit_scale)
     if num_items is not None and reduction != "sum":
         raise ValueError(f"num_items needs reduction='sum', got reduction={reduction!r}")
     name = "logits" if lm_head is None else "hidden"
@@ -55,7 +56,8 @@ def weighted_logprobs(x: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.T
     if lm_head is not None:
         _check_lm_head(rows, lm_head)
         lopts = LinearLogprobsOptions(ignore_index=ignore_index, beta1=beta1, beta2=beta2, weighted=weighted,
-                                      reduction=reduction, softcap=softcap, backend=backend,
+                                      reduction=reduction, softcap=softcap, logit_scale=logit_scale,
+                                      backend=backend,
                                       check_finite=check_finite)
         out, w = linear_weighted_logprobs_2d(rows, lm_head, bias, flat_labels, lopts, divisor=num_items)
     else:
@@ -71,19 +73,33 @@ def weighted_logprobs(x: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.T
 
 
 def token_logprobs(x: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.Tensor | None = None,
-                   bias: torch.Tensor | None = None, softcap: float | None = None, shift: bool = False,
+                   bias: torch.Tensor | None = None, softcap: float | None = None,
+                   logit_scale: float = 1.0, shift: bool = False,
                    ignore_index: int = IGNORE_INDEX, backend: str | None = "auto", check_finite: bool = False,
-                   ) -> torch.Tensor:
-    """log p_t shaped like ``labels`` (float32; float64 for float64 input), differentiable; 0 where ignored."""
-    _check_linear_args(lm_head, bias, softcap)
+                   token_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """log p_t shaped like ``labels`` (float32; float64 for float64 input), differentiable; 0 where ignored.
+
+    ``token_weights``: optional float tensor shaped like ``labels`` (weight of each label token; detached).
+    Returns ``c_t * log p_t`` and back-propagates ``g_t * c_t`` inside the op (O(N), no [N, V] tensor); with
+    ``shift=True`` the weight moves with its label (entry t scores labels[..., t + 1] with its weight).
+    Weights of ones give the unweighted result bit for bit; rows of weight 0 cost no GEMM on the fused path.
+    """
+    _check_linear_args(lm_head, bias, softcap, logit_scale)
     name = "logits" if lm_head is None else "hidden"
     rows, flat_labels = flatten_rows(x, labels, name, ignore_index, shift)
+    flat_weights = None
+    if token_weights is not None:
+        if not isinstance(token_weights, torch.Tensor) or token_weights.shape != labels.shape:
+            raise ValueError(f"token_weights must be a tensor shaped like labels {tuple(labels.shape)}, got "
+                             f"{tuple(getattr(token_weights, 'shape', ())) or type(token_weights).__name__}")
+        flat_weights = (shift_labels(token_weights, 0) if shift else token_weights).reshape(-1)
     if lm_head is not None:
         _check_lm_head(rows, lm_head)
-        lopts = LinearLogprobsOptions(ignore_index=ignore_index, softcap=softcap, backend=backend,
+        lopts = LinearLogprobsOptions(ignore_index=ignore_index, softcap=softcap,
+                                      logit_scale=logit_scale, backend=backend,
                                       check_finite=check_finite)
-        logp, _ = linear_token_logprobs_2d(rows, lm_head, bias, flat_labels, lopts)
+        logp, _ = linear_token_logprobs_2d(rows, lm_head, bias, flat_labels, lopts, flat_weights)
     else:
         opts = TokenLogprobsOptions(ignore_index=ignore_index, backend=backend, check_finite=check_finite)
-        logp, _ = token_logprobs_2d(rows, flat_labels, opts)
+        logp, _ = token_logprobs_2d(rows, flat_labels, opts, flat_weights)
     return logp.reshape(labels.shape)

@@ -89,7 +89,8 @@ def _conjugate_of_activation(divergence: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def mean_token_prob(x: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.Tensor | None = None,
-                    bias: torch.Tensor | None = None, softcap: float | None = None, shift: bool = False,
+                    bias: torch.Tensor | None = None, softcap: float | None = None,
+                    logit_scale: float = 1.0, shift: bool = False,
                     ignore_index: int = IGNORE_INDEX, backend: str | None = "auto", check_finite: bool = False,
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence mean token probability P [B] float32 (differentiable) and valid-token counts n [B].
@@ -97,7 +98,7 @@ def mean_token_prob(x: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.Ten
     Sequences with no valid token give P = 0, n = 0.
     """
     require_sequences("labels", labels)
-    logp = token_logprobs(x, labels, lm_head=lm_head, bias=bias, softcap=softcap, shift=shift,
+    logp = token_logprobs(x, labels, lm_head=lm_head, bias=bias, softcap=softcap, logit_scale=logit_scale, shift=shift,
                           ignore_index=ignore_index, backend=backend, check_finite=check_finite)
     valid = valid_mask(labels, shift, ignore_index)
     n = valid.sum(-1)
@@ -106,7 +107,7 @@ def mean_token_prob(x: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.Ten
 
 def flat_loss(forget: torch.Tensor, forget_labels: torch.Tensor, idk: torch.Tensor, idk_labels: torch.Tensor, *,
               divergence: Divergence = "tv", lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-              softcap: float | None = None, reduction: str = "mean", shift: bool = False,
+              softcap: float | None = None, logit_scale: float = 1.0, reduction: str = "mean", shift: bool = False,
               ignore_index: int = IGNORE_INDEX, backend: str | None = "auto",
               check_finite: bool = False) -> torch.Tensor:
     """FLAT ``mean_b[-g(P_e) + f*(g(P_f))]`` (see the module docstring for g and f*).
@@ -121,7 +122,8 @@ def flat_loss(forget: torch.Tensor, forget_labels: torch.Tensor, idk: torch.Tens
     """
     check_choice("divergence", divergence, DIVERGENCES)
     check_reduction(reduction)
-    kw = dict(lm_head=lm_head, bias=bias, softcap=softcap, shift=shift, ignore_index=ignore_index, backend=backend,
+    kw = dict(lm_head=lm_head, bias=bias, softcap=softcap,
+              logit_scale=logit_scale, shift=shift, ignore_index=ignore_index, backend=backend,
               check_finite=check_finite)
     P_f, n_f = mean_token_prob(forget, forget_labels, **kw)
     P_e, n_e = mean_token_prob(idk, idk_labels, **kw)

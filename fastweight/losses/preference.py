@@ -43,14 +43,16 @@ _ARGS_DOC = """
 """
 
 
-def _logp(x, labels, lm_head, bias, softcap, shift, ignore_index, backend, check_finite=False):
-    logp = token_logprobs(x, labels, lm_head=lm_head, bias=bias, softcap=softcap, shift=shift,
+def _logp(x, labels, lm_head, bias, softcap, shift, ignore_index, backend, check_finite=False,
+          logit_scale=1.0):
+    logp = token_logprobs(x, labels, lm_head=lm_head, bias=bias, softcap=softcap, logit_scale=logit_scale, shift=shift,
                           ignore_index=ignore_index, backend=backend, check_finite=check_finite)
     return logp, valid_mask(labels, shift, ignore_index)
 
 
 def sequence_nll(x: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None, softcap: float | None = None, shift: bool = False,
+                 bias: torch.Tensor | None = None, softcap: float | None = None,
+                 logit_scale: float = 1.0, shift: bool = False,
                  ignore_index: int = IGNORE_INDEX, backend: str | None = "auto", check_finite: bool = False,
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence NLL ``S_b = sum_t ell_t`` [B] float32 (differentiable) and valid-token counts ``n_b`` [B] int64.
@@ -58,7 +60,8 @@ def sequence_nll(x: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.Tensor
     Sequences with no valid token get S_b = 0, n_b = 0.
     """
     require_sequences("labels", labels)
-    logp, valid = _logp(x, labels, lm_head, bias, softcap, shift, ignore_index, backend, check_finite)
+    logp, valid = _logp(x, labels, lm_head, bias, softcap, shift, ignore_index, backend, check_finite,
+                        logit_scale)
     return -logp.sum(-1), valid.sum(-1)
 
 
@@ -74,6 +77,7 @@ def _neg_logsigmoid_loss(margin: torch.Tensor, beta: float, keep: torch.Tensor, 
 
 def npo_loss(x: torch.Tensor, labels: torch.Tensor, ref_nll: torch.Tensor, *, beta: float = 0.1,
              lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None, softcap: float | None = None,
+             logit_scale: float = 1.0,
              reduction: str = "mean", shift: bool = False, ignore_index: int = IGNORE_INDEX,
              backend: str | None = "auto", check_finite: bool = False) -> torch.Tensor:
     """NPO ``-(2/beta) mean_b log sigmoid(beta * (S_b - S_b^ref))`` (Zhang et al., 2024; spec NPO).
@@ -85,7 +89,7 @@ def npo_loss(x: torch.Tensor, labels: torch.Tensor, ref_nll: torch.Tensor, *, be
     check_number("beta", beta, low=0.0, low_open=True)
     check_reduction(reduction)
     _finite_ref("ref_nll", ref_nll, check_finite)
-    S, n = sequence_nll(x, labels, lm_head=lm_head, bias=bias, softcap=softcap, shift=shift,
+    S, n = sequence_nll(x, labels, lm_head=lm_head, bias=bias, softcap=softcap, logit_scale=logit_scale, shift=shift,
                         ignore_index=ignore_index, backend=backend, check_finite=check_finite)
     ref = check_ref("ref_nll", ref_nll, S.shape, S.device).to(S.dtype)
     return _neg_logsigmoid_loss(S - ref, beta, n > 0, reduction)
@@ -93,7 +97,7 @@ def npo_loss(x: torch.Tensor, labels: torch.Tensor, ref_nll: torch.Tensor, *, be
 
 def simnpo_loss(x: torch.Tensor, labels: torch.Tensor, *, beta: float = 2.5, gamma: float = 0.0,
                 lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                softcap: float | None = None, reduction: str = "mean", shift: bool = False,
+                softcap: float | None = None, logit_scale: float = 1.0, reduction: str = "mean", shift: bool = False,
                 ignore_index: int = IGNORE_INDEX, backend: str | None = "auto",
                 check_finite: bool = False) -> torch.Tensor:
     """SimNPO ``-(2/beta) mean_b log sigmoid(beta * (S_b / n_b - gamma))`` (Fan et al., 2024); no reference.
@@ -103,7 +107,7 @@ def simnpo_loss(x: torch.Tensor, labels: torch.Tensor, *, beta: float = 2.5, gam
     check_number("beta", beta, low=0.0, low_open=True)
     check_number("gamma", gamma)
     check_reduction(reduction)
-    S, n = sequence_nll(x, labels, lm_head=lm_head, bias=bias, softcap=softcap, shift=shift,
+    S, n = sequence_nll(x, labels, lm_head=lm_head, bias=bias, softcap=softcap, logit_scale=logit_scale, shift=shift,
                         ignore_index=ignore_index, backend=backend, check_finite=check_finite)
     return _neg_logsigmoid_loss(S / n.clamp(min=1) - gamma, beta, n > 0, reduction)
 
@@ -120,6 +124,7 @@ def tnpo_weights(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float, alpha:
 
 def tnpo_loss(x: torch.Tensor, labels: torch.Tensor, ref_logp: torch.Tensor, *, beta: float = 4.0,
               lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None, softcap: float | None = None,
+              logit_scale: float = 1.0,
               reduction: str = "mean", shift: bool = False, ignore_index: int = IGNORE_INDEX,
               backend: str | None = "auto", return_weights: bool = False, check_finite: bool = False):
     """Token-wise NPO ``-tokmean(sg[2 p**beta / (p**beta + p_ref**beta + 1e-5)] * ell)`` (G-effect).
@@ -129,25 +134,26 @@ def tnpo_loss(x: torch.Tensor, labels: torch.Tensor, ref_logp: torch.Tensor, *, 
     ``return_weights=True`` also returns the detached weights shaped like labels (0 where ignored).
     """
     return _tnpo(x, labels, ref_logp, beta, 0.0, lm_head, bias, softcap, reduction, shift, ignore_index, backend,
-                 return_weights, check_finite)
+                 return_weights, check_finite, logit_scale)
 
 
 def wtnpo_loss(x: torch.Tensor, labels: torch.Tensor, ref_logp: torch.Tensor, *, alpha: float = 1.5,
                beta: float = 5.0, lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-               softcap: float | None = None, reduction: str = "mean", shift: bool = False,
+               softcap: float | None = None, logit_scale: float = 1.0, reduction: str = "mean", shift: bool = False,
                ignore_index: int = IGNORE_INDEX, backend: str | None = "auto", return_weights: bool = False,
                check_finite: bool = False):
     """Weighted TNPO: the TNPO weight times ``sg[p**alpha]`` (G-effect); ref_logp as in ``tnpo_loss``."""
     check_number("alpha", alpha, low=0.0)
     return _tnpo(x, labels, ref_logp, beta, alpha, lm_head, bias, softcap, reduction, shift, ignore_index, backend,
-                 return_weights, check_finite)
+                 return_weights, check_finite, logit_scale)
 
 
 def _tnpo(x, labels, ref_logp, beta, alpha, lm_head, bias, softcap, reduction, shift, ignore_index, backend,
-          return_weights, check_finite=False):
+          return_weights, check_finite=False, logit_scale=1.0):
     check_number("beta", beta, low=0.0)
     check_reduction(reduction)
-    logp, valid = _logp(x, labels, lm_head, bias, softcap, shift, ignore_index, backend, check_finite)
+    logp, valid = _logp(x, labels, lm_head, bias, softcap, shift, ignore_index, backend, check_finite,
+                        logit_scale)
     ref = check_ref("ref_logp", ref_logp, logp.shape, logp.device).to(logp.dtype)
     if check_finite:  # only valid positions are read; ignored ones may hold anything
         _finite_ref("ref_logp", torch.where(valid, ref, 0.0), True)
@@ -159,6 +165,7 @@ def _tnpo(x, labels, ref_logp, beta, alpha, lm_head, bias, softcap, reduction, s
 def dpo_loss(win: torch.Tensor, win_labels: torch.Tensor, lose: torch.Tensor, lose_labels: torch.Tensor,
              ref_win_nll: torch.Tensor, ref_lose_nll: torch.Tensor, *, beta: float = 0.1,
              lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None, softcap: float | None = None,
+             logit_scale: float = 1.0,
              reduction: str = "mean", shift: bool = False, ignore_index: int = IGNORE_INDEX,
              backend: str | None = "auto", check_finite: bool = False) -> torch.Tensor:
     """DPO ``-(2/beta) mean_b log sigmoid(beta * ((S_lose - S_lose^ref) - (S_win - S_win^ref)))`` (spec).
@@ -172,7 +179,8 @@ def dpo_loss(win: torch.Tensor, win_labels: torch.Tensor, lose: torch.Tensor, lo
     check_reduction(reduction)
     _finite_ref("ref_win_nll", ref_win_nll, check_finite)
     _finite_ref("ref_lose_nll", ref_lose_nll, check_finite)
-    kw = dict(lm_head=lm_head, bias=bias, softcap=softcap, shift=shift, ignore_index=ignore_index, backend=backend,
+    kw = dict(lm_head=lm_head, bias=bias, softcap=softcap,
+              logit_scale=logit_scale, shift=shift, ignore_index=ignore_index, backend=backend,
               check_finite=check_finite)
     S_w, n_w = sequence_nll(win, win_labels, **kw)
     S_l, n_l = sequence_nll(lose, lose_labels, **kw)

@@ -14,13 +14,14 @@ import torch.nn.functional as F
 from fastweight._constants import IGNORE_INDEX
 from fastweight.losses._input import weighted_logprobs
 from fastweight.losses._seq import check_number, reduce_tokens
-from fastweight.ops._common import check_float_tensor, check_reduction, flatten_rows
+from fastweight.ops._common import check_float_tensor, check_logit_scale, check_reduction, flatten_rows
 from fastweight.ops.kl_div import kl_div
 from fastweight.ops.linear_kl_div import linear_kl_div
 
 
 def nll_loss(x: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.Tensor | None = None,
-             bias: torch.Tensor | None = None, softcap: float | None = None, reduction: str = "mean",
+             bias: torch.Tensor | None = None, softcap: float | None = None,
+             logit_scale: float = 1.0, reduction: str = "mean",
              shift: bool = False, ignore_index: int = IGNORE_INDEX, backend: str | None = "auto",
              check_finite: bool = False) -> torch.Tensor:
     """Retain NLL ``tokmean(ell_r)`` (the GD retain term; Hugging Face cross-entropy on valid tokens).
@@ -30,17 +31,18 @@ def nll_loss(x: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.Tensor | N
     Returns float32.
     """
     out, _ = weighted_logprobs(x, labels, weighted=False, lm_head=lm_head, bias=bias, softcap=softcap,
+                               logit_scale=logit_scale,
                                reduction=reduction, shift=shift, ignore_index=ignore_index, backend=backend,
                                check_finite=check_finite)
     return -out
 
 
-def _logit_rows(name: str, x: torch.Tensor, lm_head, bias, softcap) -> torch.Tensor:
+def _logit_rows(name: str, x: torch.Tensor, lm_head, bias, softcap, logit_scale=1.0) -> torch.Tensor:
     """[..., V] logits or [..., H] hidden (+ lm_head [V, H]) -> [N, V] logit rows."""
     check_float_tensor(name, x, min_dim=2)
     if lm_head is None:
-        if bias is not None or softcap is not None:
-            raise ValueError(f"bias and softcap for {name} are only meaningful with its lm_head")
+        if bias is not None or softcap is not None or logit_scale != 1.0:
+            raise ValueError(f"bias, softcap and logit_scale for {name} are only meaningful with its lm_head")
         rows = x.reshape(-1, x.shape[-1])
     else:
         check_float_tensor(f"{name} lm_head", lm_head, min_dim=2)
@@ -49,13 +51,17 @@ def _logit_rows(name: str, x: torch.Tensor, lm_head, bias, softcap) -> torch.Ten
         if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
             raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
         rows = F.linear(x.reshape(-1, x.shape[-1]), lm_head, bias)
+        if logit_scale != 1.0:
+            check_logit_scale("logit_scale", logit_scale)
+            rows = rows * logit_scale
         if softcap is not None:
             rows = softcap * torch.tanh(rows / softcap)
     return rows
 
 
 def _kl_rows(x, ref, labels, *, lm_head, bias, softcap, ref_lm_head, ref_bias, ref_softcap, shift,
-             ignore_index, masked, ref_shift, backend, check_finite, every_labelled_slot=False):
+             ignore_index, masked, ref_shift, backend, check_finite, every_labelled_slot=False, logit_scale=1.0,
+             ref_logit_scale=1.0):
     """Per-position KL [...] (like x's leading dims) and the mask of counted positions.
 
     every_labelled_slot (UNDIAL unmasked): count every position that has a (shifted) label slot, and give
@@ -77,8 +83,8 @@ def _kl_rows(x, ref, labels, *, lm_head, bias, softcap, ref_lm_head, ref_bias, r
                 raise ValueError(f"{name} must be [V, H] with H = {h.shape[-1]}, got {tuple(w.shape)}")
         V = lm_head.shape[0]
     else:
-        z = _logit_rows("x", x, lm_head, bias, softcap)
-        r = _logit_rows("ref", ref.detach(), ref_lm_head, ref_bias, ref_softcap).detach()
+        z = _logit_rows("x", x, lm_head, bias, softcap, logit_scale)
+        r = _logit_rows("ref", ref.detach(), ref_lm_head, ref_bias, ref_softcap, ref_logit_scale).detach()
         V = z.shape[-1]
     if masked or every_labelled_slot:
         if labels is None:
@@ -105,6 +111,7 @@ def _kl_rows(x, ref, labels, *, lm_head, bias, softcap, ref_lm_head, ref_bias, r
         ref_rows = ref.detach().reshape(-1, ref.shape[-1]).to(dtype)
         kl = linear_kl_div(rows, lm_head, ref_rows, ref_lm_head.detach().to(dtype), op_labels, bias=bias,
                            ref_bias=None if ref_bias is None else ref_bias.detach().to(dtype), softcap=softcap,
+                           logit_scale=logit_scale, ref_logit_scale=ref_logit_scale,
                            ref_softcap=ref_softcap, ref_shift=ref_shift, ignore_index=ignore_index,
                            backend=backend, check_finite=check_finite)
     else:
@@ -117,8 +124,10 @@ def _kl_rows(x, ref, labels, *, lm_head, bias, softcap, ref_lm_head, ref_bias, r
 
 def kl_loss(x: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor | None = None, *, masked: bool = False,
             lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None, softcap: float | None = None,
+            logit_scale: float = 1.0,
             ref_lm_head: torch.Tensor | None = None, ref_bias: torch.Tensor | None = None,
-            ref_softcap: float | None = None, reduction: str = "mean", shift: bool = False,
+            ref_softcap: float | None = None, ref_logit_scale: float = 1.0, reduction: str = "mean",
+            shift: bool = False,
             ignore_index: int = IGNORE_INDEX, backend: str | None = "auto", check_finite: bool = False,
             ) -> torch.Tensor:
     """KL retain regulariser ``KL(p_ref || p_theta)``, "batchmean" over positions (spec, KL retain).
@@ -135,8 +144,10 @@ def kl_loss(x: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor | None = No
     if not isinstance(masked, bool):
         raise TypeError(f"masked must be a bool, got {type(masked).__name__}")
     check_reduction(reduction)
-    kl, counted = _kl_rows(x, ref, labels, lm_head=lm_head, bias=bias, softcap=softcap, ref_lm_head=ref_lm_head,
-                           ref_bias=ref_bias, ref_softcap=ref_softcap, shift=shift, ignore_index=ignore_index,
+    kl, counted = _kl_rows(x, ref, labels, lm_head=lm_head, bias=bias, softcap=softcap,
+                           logit_scale=logit_scale, ref_lm_head=ref_lm_head, ref_bias=ref_bias,
+                           ref_softcap=ref_softcap, ref_logit_scale=ref_logit_scale, shift=shift,
+                           ignore_index=ignore_index,
                            masked=masked, ref_shift=0.0, backend=backend, check_finite=check_finite)
     return reduce_tokens(kl, counted, reduction)
 
@@ -144,8 +155,10 @@ def kl_loss(x: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor | None = No
 def undial_loss(x: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, *, beta: float = 10.0,
                 masked: bool = False,
                 lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None, softcap: float | None = None,
+                logit_scale: float = 1.0,
                 ref_lm_head: torch.Tensor | None = None, ref_bias: torch.Tensor | None = None,
-                ref_softcap: float | None = None, reduction: str = "mean", shift: bool = False,
+                ref_softcap: float | None = None, ref_logit_scale: float = 1.0, reduction: str = "mean",
+                shift: bool = False,
                 ignore_index: int = IGNORE_INDEX, backend: str | None = "auto", check_finite: bool = False,
                 ) -> torch.Tensor:
     """UNDIAL self-distillation (Dong et al., 2024): match the reference with the forget token's logit lowered.
@@ -166,8 +179,10 @@ def undial_loss(x: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, *, bet
     check_reduction(reduction)
     if labels is None:
         raise ValueError("labels are required by undial_loss (the shifted logit is the label's)")
-    kl, counted = _kl_rows(x, ref, labels, lm_head=lm_head, bias=bias, softcap=softcap, ref_lm_head=ref_lm_head,
-                           ref_bias=ref_bias, ref_softcap=ref_softcap, shift=shift, ignore_index=ignore_index,
+    kl, counted = _kl_rows(x, ref, labels, lm_head=lm_head, bias=bias, softcap=softcap,
+                           logit_scale=logit_scale, ref_lm_head=ref_lm_head, ref_bias=ref_bias,
+                           ref_softcap=ref_softcap, ref_logit_scale=ref_logit_scale, shift=shift,
+                           ignore_index=ignore_index,
                            masked=masked, ref_shift=float(beta), backend=backend, check_finite=check_finite,
                            every_labelled_slot=True)
     return reduce_tokens(kl, counted, reduction)

@@ -106,7 +106,7 @@ def group_mean(w: torch.Tensor, valid: torch.Tensor, group_size: int) -> torch.T
 def satimp_loss(logits: torch.Tensor, labels: torch.Tensor, *, beta1: float = 5.0, beta2: float = 0.1,
                 granularity: Granularity = "token", group_size: int = 4,
                 lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                softcap: float | None = None, reduction: str = "mean", shift: bool = False,
+                softcap: float | None = None, logit_scale: float = 1.0, reduction: str = "mean", shift: bool = False,
                 ignore_index: int = IGNORE_INDEX, backend: str | None = "auto", inplace_backward: bool = False,
                 check_finite: bool = False, return_weights: bool = False):
     """SatImp forget loss ``-tokmean(sg[p**beta1 * (1 - p)**beta2] * ell)`` (Yang et al., ICML 2025).
@@ -137,7 +137,8 @@ def satimp_loss(logits: torch.Tensor, labels: torch.Tensor, *, beta1: float = 5.
     """
     check_choice("granularity", granularity, GRANULARITIES)
     check_int("group_size", group_size, low=1)
-    kw = dict(lm_head=lm_head, bias=bias, softcap=softcap, shift=shift, ignore_index=ignore_index,
+    kw = dict(lm_head=lm_head, bias=bias, softcap=softcap,
+              logit_scale=logit_scale, shift=shift, ignore_index=ignore_index,
               backend=backend, check_finite=check_finite)
     if granularity == "token":
         return _reweighted(logits, labels, beta1, beta2, True, return_weights=return_weights,
@@ -161,7 +162,8 @@ def hard_sampling_loss(logits: torch.Tensor, labels: torch.Tensor, *, k: float =
                        sampling: Sampling = "topk", counts: Counts = "released", seed: int = 0,
                        generator: torch.Generator | None = None,
                        lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                       softcap: float | None = None, reduction: str = "sum", shift: bool = False,
+                       softcap: float | None = None,
+                       logit_scale: float = 1.0, reduction: str = "sum", shift: bool = False,
                        ignore_index: int = IGNORE_INDEX, backend: str | None = "auto",
                        check_finite: bool = False, return_weights: bool = False):
     """SatImp hard sampling (Yang et al., ICML 2025): gradient ascent on a subset of each sequence's tokens.
@@ -190,7 +192,8 @@ def hard_sampling_loss(logits: torch.Tensor, labels: torch.Tensor, *, k: float =
     check_reduction(reduction)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    logp = as_sequences(token_logprobs(logits, labels, lm_head=lm_head, bias=bias, softcap=softcap, shift=shift,
+    logp = as_sequences(token_logprobs(logits, labels, lm_head=lm_head, bias=bias, softcap=softcap,
+                                       logit_scale=logit_scale, shift=shift,
                                        ignore_index=ignore_index, backend=backend, check_finite=check_finite))
     valid = as_sequences(valid_mask(labels, shift, ignore_index))
     w = hard_sampling_mask(logp.detach(), valid, k, sampling, counts=counts, seed=seed,
@@ -243,34 +246,39 @@ def hard_sampling_mask(logp: torch.Tensor, valid: torch.Tensor, k: float, sampli
 
 def wga_loss(logits: torch.Tensor, labels: torch.Tensor, *, beta: float = 5.0,
              lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None, softcap: float | None = None,
+             logit_scale: float = 1.0,
              reduction: str = "mean", shift: bool = False, ignore_index: int = IGNORE_INDEX,
              backend: str | None = "auto", inplace_backward: bool = False, check_finite: bool = False,
              return_weights: bool = False):
     """Weighted gradient ascent ``-tokmean(sg[p**beta] * ell)`` (G-effect, Wang et al., ICLR 2025)."""
     check_beta("beta", beta)
     return _reweighted(logits, labels, beta, 0.0, True, lm_head=lm_head, bias=bias, softcap=softcap,
+                       logit_scale=logit_scale,
                        reduction=reduction, shift=shift, ignore_index=ignore_index, backend=backend,
                        inplace_backward=inplace_backward, check_finite=check_finite, return_weights=return_weights)
 
 
 def simimp_loss(logits: torch.Tensor, labels: torch.Tensor, *, beta: float = 1.0,
                 lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                softcap: float | None = None, reduction: str = "mean", shift: bool = False,
+                softcap: float | None = None, logit_scale: float = 1.0, reduction: str = "mean", shift: bool = False,
                 ignore_index: int = IGNORE_INDEX, backend: str | None = "auto", inplace_backward: bool = False,
                 check_finite: bool = False, return_weights: bool = False):
     """Importance-only reweighting ``-tokmean(sg[(1 - p)**beta] * ell)`` (SatImp paper)."""
     check_beta("beta", beta)
     return _reweighted(logits, labels, 0.0, beta, True, lm_head=lm_head, bias=bias, softcap=softcap,
+                       logit_scale=logit_scale,
                        reduction=reduction, shift=shift, ignore_index=ignore_index, backend=backend,
                        inplace_backward=inplace_backward, check_finite=check_finite, return_weights=return_weights)
 
 
 def ga_loss(logits: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.Tensor | None = None,
-            bias: torch.Tensor | None = None, softcap: float | None = None, reduction: str = "mean",
+            bias: torch.Tensor | None = None, softcap: float | None = None,
+            logit_scale: float = 1.0, reduction: str = "mean",
             shift: bool = False, ignore_index: int = IGNORE_INDEX, backend: str | None = "auto",
             inplace_backward: bool = False, check_finite: bool = False, return_weights: bool = False):
     """Gradient ascent ``-tokmean(ell)``: the forget NLL, negated."""
     return _reweighted(logits, labels, 0.0, 0.0, False, lm_head=lm_head, bias=bias, softcap=softcap,
+                       logit_scale=logit_scale,
                        reduction=reduction, shift=shift, ignore_index=ignore_index, backend=backend,
                        inplace_backward=inplace_backward, check_finite=check_finite, return_weights=return_weights)
 

@@ -71,6 +71,37 @@ def check_ref_shift(ref_shift: Any) -> None:
         raise ValueError(f"ref_shift must be finite, got {ref_shift}")
 
 
+def check_logit_scale(name: str, value: Any) -> None:
+    """The factor multiplying a model's projection (Cohere ``logit_scale``, Granite ``1 / logits_scaling``):
+    a positive finite real number, checked in float32 too (the kernels read it as float32)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0 and math.isfinite(float(torch.tensor(value, dtype=torch.float32)))
+            and float(torch.tensor(value, dtype=torch.float32)) > 0):
+        raise ValueError(f"{name} must be a positive finite number (in float32 too), got {value}")
+
+
+def check_token_weights(token_weights: Any, labels: torch.Tensor, dtype: torch.dtype, ignore_index: int,
+                        check_nonfinite: bool = False) -> torch.Tensor | None:
+    """Caller-supplied per-token weights c [N] (same layout as ``labels``), returned detached, contiguous, in
+    ``dtype`` (the ops' float32 / float64 accumulation dtype) and 0 on ignored rows (whatever they held), or
+    None. Any sign is allowed; with ``check_nonfinite`` a NaN/inf weight is a ValueError (one host sync)."""
+    if token_weights is None:
+        return None
+    if not isinstance(token_weights, torch.Tensor):
+        raise TypeError(f"token_weights must be a torch.Tensor or None, got {type(token_weights).__name__}")
+    if not token_weights.is_floating_point():
+        raise TypeError(f"token_weights must be a floating tensor, got {token_weights.dtype}")
+    if token_weights.shape != labels.shape:
+        raise ValueError(f"token_weights shape {tuple(token_weights.shape)} must equal the labels shape "
+                         f"{tuple(labels.shape)}")
+    if token_weights.device != labels.device:
+        raise ValueError(f"token_weights is on {token_weights.device} but labels are on {labels.device}")
+    if check_nonfinite:
+        check_finite("token_weights", token_weights)
+    return torch.where(labels != ignore_index, token_weights.detach().to(dtype), 0.0).contiguous()
+
+
 def check_weight_options(beta1: float, beta2: float, reduction: str, ignore_index: int) -> None:
     """The options every token-logprob op shares: weight exponents, reduction and the ignore label."""
     check_beta("beta1", beta1)

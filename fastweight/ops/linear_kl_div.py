@@ -2,7 +2,8 @@
 
 Twin of ``fastweight.ops.kl_div`` for the inputs ``hidden [N, H]`` + ``lm_head [V, H]`` (trained model) and
 ``ref_hidden [N, H_r]`` + ``ref_lm_head [V, H_r]`` (frozen reference), each with an optional bias [V] and
-Gemma-2 ``softcap``: neither ``[N, V]`` logits tensor exists. With ``labels``, ignored rows give KL 0 and
+Gemma-2 ``softcap`` and a ``logit_scale`` multiplying the projection (Cohere; Granite's 1 / logits_scaling):
+neither ``[N, V]`` logits tensor exists. With ``labels``, ignored rows give KL 0 and
 zero gradient and ``ref_shift`` lowers the reference logit of each row's label (UNDIAL, spec "UNDIAL").
 
 * Triton: ``fastweight.kernels.linear_kl_div`` (split-V forward, finalize, tile-recompute backward with
@@ -23,7 +24,8 @@ import torch
 
 from fastweight._constants import IGNORE_INDEX
 from fastweight.ops._common import (
-    acc_dtype, autocast_cast, check_finite, check_float_tensor, check_ignore_index, check_labels, check_ref_shift,
+    acc_dtype, autocast_cast, check_finite, check_float_tensor, check_ignore_index, check_labels, check_logit_scale,
+    check_ref_shift,
     launch_kernel, no_autocast, resolve_backend, signature_of, triton_interpret,
 )
 from fastweight.ops._gemm import add_linear_t_, gemm_operand, linear, new_products
@@ -54,6 +56,8 @@ class LinearKLDivOptions:
     ref_shift: subtracted from the reference logit of each counted row's label (needs labels; UNDIAL's beta).
     ignore_index: label value of rows excluded (KL 0, gradient 0) when labels are given.
     softcap, ref_softcap: final-logit soft-capping of the trained / reference model (> 0) or None.
+    logit_scale, ref_logit_scale: positive factor s multiplying each model's projection before soft-capping,
+        z = cap(s * (hidden @ lm_head.T + bias)); 1.0 for most models.
     backend: "auto" | "triton" | "torch".
     check_finite: scan every input for NaN/inf first (one extra pass and a host sync).
     chunk_elements: torch path, float32 elements per [c, V] logits buffer (c = chunk_elements // V, >= 1).
@@ -66,9 +70,13 @@ class LinearKLDivOptions:
     backend: str | None = "auto"
     check_finite: bool = False
     chunk_elements: int = TORCH_CHUNK_ELEMENTS
+    logit_scale: float = 1.0
+    ref_logit_scale: float = 1.0
 
     def __post_init__(self) -> None:
         check_ref_shift(self.ref_shift)
+        check_logit_scale("logit_scale", self.logit_scale)
+        check_logit_scale("ref_logit_scale", self.ref_logit_scale)
         check_ignore_index(self.ignore_index)
         for name in ("softcap", "ref_softcap"):
             v = getattr(self, name)
@@ -146,6 +154,7 @@ def _launch_args(hidden, lm_head, bias, ref_hidden, ref_lm_head, ref_bias, label
                   stride_ref_lm_head_v=ref_lm_head.stride(0),
                   ref_bias_ptr=ref_bias if ref_bias is not None else ref_lm_head)
     caps = dict(softcap=float(opts.softcap or 1.0), ref_softcap=float(opts.ref_softcap or 1.0),
+                logit_scale=float(opts.logit_scale), ref_logit_scale=float(opts.ref_logit_scale),
                 ref_shift=float(opts.ref_shift))
     n_blocks = triton_cdiv(N, tile.BLOCK_N)
     num_warps, num_stages = tile.num_warps, tile.num_stages
@@ -269,9 +278,16 @@ def _chunks(N, rows, step):
         yield slice(s, e) if rows is None else rows[s:e]
 
 
-def _logits(out, h, W, b, cap):
-    """cap(h @ W.T + b), into ``out`` when given (torch.mm; oneDNN allocates): (logits, softcap derivative or None)."""
-    z = linear(h, W, b, out=out)
+def _logits(out, h, W, b, cap, scale=1.0):
+    """cap(scale * (h @ W.T + b)), into ``out`` when given (torch.mm; oneDNN allocates): (logits, softcap
+    derivative or None). Float32 (64) chunks are scaled on the [c, H] side (and b), not the [c, V] products;
+    16-bit tensor-core operands get their float32 products scaled (s h in 16 bits would round again)."""
+    if scale == 1.0:
+        z = linear(h, W, b, out=out)
+    elif h.dtype in (torch.float32, torch.float64):
+        z = linear(h * scale, W, None if b is None else b * scale, out=out)
+    else:
+        z = linear(h, W, b, out=out).mul_(scale)
     if cap is None:
         return z, None
     t = z.mul_(1.0 / cap).tanh_()
@@ -288,6 +304,9 @@ class _Both:
         cast = (lambda t: None if t is None else t.to(self.acc))
         self.h, self.W, self.b = hidden, gemm_operand(lm_head, self.acc), cast(bias)
         self.hr, self.Wr, self.br = ref_hidden, gemm_operand(ref_lm_head, self.acc), cast(ref_bias)
+        # logit scales s, s_r: z = s (h W^T + b) (``_logits``); the backward folds s into its per-row coefficient
+        # and multiplies the unscaled chunk (s = 1: untouched).
+        self.s, self.sr = float(opts.logit_scale), float(opts.ref_logit_scale)
         self.labels, self.opts = labels, opts
         self.rows = _rows(hidden, labels, opts)
         V = lm_head.shape[0]
@@ -304,14 +323,13 @@ class _Both:
         return _chunks(self.h.shape[0], self.rows, self.step)
 
     def logits(self, idx):
-        """(h_c, z view, r view, softcap derivative of z or None) for the rows idx."""
+        """(h_c unscaled, z view, r view, softcap derivative of z or None) for the rows idx."""
         sel = (lambda t: t[idx]) if isinstance(idx, slice) else (lambda t: t.index_select(0, idx))
         h = gemm_operand(sel(self.h), self.acc, self.W)
         n = h.shape[0]
-        z, deriv = _logits(None if self.z is None else self.z[:n], h, self.W, self.b, self.opts.softcap)
+        z, deriv = _logits(None if self.z is None else self.z[:n], h, self.W, self.b, self.opts.softcap, self.s)
         r, _ = _logits(None if self.r is None else self.r[:n], gemm_operand(sel(self.hr), self.acc, self.Wr),
-                       self.Wr, self.br,
-                       self.opts.ref_softcap)
+                       self.Wr, self.br, self.opts.ref_softcap, self.sr)
         if self.labels is not None and self.opts.ref_shift != 0:
             r.scatter_add_(1, sel(self.labels).long()[:, None],
                            torch.full((n, 1), -float(self.opts.ref_shift), dtype=self.acc, device=r.device))
@@ -352,7 +370,7 @@ def linear_kl_backward_torch(hidden, lm_head, bias, ref_hidden, ref_lm_head, ref
     db = torch.zeros(V, dtype=acc, device=dev) if bias is not None and needs[2] else None
     for idx in both:
         h, z, r, deriv = both.logits(idx)
-        gc = g[idx].to(acc)[:, None]
+        gc = g[idx].to(acc)[:, None] * both.s  # d z / d (h W^T + b) = s (exact for s = 1)
         z.sub_(lse[idx].to(acc)[:, None]).exp_().sub_(r.sub_(lse_r[idx].to(acc)[:, None]).exp_()).mul_(gc)
         if deriv is not None:
             z.mul_(deriv)
@@ -401,14 +419,15 @@ def linear_kl_div(hidden: torch.Tensor, lm_head: torch.Tensor, ref_hidden: torch
                   bias: torch.Tensor | None = None, ref_bias: torch.Tensor | None = None,
                   softcap: float | None = None, ref_softcap: float | None = None, ref_shift: float = 0.0,
                   ignore_index: int = IGNORE_INDEX, backend: str | None = "auto", check_finite: bool = False,
-                  chunk_elements: int = TORCH_CHUNK_ELEMENTS) -> torch.Tensor:
+                  chunk_elements: int = TORCH_CHUNK_ELEMENTS, logit_scale: float = 1.0,
+                  ref_logit_scale: float = 1.0) -> torch.Tensor:
     """Per-row ``KL(softmax(r_t) || softmax(z_t))`` [N] float32 (float64 for float64 input), no logits tensor.
 
-    hidden [N, H], lm_head [V, H] (+ bias [V], softcap): the trained model, z = cap(hidden @ lm_head.T + bias);
-        differentiable (gradients in their own dtypes).
-    ref_hidden [N, H_r], ref_lm_head [V, H_r] (+ ref_bias [V], ref_softcap): the frozen reference; must not
-        require grad. All four matrices share one dtype: fp32 / bf16 / fp16 (fp64 on the torch backend);
-        the Triton backend needs H_r = H.
+    hidden [N, H], lm_head [V, H] (+ bias [V], softcap, logit_scale s): the trained model,
+        z = cap(s * (hidden @ lm_head.T + bias)); differentiable (gradients in their own dtypes).
+    ref_hidden [N, H_r], ref_lm_head [V, H_r] (+ ref_bias [V], ref_softcap, ref_logit_scale): the frozen
+        reference; must not require grad. All four matrices share one dtype: fp32 / bf16 / fp16 (fp64 on the
+        torch backend); the Triton backend needs H_r = H.
     labels: optional [N] int: rows with ``ignore_index`` give 0 and zero gradient, and ``ref_shift`` lowers
         the reference logit of each counted row's label (UNDIAL); without labels every row counts.
     Gradient w.r.t. the trained logits: ``g_t * (softmax(z_t) - softmax(r_t))`` (softcap derivative applied).
@@ -417,7 +436,8 @@ def linear_kl_div(hidden: torch.Tensor, lm_head: torch.Tensor, ref_hidden: torch
     """
     opts = LinearKLDivOptions(ref_shift=ref_shift, ignore_index=ignore_index, softcap=softcap,
                               ref_softcap=ref_softcap, backend=backend, check_finite=check_finite,
-                              chunk_elements=chunk_elements)
+                              chunk_elements=chunk_elements, logit_scale=logit_scale,
+                              ref_logit_scale=ref_logit_scale)
     hidden, lm_head, bias = autocast_cast(hidden, lm_head, bias)
     ref_hidden, ref_lm_head, ref_bias = autocast_cast(ref_hidden, ref_lm_head, ref_bias)
     validate(hidden, lm_head, bias, ref_hidden, ref_lm_head, ref_bias, labels, opts)

@@ -1,7 +1,8 @@
 """Token log-likelihoods straight from hidden states and the output projection (fused linear; no logits).
 
 Twin of ``fastweight.ops.token_logprobs`` for the input ``hidden [N, H]``, ``lm_head [V, H]`` (optional
-``bias [V]`` and Gemma-2 ``softcap``): ``z = softcap * tanh((hidden @ lm_head.T + bias) / softcap)``.
+``bias [V]``, Gemma-2 ``softcap`` and ``logit_scale`` s, as Cohere's ``logit_scale`` or Granite's
+``1 / logits_scaling``): ``z = softcap * tanh(s * (hidden @ lm_head.T + bias) / softcap)``.
 
 * ``linear_token_logprobs_2d`` -> ``(logp [N], lse [N])``; backward recomputes the logits block by block.
 * ``linear_weighted_logprobs_2d`` -> ``(reduce(sg[w_t] * logp_t), w [N])``. For "mean"/"sum" the per-row
@@ -29,8 +30,9 @@ import torch
 
 from fastweight._constants import IGNORE_INDEX, Reduction
 from fastweight.ops._common import (
-    acc_dtype, autocast_cast, check_finite, check_float_tensor, check_labels, check_weight_options,
-    importance_weight_torch, launch_kernel, no_autocast, resolve_backend, signature_of, triton_interpret,
+    acc_dtype, autocast_cast, check_finite, check_float_tensor, check_labels, check_logit_scale,
+    check_token_weights, check_weight_options, importance_weight_torch, launch_kernel, no_autocast, resolve_backend,
+    signature_of, triton_interpret,
 )
 from fastweight.ops._gemm import add_linear_t_, gemm_operand, linear, new_products
 
@@ -98,6 +100,9 @@ class LinearLogprobsOptions:
     weighted: compute weights at all (False for plain token log-probs / GA).
     reduction: "none" | "mean" | "sum" of ``w * logp``; "mean" divides by the number of valid rows.
     softcap: final-logit soft-capping constant (> 0) or None.
+    logit_scale: positive finite s multiplying the projection before soft-capping (1.0: none). Both paths
+        fold it into the per-row gradient coefficient; the torch path scales each [c, H] hidden chunk (the
+        float32 products when CUDA operands stay 16-bit).
     backend: "auto" | "triton" | "torch".
     check_finite: scan hidden / lm_head / bias for NaN/inf first (one extra pass and a host sync).
     chunk_elements: torch path, float32 elements of the [c, V] chunk buffer (c = chunk_elements // V, >= 1).
@@ -112,12 +117,14 @@ class LinearLogprobsOptions:
     backend: str | None = "auto"
     check_finite: bool = False
     chunk_elements: int = TORCH_CHUNK_ELEMENTS
+    logit_scale: float = 1.0
 
     def __post_init__(self) -> None:
         check_weight_options(self.beta1, self.beta2, self.reduction, self.ignore_index)
         if self.softcap is not None and (isinstance(self.softcap, bool) or not isinstance(self.softcap, (int, float))
                                          or not math.isfinite(self.softcap) or self.softcap <= 0):
             raise ValueError(f"softcap must be a positive finite number or None, got {self.softcap!r}")
+        check_logit_scale("logit_scale", self.logit_scale)
         if isinstance(self.chunk_elements, bool) or not isinstance(self.chunk_elements, int) or self.chunk_elements < 1:
             raise ValueError(f"chunk_elements must be a positive int, got {self.chunk_elements!r}")
 
@@ -184,7 +191,8 @@ def _launch_args(hidden, lm_head, bias, labels, opts: LinearLogprobsOptions, *, 
         args = dict(hidden_ptr=hidden, stride_hidden_n=hidden.stride(0), lm_head_ptr=lm_head,
                     stride_lm_head_v=lm_head.stride(0), bias_ptr=bias_arg, labels_ptr=labels,
                     part_max_ptr=part_max, part_sum_ptr=part_sum, z_y_ptr=z_y, N=N, V=V, H=H,
-                    ignore_index=opts.ignore_index, softcap=softcap, v_per_split=v_per_split)
+                    ignore_index=opts.ignore_index, softcap=softcap, logit_scale=float(opts.logit_scale),
+                    v_per_split=v_per_split)
         grid, constexprs = (n_blocks, splits), common
         outputs = dict(part_max=part_max, part_sum=part_sum, z_y=z_y, splits=splits)
     elif kernel == "finalize":
@@ -207,7 +215,8 @@ def _launch_args(hidden, lm_head, bias, labels, opts: LinearLogprobsOptions, *, 
                     stride_lm_head_v=lm_head.stride(0), bias_ptr=bias_arg, labels_ptr=labels, lse_ptr=lse,
                     logp_ptr=logp, g_ptr=g, dh_ptr=dh if dh is not None else lse, stride_dh_n=H,
                     dw_ptr=dw if dw is not None else lse, stride_dw_v=H, db_ptr=db if db is not None else lse,
-                    N=N, V=V, H=H, ignore_index=opts.ignore_index, softcap=softcap)
+                    N=N, V=V, H=H, ignore_index=opts.ignore_index, softcap=softcap,
+                    logit_scale=float(opts.logit_scale))
         grid = (n_blocks, triton_cdiv(V, tile.BLOCK_V))
         constexprs = dict(common, COMPUTE_DH=bool(compute_dh), COMPUTE_DW=bool(compute_dw))
         outputs = dict(lse=lse, logp=logp, g=g, dh=dh, dw=dw, db=db)
@@ -265,12 +274,13 @@ def aot_cases() -> list[dict[str, Any]]:
 
 
 def linear_logprobs_forward_triton(hidden, lm_head, bias, labels, opts, *, grad_scale=None,
-                                   needs=(True, True, True)):
+                                   needs=(True, True, True), token_weights=None):
     """Triton forward. Returns (logp [N] f32, lse [N] f32, w [N] f32, grads).
 
     ``grad_scale``: 0-d float32 tensor or None. When given, ``grads`` = (d hidden, d lm_head, d bias) of
-    ``sum_t grad_scale * w_t * logp_t`` (None where ``needs`` is False) in float32 (float64 for float64
-    inputs; the caller scales by the upstream gradient and casts once), else ``grads`` is None.
+    ``sum_t grad_scale * w_t * c_t * logp_t`` (c = ``token_weights`` [N] or 1; None where ``needs`` is False)
+    in float32 (float64 for float64 inputs; the caller scales by the upstream gradient and casts once), else
+    ``grads`` is None.
     """
     from fastweight.kernels.linear_logprobs import _linear_logprobs_finalize, _linear_logprobs_fwd
 
@@ -286,6 +296,8 @@ def linear_logprobs_forward_triton(hidden, lm_head, bias, labels, opts, *, grad_
     grads = None
     if grad_scale is not None:
         g = grad_scale.to(torch.float32) * out["weight"]
+        if token_weights is not None:
+            g = g * token_weights.to(torch.float32)
         grads = linear_logprobs_backward_triton(hidden, lm_head, bias, labels, out["lse"], out["logp"], g, opts,
                                                 needs=needs, cast=False)
     return out["logp"], out["lse"], out["weight"], grads
@@ -322,6 +334,11 @@ class _Chunker:
         # float32 (float64) operands, except 16-bit CUDA ones that stay as they are for the tensor cores
         self.W = gemm_operand(lm_head, self.acc)  # no copy for float32 / float64 / tensor cores
         self.b = None if bias is None else bias.to(self.acc)
+        # logit_scale s: z = s (h W^T + b). Float32 (64) operands: (s h_c) W^T + s b, scaling the [c, H] chunk,
+        # not the [c, V] products; 16-bit tensor-core operands: the float32 products are scaled (s h_c in 16
+        # bits would round again). Every gradient takes s in its per-row coefficient. s = 1 touches nothing.
+        self.scale = float(opts.logit_scale)
+        self.b_s = self.b if self.b is None or self.scale == 1.0 else self.b * self.scale
         self.hidden, self.labels, self.cap = hidden, labels.long(), opts.softcap  # gather needs int64
         valid = labels != opts.ignore_index
         self.rows = valid.nonzero().squeeze(1)
@@ -347,7 +364,13 @@ class _Chunker:
 
     def logits_(self, h, y, *, want_deriv: bool):
         """Write logits of the chunk into the buffer; returns (z view, z[., y] [c], (1 - t^2) view or None)."""
-        z = linear(h, self.W, self.b, out=None if self.buf is None else self.buf[: h.shape[0]])
+        out = None if self.buf is None else self.buf[: h.shape[0]]
+        if self.scale == 1.0:
+            z = linear(h, self.W, self.b, out=out)
+        elif h.dtype == self.acc:
+            z = linear(h * self.scale, self.W, self.b_s, out=out)
+        else:
+            z = linear(h, self.W, self.b, out=out).mul_(self.scale)
         deriv = None
         if self.cap is not None:
             z.mul_(1.0 / self.cap).tanh_()
@@ -386,11 +409,14 @@ class _Chunker:
         """Accumulate the gradients of a chunk whose buffer holds E with da = -coef * E (* deriv).
 
         The caller has already put the one-hot term into E's target column (E[t, y_t] = -(1 - p_t) / p-scale),
-        so one GEMM each gives every term; coef [c] is a per-row scalar applied to the [c, H] side:
-            dh_c = -coef * (E @ W),   dW += E^T @ (-coef * h_c),   db += E^T @ (-coef).
+        so one GEMM each gives every term; coef [c] is a per-row scalar applied to the [c, H] side (times the
+        logit scale s, the derivative of z with respect to h W^T + b):
+            dh_c = -s coef * (E @ W),   dW += E^T @ (-s coef * h_c),   db += E^T @ (-s coef).
         """
         if deriv is not None:
             E.mul_(deriv)
+        if self.scale != 1.0:
+            coef = coef * self.scale
         if dh is not None:
             dh[idx] = linear(E, self.W.t()).mul_(-coef[:, None])
         if dW is not None:
@@ -414,7 +440,7 @@ def _cast_grads(grads, *like):
 
 
 def linear_logprobs_forward_torch(hidden, lm_head, bias, labels, opts, *, grad_scale=None,
-                                  needs=(True, True, True)):
+                                  needs=(True, True, True), token_weights=None):
     """Same contract as ``linear_logprobs_forward_triton`` (float64 outputs for float64 inputs)."""
     ch = _Chunker(hidden, lm_head, bias, labels, opts)
     N, acc, dev = hidden.shape[0], ch.acc, hidden.device
@@ -434,6 +460,8 @@ def linear_logprobs_forward_torch(hidden, lm_head, bias, labels, opts, *, grad_s
         lse[idx], logp[idx], w[idx] = lse_c, logp_c, w_c
         if any_grad:
             g = grad_scale.to(acc) * w_c
+            if token_weights is not None:
+                g = g * token_weights[idx].to(acc)
             # da = g * (onehot - p) (* (1 - t^2)) = -(g / sum) * E' with E' = E off the target and
             # E'[t, y_t] = -rest_t, since g * (1 - p_y) = g * rest / sum: no separate one-hot pass or index_add_.
             E.scatter_(1, y[:, None], -rest[:, None])
@@ -490,11 +518,12 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
 
 
 class LinearWeightedLogprobsFunction(torch.autograd.Function):
-    """hidden, lm_head, bias, labels -> (reduce(sg[w] * logp) / divisor, w [N] non-differentiable)."""
+    """hidden, lm_head, bias, labels, token weights c | None -> (reduce(c * sg[w] * logp) / divisor,
+    w [N] non-differentiable)."""
 
     @staticmethod
-    def forward(ctx, hidden, lm_head, bias, labels, divisor, opts: LinearLogprobsOptions, backend: str,
-                grad_enabled: bool):
+    def forward(ctx, hidden, lm_head, bias, labels, token_weights, divisor, opts: LinearLogprobsOptions,
+                backend: str, grad_enabled: bool):
         ctx.opts, ctx.backend = opts, backend
         # needs_input_grad is True under torch.no_grad() too; do not pay 2 GEMMs for a graph never built.
         needs = tuple(bool(n and grad_enabled) for n in ctx.needs_input_grad[:3])
@@ -507,11 +536,13 @@ class LinearWeightedLogprobsFunction(torch.autograd.Function):
             scale = scale / divisor.to(acc)
         fused = opts.reduction != "none" and any(needs)
         logp, lse, w, grads = _FORWARD[backend](hidden, lm_head, bias, labels, opts,
-                                                grad_scale=scale if fused else None, needs=needs)
-        per_token = w * logp
+                                                grad_scale=scale if fused else None, needs=needs,
+                                                token_weights=token_weights)
+        cw = w if token_weights is None else w * token_weights  # c_t * w_t: the per-row coefficient
+        per_token = cw * logp
         if opts.reduction == "none":
             out = per_token
-            ctx.save_for_backward(hidden, lm_head, bias, labels, lse, logp, w)
+            ctx.save_for_backward(hidden, lm_head, bias, labels, lse, logp, cw)
         else:
             out = per_token.sum() * scale.to(per_token.dtype)
             ctx.grads = grads  # float32 (float64) accumulators, scaled and cast once in backward
@@ -523,7 +554,7 @@ class LinearWeightedLogprobsFunction(torch.autograd.Function):
     def backward(ctx, g_out, _g_w):
         needs = ctx.needs_input_grad[:3]
         if g_out is None or not any(needs):
-            return None, None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None, None
         if ctx.opts.reduction == "none":
             hidden, lm_head, bias, labels, lse, logp, w = ctx.saved_tensors
             with no_autocast(hidden.device):  # backward may run inside the caller's autocast region
@@ -537,7 +568,7 @@ class LinearWeightedLogprobsFunction(torch.autograd.Function):
             if not (g_out.numel() == 1 and bool(g_out == 1)):
                 grads = tuple(None if t is None else t.mul_(g_out.to(t.dtype)) for t in grads)
             grads = _cast_grads(grads, *ctx.dtypes)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -564,33 +595,47 @@ def _opaque_to_dynamo(fn):
 @_opaque_to_dynamo
 def linear_token_logprobs_2d(hidden: torch.Tensor, lm_head: torch.Tensor, bias: torch.Tensor | None,
                              labels: torch.Tensor, opts: LinearLogprobsOptions,
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+                             token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden [N, H], lm_head [V, H] (fp32/bf16/fp16; fp64 on torch), bias [V] | None, labels [N] int.
 
     Returns (logp [N], lse [N]), float32 (float64 for float64 input). ``logp`` is differentiable w.r.t.
     hidden, lm_head and bias; ignored rows give logp = 0 and zero gradient (and lse = 0 on the torch path).
+    ``token_weights`` [N] float (detached, ``check_token_weights``): returns ``c_t * log p_t`` and the backward
+    runs with ``g_t * c_t`` (an O(N) product, no [N, V] tensor). Rows of weight 0 are skipped like ignored
+    rows (no GEMM work on the torch path, whole zero row blocks skipped by the Triton backward; lse 0 there on
+    the torch path). With weights of ones the result is bit for bit the unweighted one.
     """
     hidden, lm_head, bias = autocast_cast(hidden, lm_head, bias)
     validate(hidden, lm_head, bias, labels, opts)
+    token_weights = check_token_weights(token_weights, labels, acc_dtype(hidden.dtype), opts.ignore_index,
+                                        opts.check_finite)
+    if token_weights is not None:
+        labels = torch.where(token_weights == 0, opts.ignore_index, labels)
     backend = resolve_backend(opts.backend, *(t for t in (hidden, lm_head, bias) if t is not None),
                               fused_linear=True)
     with no_autocast(hidden.device):
-        return LinearTokenLogprobsFunction.apply(hidden, lm_head, bias, labels, opts, backend)
+        logp, lse = LinearTokenLogprobsFunction.apply(hidden, lm_head, bias, labels, opts, backend)
+    return (logp if token_weights is None else logp * token_weights), lse
 
 
 @_opaque_to_dynamo
 def linear_weighted_logprobs_2d(hidden: torch.Tensor, lm_head: torch.Tensor, bias: torch.Tensor | None,
                                 labels: torch.Tensor, opts: LinearLogprobsOptions, *,
                                 divisor: torch.Tensor | float | None = None,
+                                token_weights: torch.Tensor | None = None,
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """reduce(sg[w_t] * logp_t) [/ divisor] and the detached weights w [N] (0 on ignored rows).
+    """reduce(c_t * sg[w_t] * logp_t) [/ divisor] and the detached weights w [N] (0 on ignored rows; no c).
 
-    Returns a 0-d float32 tensor for "mean"/"sum" ("mean" over valid rows, 0 when none is valid) or [N]
-    float32 for "none". ``divisor`` (e.g. Hugging Face ``num_items_in_batch``) divides the reduced value;
-    it is folded into the gradient computed in the forward, so the backward does no extra work.
+    Returns a 0-d float32 tensor for "mean"/"sum" ("mean" over valid rows, 0 when none is valid; rows of token
+    weight 0 still count) or [N] float32 for "none". ``divisor`` (e.g. Hugging Face ``num_items_in_batch``)
+    divides the reduced value; it is folded into the gradient computed in the forward, so the backward does no
+    extra work. ``token_weights`` c [N] float (detached, ``check_token_weights``) or None (c = 1) enters the
+    per-row coefficient g_t = scale w_t c_t of that gradient.
     """
     hidden, lm_head, bias = autocast_cast(hidden, lm_head, bias)
     validate(hidden, lm_head, bias, labels, opts)
+    token_weights = check_token_weights(token_weights, labels, acc_dtype(hidden.dtype), opts.ignore_index,
+                                        opts.check_finite)
     backend = resolve_backend(opts.backend, *(t for t in (hidden, lm_head, bias) if t is not None),
                               fused_linear=True)
     if divisor is not None:
@@ -598,5 +643,5 @@ def linear_weighted_logprobs_2d(hidden: torch.Tensor, lm_head: torch.Tensor, bia
             raise ValueError("divisor is only meaningful with reduction 'mean' or 'sum'")
         divisor = torch.as_tensor(divisor, device=hidden.device).detach()
     with no_autocast(hidden.device):
-        return LinearWeightedLogprobsFunction.apply(hidden, lm_head, bias, labels, divisor, opts, backend,
-                                                    torch.is_grad_enabled())
+        return LinearWeightedLogprobsFunction.apply(hidden, lm_head, bias, labels, token_weights, divisor, opts,
+                                                    backend, torch.is_grad_enabled())

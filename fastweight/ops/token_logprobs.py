@@ -21,8 +21,8 @@ import torch
 
 from fastweight._constants import IGNORE_INDEX, Reduction
 from fastweight.ops._common import (
-    acc_dtype, check_finite, check_labels, check_weight_options, importance_weight_torch, resolve_backend,
-    row_chunks, signature_of,
+    acc_dtype, check_finite, check_labels, check_token_weights, check_weight_options, importance_weight_torch,
+    resolve_backend, row_chunks, signature_of,
 )
 
 # ---------------------------------------------------------------------------------------------------------
@@ -78,7 +78,8 @@ def validate(logits: torch.Tensor, labels: torch.Tensor, opts: TokenLogprobsOpti
 # ---------------------------------------------------------------------------------------------------------
 # Triton path
 def _launch_args(logits: torch.Tensor, labels: torch.Tensor, opts: TokenLogprobsOptions, *,
-                 compute_grad: bool, kernel: str = "fwd") -> dict[str, Any]:
+                 compute_grad: bool, kernel: str = "fwd", token_weights: torch.Tensor | None = None,
+                 ) -> dict[str, Any]:
     """Grid, kernel arguments and constexprs for one launch; the compile test calls this too.
 
     Returns {"grid", "args", "constexprs", "num_warps", "outputs"}. ``kernel`` is "fwd" or "bwd".
@@ -95,10 +96,13 @@ def _launch_args(logits: torch.Tensor, labels: torch.Tensor, opts: TokenLogprobs
         else:
             grad = logits  # never written: COMPUTE_GRAD is False
         grad_scale = torch.ones(1, dtype=torch.float32, device=dev)
+        # No token weights: one 1.0 read with stride 0 (a runtime stride, not a constexpr: one build either way).
+        tw = token_weights if token_weights is not None else torch.ones(1, dtype=torch.float32, device=dev)
         args = dict(
             logits_ptr=logits, stride_logits_n=logits.stride(0), labels_ptr=labels,
             logp_ptr=logp, lse_ptr=lse, weight_ptr=w, grad_ptr=grad, stride_grad_n=grad.stride(0),
-            grad_scale_ptr=grad_scale, V=V, ignore_index=opts.ignore_index,
+            grad_scale_ptr=grad_scale, token_weights_ptr=tw, stride_token_weights=int(token_weights is not None),
+            V=V, ignore_index=opts.ignore_index,
             beta1=float(opts.beta1), beta2=float(opts.beta2),
         )
         constexprs = dict(HAS_WEIGHTS=opts.weighted, COMPUTE_GRAD=compute_grad, BLOCK_V=block_v)
@@ -119,16 +123,16 @@ def _launch_args(logits: torch.Tensor, labels: torch.Tensor, opts: TokenLogprobs
                 signature=signature_of(args, constexprs))
 
 
-def token_logprobs_forward_triton(logits, labels, opts, *, grad_scale=None):
+def token_logprobs_forward_triton(logits, labels, opts, *, grad_scale=None, token_weights=None):
     """Triton forward. Returns (logp [N] f32, lse [N] f32, w [N] f32, grad [N, V] or None).
 
     ``grad_scale``: 0-d/1-element float32 tensor; when given, the gradient of ``sum_t grad_scale * w_t *
-    logp_t`` is written during the forward.
+    c_t * logp_t`` is written during the forward, c = ``token_weights`` [N] float32 (contiguous) or 1.
     """
     from fastweight.kernels.token_logprobs import _token_logprobs_fwd
 
     compute_grad = grad_scale is not None
-    la = _launch_args(logits, labels, opts, compute_grad=compute_grad, kernel="fwd")
+    la = _launch_args(logits, labels, opts, compute_grad=compute_grad, kernel="fwd", token_weights=token_weights)
     out = la["outputs"]
     if compute_grad:
         out["grad_scale"].copy_(grad_scale.reshape(1))
@@ -153,7 +157,8 @@ def aot_cases() -> list[dict[str, Any]]:
 
     Built from ``_launch_args`` on 'meta' tensors (no memory, no device), so the signature is the one the
     launchers use. fwd: HAS_WEIGHTS x COMPUTE_GRAD at the dtype's largest BLOCK_V; bwd at the largest
-    BLOCK_V; plus a small BLOCK_V (V = 1000) with int32 labels, the other values a launch can see.
+    BLOCK_V; the fused-gradient forward with caller token weights (stride 1) per dtype; plus a small BLOCK_V
+    (V = 1000) with int32 labels, the other values a launch can see.
     """
     from fastweight.kernels import token_logprobs as k
 
@@ -175,6 +180,11 @@ def aot_cases() -> list[dict[str, Any]]:
                                   k._token_logprobs_fwd, logits, labels, opts, compute_grad=compute_grad))
         cases.append(case(f"token_logprobs_bwd_{tag}", k._token_logprobs_bwd, logits, labels,
                           TokenLogprobsOptions(), compute_grad=True, kernel="bwd"))
+        # Caller token weights: a real [N] vector (stride 1, which the launch binder specialises) instead of the
+        # stride-0 one-element 1.0: a separate build of the fused-gradient forward.
+        cases.append(case(f"token_logprobs_fwd_{tag}_w1_g1_tokw", k._token_logprobs_fwd, logits, labels,
+                          TokenLogprobsOptions(weighted=True, reduction="mean"), compute_grad=True,
+                          token_weights=torch.empty(2, dtype=torch.float32, device="meta")))
     # The small-tile / int32-label variants differ only in BLOCK_V and the label pointer type: one dtype.
     small = torch.empty(3, 1000, dtype=torch.bfloat16, device="meta")
     labels32 = torch.empty(3, dtype=torch.int32, device="meta")
@@ -198,7 +208,7 @@ def _row_grad_(z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, valid: 
     return p.masked_fill_(~valid[:, None], 0.0)
 
 
-def token_logprobs_forward_torch(logits, labels, opts, *, grad_scale=None):
+def token_logprobs_forward_torch(logits, labels, opts, *, grad_scale=None, token_weights=None):
     """Same contract as ``token_logprobs_forward_triton`` (float64 outputs for float64 logits)."""
     N, V = logits.shape
     acc = acc_dtype(logits.dtype)
@@ -236,6 +246,8 @@ def token_logprobs_forward_torch(logits, labels, opts, *, grad_scale=None):
         logp[s:e], lse[s:e], w_all[s:e] = logp_c, lse_c, w
         if grad is not None:
             g = (grad_scale.to(acc) * w)
+            if token_weights is not None:
+                g = g * token_weights[s:e].to(acc)
             grad[s:e] = _row_grad_(z, log_s, y, valid, g).to(grad.dtype)  # z is already z - m
     return logp, lse, w_all, grad
 
@@ -281,10 +293,11 @@ class TokenLogprobsFunction(torch.autograd.Function):
 
 
 class WeightedLogprobsFunction(torch.autograd.Function):
-    """logits [N, V], labels [N] -> (reduce(sg[w] * logp), w [N] f32 non-differentiable)."""
+    """logits [N, V], labels [N], token weights c [N] | None -> (reduce(c * sg[w] * logp), w [N] f32
+    non-differentiable)."""
 
     @staticmethod
-    def forward(ctx, logits, labels, opts: TokenLogprobsOptions, backend: str, want_grad: bool):
+    def forward(ctx, logits, labels, token_weights, opts: TokenLogprobsOptions, backend: str, want_grad: bool):
         # want_grad comes from the caller: inside forward grad mode is always off and needs_input_grad is
         # True under torch.no_grad() too, which would compute (and, in place, write) a gradient nobody uses.
         ctx.opts, ctx.backend = opts, backend
@@ -298,11 +311,13 @@ class WeightedLogprobsFunction(torch.autograd.Function):
                 grad_scale = 1.0 / n_valid.clamp(min=1).to(coef_dtype)
             else:
                 grad_scale = torch.ones((), dtype=coef_dtype, device=logits.device)
-        logp, lse, w, grad = _FORWARD[backend](logits, labels, opts, grad_scale=grad_scale)
-        per_token = w * logp
+        logp, lse, w, grad = _FORWARD[backend](logits, labels, opts, grad_scale=grad_scale,
+                                                token_weights=token_weights)
+        cw = w if token_weights is None else w * token_weights  # c_t * w_t: the per-row coefficient
+        per_token = cw * logp
         if opts.reduction == "none":
             out = per_token
-            ctx.save_for_backward(logits, labels, lse, w)
+            ctx.save_for_backward(logits, labels, lse, cw)
         else:
             out = per_token.sum()
             if opts.reduction == "mean":
@@ -315,18 +330,18 @@ class WeightedLogprobsFunction(torch.autograd.Function):
     def backward(ctx, g_out, _g_w):
         opts = ctx.opts
         if g_out is None or not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         if opts.reduction == "none":
             logits, labels, lse, w = ctx.saved_tensors
             grad = _BACKWARD[ctx.backend](logits, labels, lse, g_out.to(w.dtype) * w, opts)
-            return grad, None, None, None, None
+            return grad, None, None, None, None, None
         (grad,) = ctx.saved_tensors
         if grad is None:
             raise RuntimeError("weighted_logprobs: the gradient was not formed in the forward (grad mode was off "
                                "or logits did not require grad then); recompute the loss with grad enabled")
         if not (g_out.numel() == 1 and torch.equal(g_out, torch.ones_like(g_out))):
             grad = grad * g_out.to(grad.dtype)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -344,27 +359,37 @@ def _kernel_layout(logits: torch.Tensor, labels: torch.Tensor, backend: str):
 
 
 def token_logprobs_2d(logits: torch.Tensor, labels: torch.Tensor, opts: TokenLogprobsOptions,
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [N, V] (fp32/bf16/fp16/fp64), labels [N] int -> (logp [N] f32, lse [N] f32).
 
     ``logp`` is differentiable w.r.t. ``logits``; ignored rows give logp = 0 and zero gradient.
+    ``token_weights`` [N] float (detached; ``check_token_weights``): the op returns ``c_t * log p_t`` and its
+    backward forms ``g_t * c_t * (onehot - softmax)`` from the same per-row kernel (an O(N) product, no
+    [N, V] tensor). With weights of ones the result is bit for bit the unweighted one.
     """
     validate(logits, labels, opts)
+    token_weights = check_token_weights(token_weights, labels, acc_dtype(logits.dtype), opts.ignore_index,
+                                        opts.check_finite)
     backend = resolve_backend(opts.backend, logits)
     logits, labels = _kernel_layout(logits, labels, backend)
-    return TokenLogprobsFunction.apply(logits, labels, opts, backend)
+    logp, lse = TokenLogprobsFunction.apply(logits, labels, opts, backend)
+    return (logp if token_weights is None else logp * token_weights), lse
 
 
 def weighted_logprobs_2d(logits: torch.Tensor, labels: torch.Tensor, opts: TokenLogprobsOptions,
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """reduce(sg[w_t] * logp_t) and the detached weights w [N] (0 on ignored rows).
+                         token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """reduce(c_t * sg[w_t] * logp_t) and the detached weights w [N] (0 on ignored rows; without c).
 
-    Returns a 0-d float32 tensor for "mean"/"sum" ("mean" over valid rows, 0 when none is valid) or
-    [N] float32 for "none". The gradient flows to ``logits`` only through ``logp``.
+    Returns a 0-d float32 tensor for "mean"/"sum" ("mean" over valid rows, 0 when none is valid: rows of
+    token weight 0 still count) or [N] float32 for "none". The gradient flows to ``logits`` only through
+    ``logp``. ``token_weights`` c [N] float (detached, ``check_token_weights``) or None (c = 1); for
+    "mean"/"sum" it enters the per-row coefficient the forward kernel already forms, g_t = scale w_t c_t.
     """
     validate(logits, labels, opts)
+    token_weights = check_token_weights(token_weights, labels, acc_dtype(logits.dtype), opts.ignore_index,
+                                        opts.check_finite)
     backend = resolve_backend(opts.backend, logits)
     logits, labels = _kernel_layout(logits, labels, backend)
     want_grad = torch.is_grad_enabled() and logits.requires_grad
-    return WeightedLogprobsFunction.apply(logits, labels, opts, backend, want_grad)
+    return WeightedLogprobsFunction.apply(logits, labels, token_weights, opts, backend, want_grad)
 

@@ -13,18 +13,21 @@ import torch.nn.functional as F
 from fastweight._constants import IGNORE_INDEX
 
 
-def _logits(h, W, b, cap):
+def _logits(h, W, b, cap, scale=1.0):
     z = F.linear(h, W, b)
+    if scale != 1.0:  # logit_scale: z = s (h W^T + b) before soft-capping (Cohere, Granite)
+        z = z * scale
     return z if cap is None else cap * torch.tanh(z / cap)
 
 
 def linear_kl_div(hidden, lm_head, ref_hidden, ref_lm_head, labels=None, *, bias=None, ref_bias=None, softcap=None,
-                  ref_softcap=None, ref_shift: float = 0.0, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+                  ref_softcap=None, ref_shift: float = 0.0, ignore_index: int = IGNORE_INDEX, logit_scale=1.0,
+                  ref_logit_scale=1.0) -> torch.Tensor:
     """[N] KL per row, differentiable w.r.t. hidden, lm_head and bias."""
-    z = _logits(hidden, lm_head, bias, softcap)
+    z = _logits(hidden, lm_head, bias, softcap, logit_scale)
     with torch.no_grad():
         r = _logits(ref_hidden.to(z.dtype), ref_lm_head.to(z.dtype),
-                    None if ref_bias is None else ref_bias.to(z.dtype), ref_softcap)
+                    None if ref_bias is None else ref_bias.to(z.dtype), ref_softcap, ref_logit_scale)
         if labels is not None:
             valid = labels != ignore_index
             onehot = F.one_hot(torch.where(valid, labels, 0).long(), r.shape[-1]).to(r.dtype)

@@ -2,8 +2,9 @@
 
 Defaults come only from ``fastweight.losses.LOSSES`` (``build_method(name, **overrides)``); config
 dataclasses have no defaults of their own. Every method gets its tensors from one shared forward helper,
-``lm_forward``: the last decoder layer's hidden states plus the output-embedding weight (bias, Gemma-2
-soft-capping), handed to the fused losses with ``lm_head=`` so [B, T, V] logits are never built by the model.
+``lm_forward``: the last decoder layer's hidden states plus the output head read by ``output_head`` (weight,
+bias, Gemma-2 soft-capping, Cohere/Granite logit scale), handed to the fused losses with ``lm_head=`` so
+[B, T, V] logits are never built by the model.
 
 Batches are dicts of tensors in Hugging Face form: ``input_ids`` [B, T], ``attention_mask`` [B, T] (optional),
 ``labels`` [B, T] unshifted with ``IGNORE_INDEX`` on prompt and padding (the losses apply the causal shift).
@@ -39,6 +40,7 @@ from fastweight.losses import (
     undial_loss,
 )
 from fastweight._constants import IGNORE_INDEX
+from fastweight.integrations.transformers import output_head
 from fastweight.losses._seq import check_number, valid_mask
 from fastweight.train.method_configs import (  # noqa: F401 - re-exported: the configs are part of this API
     BetaConfig, FLATConfig, HardSamplingConfig, MethodConfig, RMUConfig, SatImpConfig, SimNPOConfig, WTNPOConfig,
@@ -66,12 +68,19 @@ class LMHidden:
     lm_head: torch.Tensor
     bias: torch.Tensor | None
     softcap: float | None
+    logit_scale: float = 1.0  # logits = logit_scale * lm_head(h) (Cohere, Granite; output_head)
 
     def head(self) -> dict[str, Any]:
-        return dict(lm_head=self.lm_head, bias=self.bias, softcap=self.softcap)
+        kw = dict(lm_head=self.lm_head, bias=self.bias, softcap=self.softcap)
+        if self.logit_scale != 1.0:  # only when set: custom losses without the argument keep working
+            kw["logit_scale"] = self.logit_scale
+        return kw
 
     def ref_head(self) -> dict[str, Any]:
-        return dict(ref_lm_head=self.lm_head, ref_bias=self.bias, ref_softcap=self.softcap)
+        kw = dict(ref_lm_head=self.lm_head, ref_bias=self.bias, ref_softcap=self.softcap)
+        if self.logit_scale != 1.0:
+            kw["ref_logit_scale"] = self.logit_scale
+        return kw
 
 
 def _batch_get(batch: dict, key: str, prefix: str = "") -> torch.Tensor:
@@ -103,9 +112,7 @@ def lm_forward(model, batch: dict, prefix: str = "") -> LMHidden:
             return lm_forward(model.model, batch, prefix)
     input_ids = _batch_get(batch, "input_ids", prefix)
     attention_mask = batch.get(prefix + "attention_mask")
-    head = model.get_output_embeddings()
-    if head is None or not hasattr(head, "weight"):
-        raise ValueError(f"{type(model).__name__} has no output embedding with a weight (get_output_embeddings())")
+    head = output_head(model)  # the one reader of the head (weight, bias, softcap, logit scale, refusals)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     if decoder is not None and decoder is not model:
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
@@ -113,8 +120,7 @@ def lm_forward(model, batch: dict, prefix: str = "") -> LMHidden:
     else:
         out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
         hidden = out.hidden_states[-1]
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    return LMHidden(hidden, head.weight, getattr(head, "bias", None), softcap)
+    return LMHidden(hidden, head.weight, head.bias, head.softcap, head.logit_scale)
 
 
 # ---------------------------------------------------------------------------------------------------------
