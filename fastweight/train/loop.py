@@ -13,8 +13,9 @@
     (valid tokens, sequences or pairs, per term: ``method.count_units``) are summed over the accumulation
     group and all processes (Hugging Face's ``num_items_in_batch``); each term is summed and divided by that
     count. So one process with batch 2, two processes with batch 1, and batch 1 x accumulation 2 give the same
-    update (fp32 rounding aside). Terms with no global form ("local": SatImp group/batch, hard sampling,
-    unmasked KL, RMU) are micro-batch means averaged over the group, as before.
+    update (fp32 rounding aside); the unmasked KL retain term and UNDIAL count every position of every sequence
+    (batch padding excluded). Terms with no global form ("local": SatImp group/batch, hard sampling, RMU)
+    are micro-batch means averaged over the group, as before.
   * Reference: NPO/TNPO/WTNPO/IdkDPO get a ``RefLogpTable`` computed by the prepared policy before step 1 (no
     reference model is kept); KL retain / UNDIAL / RMU get a frozen copy prepared with the policy (sharded
     like it), or for a PEFT model the same model with adapters disabled (no copy).
