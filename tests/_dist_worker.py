@@ -34,8 +34,8 @@ def sets(tok):
     return QADataset(data["full"][:8], tok, "phi", 48), QADataset(data["full"][8:], tok, "phi", 48)
 
 
-def run(name, on_step=None, **kw):
-    model, tok = load_model_and_tokenizer(model_dir)
+def run(name, on_step=None, dtype="fp32", **kw):
+    model, tok = load_model_and_tokenizer(model_dir, dtype)
     forget, retain = sets(tok)
     base = dict(output_dir=str(out / name), method="npo", method_args={"retain_loss": "nll"}, lr=1e-2, epochs=1,
                 batch_size=1, grad_accum=2, progress=False, seed=5)
@@ -84,6 +84,7 @@ elif mode == "ddp_terms":
         if rank == 0:
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"{name}.safetensors"))
         report[name] = res.history
+    run("bf16", dtype="bf16")  # bf16 weights under DDP: fp32 masters (MasterWeightAdamW) in the checkpoint
 elif mode.endswith("_resume"):
     # ZeRO-3 (or ZeRO-1/2) resume: an uninterrupted 2-epoch run and one stopped after step 3 (checkpoint at 2), resumed with
     # DeepSpeed's own (pickle-based) checkpoint files planted in the checkpoint folder

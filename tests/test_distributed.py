@@ -24,8 +24,8 @@ WORKER = Path(__file__).with_name("_dist_worker.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}
 
 
-def _one_process(tiny_dir, tmp, **kw):
-    model, tok = load_model_and_tokenizer(tiny_dir)
+def _one_process(tiny_dir, tmp, dtype="fp32", **kw):
+    model, tok = load_model_and_tokenizer(tiny_dir, dtype)
     forget = QADataset(DATA["full"][:8], tok, "phi", 48)
     retain = QADataset(DATA["full"][8:], tok, "phi", 48)
     base = dict(output_dir=str(tmp), method="npo", method_args={"retain_loss": "nll"}, lr=1e-2, epochs=1,
@@ -109,6 +109,17 @@ def test_ddp_two_processes_match_one_process_for_position_terms(tiny_dir, tmp_pa
         _assert_same_weights(load_file(str(tmp_path / f"{term}.safetensors")), want.model.state_dict())
         for key in ("loss", "forget_loss", "grad_norm"):
             assert [h[key] for h in reports[0][term]] == pytest.approx([h[key] for h in want.history], rel=1e-5)
+    # bf16 weights: DDP's fp32 masters track the one-process run's (gradients are reduced in bf16, so not to
+    # fp32 rounding: within 5% of the update, relative L2)
+    _one_process(tiny_dir, tmp_path / "one-bf16", dtype="bf16", batch_size=2, grad_accum=2)
+    init, _ = load_model_and_tokenizer(tiny_dir, "bf16")
+    init = [p.detach().double() for p in init.parameters()]
+    got, want = (_load_tensors(latest_checkpoint(tmp_path / d) / "optimizer.pt")["master_weights"]
+                 for d in ("bf16", "one-bf16"))
+    assert len(got) == len(want) == len(init)
+    num = sum(float((g.double() - w.double()).pow(2).sum()) for g, w in zip(got, want))
+    den = sum(float((w.double() - i).pow(2).sum()) for w, i in zip(want, init))
+    assert den > 0 and (num / den) ** 0.5 < 0.05
 
 
 @pytest.mark.slow
