@@ -10,24 +10,35 @@ reference, logits, activations and the optimizer step's temporaries, all of it. 
   * ``hf`` -- the same step the Hugging Face way: ``model(...).logits`` (upcast to fp32) and the loss on them,
     NPO's reference a ``copy.deepcopy`` of the model (open-unlearning's setup).
 Methods: ``npo`` (forget only, reference) and ``satimp_nll`` (SatImp + retain NLL, two forwards).
+Regimes (``--regime``, issue 21 item 8; ``REGIMES``): ``fp32`` (the original ladder), ``lora`` (r8 on
+q/k/v/o), ``bf16`` (bf16 weights, fp32 masters through ``fastweight.train.precision.MasterWeightAdamW``),
+``lora_bf16``, ``ckpt`` (gradient checkpointing), ``seq512`` (2 x 512 tokens) and ``zero3x2`` (DeepSpeed
+ZeRO-3 on 2 CPU processes, per-rank peak; ``benchmarks/memory_zero3.py``), measured on the two small rungs.
 
 Memory model (``predict``), bytes per rank, for P parameters (P_t trainable), N tokens per micro-batch, L
 layers, hidden H, intermediate I, vocabulary V, world size W:
-  weights   b_w * P                 (b_w = 4 fp32, 2 bf16; sharded engines: / W, plus one gathered layer)
-  gradients b_g * P_t               (same dtype as the weights; / W under ZeRO-2/3 and FSDP)
-  optimizer 8 * P_t (+ 4 * P_t fp32 master copy when the weights are bf16)   (/ W under sharding)
-  step      4 * P_t / W: the multi-tensor AdamW step's temporary (one fp32 tensor list the size of P_t)
+  weights   b_w * P                 (b_w = 4 fp32, 2 bf16; sharded engines: / W, plus two gathered layers)
+  gradients b_t * P_t               (b_t: bytes of the trainable parameters, b_w, or 4 for peft's fp32 adapters;
+                                    / W under ZeRO-3 and FSDP)
+  optimizer 8 * P_t + master, master = 4 * P_t fp32 copy when b_t < 4   (/ W under sharding)
+  buffers   the engines' own: DDP's gradient buckets b_t * P_t; ZeRO-3's reduce (H^2) and prefetch (0.9 H^2)
+            buckets and, sharded, the V x H embedding / lm_head gathered whole with its whole gradient
+            ((b_w + b_t) V H); RUNTIME_ZERO3 per ZeRO-3 rank (engine, gloo group)
+  step      (4 * P_t + master) / W: the multi-tensor AdamW step's fp32 temporary list, plus the fp32 gradient
+            copies handed to it when there are masters
   reference b_w * P for a deep copy (hf NPO), 4 * N_forget_tokens for the table (fastweight), / W sharded
   logits    hf: K_LOGITS * 4 * N * V per forward whose logits are alive at the peak; fastweight: 0
             (the fused op works in row chunks: CHUNK_BYTES)
   activations  A_TOK * b_w * N * L * (H + I) per forward kept for the backward (with gradient
             checkpointing: b_w * N * H * L + one layer's worth).
-Peak = weights + optimizer + reference + gradients + max(activations + logits, step): activations are freed
-by the time the optimizer steps.
+Peak = weights + optimizer + reference + gradients + buffers + max(activations + logits, step): activations
+are freed by the time the optimizer steps.
   runtime   RUNTIME: what the process itself adds in the step (autograd graph, allocator, thread pools).
-K_LOGITS, A_TOK and RUNTIME are the three constants of the model; they are set from the measured CPU ladder
-(fp32, 16 cases) by least squares on the relative error and written next to the table, so the fit and its
-error are reproducible (``python -m benchmarks.memory_scale table --json``). A_TOK as measured includes the
+K_LOGITS, A_TOK, RUNTIME (and RUNTIME_ZERO3) are the fitted constants; they are set from every measured case
+(all regimes) by least squares on the relative error and written next to the tables with the residuals per
+regime, so the fit and its error are reproducible (``python -m benchmarks.memory_scale table --regimes
+--json``; ``--from-json`` refits stored measurements). On CPU a ``torch.empty`` bucket counts only where it is
+written; on a GPU the allocator holds it whole (the predictions use the whole bucket). A_TOK as measured includes the
 CPU attention's saved [B, heads, T, T] probabilities; a GPU flash-attention kernel keeps none, so the
 activation part of the 7B/8B predictions is an upper bound.
 """
