@@ -10,24 +10,35 @@ reference, logits, activations and the optimizer step's temporaries, all of it. 
   * ``hf`` -- the same step the Hugging Face way: ``model(...).logits`` (upcast to fp32) and the loss on them,
     NPO's reference a ``copy.deepcopy`` of the model (open-unlearning's setup).
 Methods: ``npo`` (forget only, reference) and ``satimp_nll`` (SatImp + retain NLL, two forwards).
+Regimes (``--regime``, issue 21 item 8; ``REGIMES``): ``fp32`` (the original ladder), ``lora`` (r8 on
+q/k/v/o), ``bf16`` (bf16 weights, fp32 masters through ``fastweight.train.precision.MasterWeightAdamW``),
+``lora_bf16``, ``ckpt`` (gradient checkpointing), ``seq512`` (2 x 512 tokens) and ``zero3x2`` (DeepSpeed
+ZeRO-3 on 2 CPU processes, per-rank peak; ``benchmarks/memory_zero3.py``), measured on the two small rungs.
 
 Memory model (``predict``), bytes per rank, for P parameters (P_t trainable), N tokens per micro-batch, L
 layers, hidden H, intermediate I, vocabulary V, world size W:
-  weights   b_w * P                 (b_w = 4 fp32, 2 bf16; sharded engines: / W, plus one gathered layer)
-  gradients b_g * P_t               (same dtype as the weights; / W under ZeRO-2/3 and FSDP)
-  optimizer 8 * P_t (+ 4 * P_t fp32 master copy when the weights are bf16)   (/ W under sharding)
-  step      4 * P_t / W: the multi-tensor AdamW step's temporary (one fp32 tensor list the size of P_t)
+  weights   b_w * P                 (b_w = 4 fp32, 2 bf16; sharded engines: / W, plus two gathered layers)
+  gradients b_t * P_t               (b_t: bytes of the trainable parameters, b_w, or 4 for peft's fp32 adapters;
+                                    / W under ZeRO-3 and FSDP)
+  optimizer 8 * P_t + master, master = 4 * P_t fp32 copy when b_t < 4   (/ W under sharding)
+  buffers   the engines' own: DDP's gradient buckets b_t * P_t; ZeRO-3's reduce (H^2) and prefetch (0.9 H^2)
+            buckets and, sharded, the V x H embedding / lm_head gathered whole with its whole gradient
+            ((b_w + b_t) V H); RUNTIME_ZERO3 per ZeRO-3 rank (engine, gloo group)
+  step      (4 * P_t + master) / W: the multi-tensor AdamW step's fp32 temporary list, plus the fp32 gradient
+            copies handed to it when there are masters
   reference b_w * P for a deep copy (hf NPO), 4 * N_forget_tokens for the table (fastweight), / W sharded
   logits    hf: K_LOGITS * 4 * N * V per forward whose logits are alive at the peak; fastweight: 0
             (the fused op works in row chunks: CHUNK_BYTES)
   activations  A_TOK * b_w * N * L * (H + I) per forward kept for the backward (with gradient
             checkpointing: b_w * N * H * L + one layer's worth).
-Peak = weights + optimizer + reference + gradients + max(activations + logits, step): activations are freed
-by the time the optimizer steps.
+Peak = weights + optimizer + reference + gradients + buffers + max(activations + logits, step): activations
+are freed by the time the optimizer steps.
   runtime   RUNTIME: what the process itself adds in the step (autograd graph, allocator, thread pools).
-K_LOGITS, A_TOK and RUNTIME are the three constants of the model; they are set from the measured CPU ladder
-(fp32, 16 cases) by least squares on the relative error and written next to the table, so the fit and its
-error are reproducible (``python -m benchmarks.memory_scale table --json``). A_TOK as measured includes the
+K_LOGITS, A_TOK, RUNTIME (and RUNTIME_ZERO3) are the fitted constants; they are set from every measured case
+(all regimes) by least squares on the relative error and written next to the tables with the residuals per
+regime, so the fit and its error are reproducible (``python -m benchmarks.memory_scale table --regimes
+--json``; ``--from-json`` refits stored measurements). On CPU a ``torch.empty`` bucket counts only where it is
+written; on a GPU the allocator holds it whole (the predictions use the whole bucket). A_TOK as measured includes the
 CPU attention's saved [B, heads, T, T] probabilities; a GPU flash-attention kernel keeps none, so the
 activation part of the 7B/8B predictions is an upper bound.
 """
@@ -75,6 +86,35 @@ class Rung:
 LADDER = (Rung("llama-h128", 128, 4, 32000), Rung("llama-h256", 256, 4, 32000), Rung("llama-h384", 384, 6, 32000),
           Rung("llama-h512", 512, 6, 32000))
 BY_NAME = {r.name: r for r in LADDER}
+
+
+@dataclass(frozen=True)
+class Regime:
+    """How a probe trains (issue 21 item 8): LoRA rank on q/k/v/o (fp32 adapters, as peft makes them), weight
+    bytes (2 = bf16 weights, fp32 masters via ``MasterWeightAdamW``), gradient checkpointing, a longer sequence
+    (tokens per row, replacing the rung's 128), and the engine ("single" or "zero3": DeepSpeed ZeRO-3 on
+    ``world`` CPU processes, HF-style bucket sizes, the model created partitioned under ``zero.Init``)."""
+
+    name: str
+    lora_r: int = 0
+    weight_bytes: int = 4
+    gradient_checkpointing: bool = False
+    seq: int | None = None
+    engine: str = "single"
+    world: int = 1
+
+
+REGIMES = {g.name: g for g in (Regime("fp32"), Regime("lora", lora_r=8), Regime("bf16", weight_bytes=2),
+                               Regime("lora_bf16", lora_r=8, weight_bytes=2),
+                               Regime("ckpt", gradient_checkpointing=True), Regime("seq512", seq=512),
+                               Regime("zero3x2", engine="zero3", world=2))}
+REGIME_RUNGS = ("llama-h128", "llama-h256")  # the small rungs for the extra regimes (a 2-core shared machine)
+
+
+def regime_rung(rung: Rung, regime: Regime) -> Rung:
+    from dataclasses import replace
+
+    return replace(rung, seq=regime.seq) if regime.seq else rung
 
 
 @dataclass(frozen=True)
@@ -146,24 +186,56 @@ def _hf_loss(model, ref, forget, retain, method: str):
     return -forget_term + retain_term
 
 
-def run_probe(provider: str, method: str, rung: Rung) -> dict:
-    """One optimizer step in this (fresh) process; peak resident growth in bytes."""
+def llama_config(rung: Rung):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=rung.hidden, intermediate_size=rung.intermediate, num_hidden_layers=rung.layers,
+                       num_attention_heads=rung.heads, num_key_value_heads=rung.heads, vocab_size=rung.vocab,
+                       max_position_embeddings=rung.seq, tie_word_embeddings=False, attn_implementation="sdpa")
+
+
+def regime_model(model, regime: Regime):
+    """``model`` in the regime's weight dtype, with checkpointing and LoRA (peft) as the trainer sets them."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if regime.weight_bytes == 2:
+        model = model.to(torch.bfloat16)
+    if regime.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if regime.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=regime.lora_r, lora_alpha=16, task_type="CAUSAL_LM",
+                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    return model
+
+
+def run_probe(provider: str, method: str, rung: Rung, regime: Regime = REGIMES["fp32"]) -> dict:
+    """One optimizer step in this (fresh) process; peak resident growth in bytes."""
+    if regime.engine == "zero3":
+        from benchmarks.memory_zero3 import run_zero3_probe
+
+        return run_zero3_probe(provider, method, rung, regime)
+    import torch
+    from transformers import LlamaForCausalLM
 
     from fastweight.train.methods import build_method
     from fastweight.train.objective import RefLogpTable, UnlearnObjective
+    from fastweight.train.precision import make_optimizer, plan_precision
 
     torch.set_num_threads(int(os.environ.get("FASTWEIGHT_BENCH_THREADS", "1")))
+    rung = regime_rung(rung, regime)
     forget, retain = _batch(rung, 0), _batch(rung, 1)
+    if regime.lora_r:
+        import peft  # noqa: F401 - imported before the baseline, like torch and transformers
     exact = _reset_hwm()
     base, _ = _rss()
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=rung.hidden, intermediate_size=rung.intermediate, num_hidden_layers=rung.layers,
-                      num_attention_heads=rung.heads, num_key_value_heads=rung.heads, vocab_size=rung.vocab,
-                      max_position_embeddings=rung.seq, tie_word_embeddings=False, attn_implementation="sdpa")
-    model = LlamaForCausalLM(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    model = regime_model(LlamaForCausalLM(llama_config(rung)), regime)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, plan_precision({p.dtype for p in params}, engine="local"), lr=1e-5,
+                         weight_decay=0.01)
     if provider == "hf" and method == "npo":
         ref = copy.deepcopy(model).eval().requires_grad_(False)
     table = None
@@ -184,19 +256,31 @@ def run_probe(provider: str, method: str, rung: Rung) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=False)
     rss, hwm = _rss()
-    return {"provider": provider, "method": method, "rung": rung.name, "peak_bytes": hwm - base,
-            "params": sum(p.numel() for p in model.parameters()), "exact_hwm": exact, "loss": float(loss)}
+    return {"provider": provider, "method": method, "rung": rung.name, "regime": regime.name,
+            "peak_bytes": hwm - base, "params": sum(p.numel() for p in model.parameters()),
+            "trainable": sum(p.numel() for p in params), "exact_hwm": exact, "loss": float(loss)}
 
 
-def probe(provider: str, method: str, rung: str, timeout: float = 900) -> dict:
-    """``run_probe`` in a fresh subprocess (so nothing of an earlier case stays resident)."""
+def probe(provider: str, method: str, rung: str, regime: str = "fp32", timeout: float = 900) -> dict:
+    """``run_probe`` in a fresh subprocess (so nothing of an earlier case stays resident); a ZeRO-3 regime
+    runs ``world`` processes under ``torch.distributed.run`` and reports the largest per-rank peak."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024), MALLOC_TRIM_THRESHOLD_=str(128 * 1024))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-m", "benchmarks.memory_scale", "probe", provider, method, rung]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
+    args = ["-m", "benchmarks.memory_scale", "probe", provider, method, rung, "--regime", regime]
+    g = REGIMES[regime]
+    if g.engine == "zero3":
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+        args = ["-m", "torch.distributed.run", "--nproc_per_node", str(g.world), "--master_port", str(port), *args]
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=REPO_ROOT,
+                          timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"probe {provider} {method} {rung} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"probe {provider} {method} {rung} {regime} failed:\n{proc.stderr[-3000:]}")
+    return json.loads([ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")][-1])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -223,7 +307,7 @@ def _forwards(provider: str, method: str) -> tuple[int, int]:
 
 
 def predict(provider: str, method: str, arch, s: Setting, k_logits: float, a_tok: float,
-            runtime: float = 0.0) -> dict[str, float]:
+            runtime: float = 0.0, runtime_zero3: float = 0.0) -> dict[str, float]:
     """Bytes per rank of each component and their peak (see the module docstring); ``arch``: ``Rung``/``Arch``."""
     h, L, v, i = arch.hidden, arch.layers, arch.vocab, arch.intermediate
     P = arch.params() if callable(arch.params) else arch.params
@@ -231,14 +315,24 @@ def predict(provider: str, method: str, arch, s: Setting, k_logits: float, a_tok
     sharded = s.engine in ("fsdp", "zero3")
     W = s.world if sharded else 1
     bw = s.weight_bytes
+    bt = 4 if s.lora_r else bw  # trainable bytes: peft creates the adapters in fp32
+    master = 4 * Pt if bt < 4 else 0  # fp32 master copy: MasterWeightAdamW, DeepSpeed's partitions, FSDP2's upcast
     layer = (4 * h * h + 3 * h * i) * bw
     out = {
         "weights": bw * P / W + (2 * layer if sharded else 0),  # the shard + the gathered layer (+ prefetch)
-        "optimizer": (8 * Pt + (4 * Pt if bw < 4 else 0)) / W,  # AdamW moments (+ fp32 master weights)
+        "optimizer": (8 * Pt + master) / W,  # AdamW moments (fp32) + fp32 master weights
         "reference": (bw * P / W) if (provider == "hf" and method == "npo") else
                      (4 * s.forget_tokens_total if method == "npo" else 0),
-        "gradients": bw * Pt / W,
+        "gradients": bt * Pt / W,
     }
+    # the engines' own buffers: DDP's gradient buckets (a flat copy of every gradient, accelerate's default
+    # gradient_as_bucket_view=False); ZeRO-3's reduce bucket (H^2 elements, transformers' "auto") and prefetch
+    # bucket (0.9 H^2); FSDP's gathered layers are in "weights"
+    out["buffers"] = (bt * Pt if s.engine == "ddp" else
+                      bt * h * h + bw * 0.9 * h * h if s.engine == "zero3" else 0)
+    if sharded and not s.lora_r:  # the largest parameter (embedding / lm_head, V x H) gathered whole, and its
+        out["buffers"] += (bw + bt) * v * h  # whole gradient before the reduce-scatter
+    out["engine_runtime"] = runtime_zero3 if s.engine == "zero3" else 0.0
     fwd, n_logits = _forwards(provider, method)
     n = s.tokens
     out["logits"] = k_logits * 4 * n * v * n_logits / 2 + CHUNK_BYTES
@@ -246,76 +340,122 @@ def predict(provider: str, method: str, arch, s: Setting, k_logits: float, a_tok
         out["activations"] = bw * n * h * L * fwd + a_tok * bw * n * (h + i) * fwd
     else:
         out["activations"] = a_tok * bw * n * L * (h + i) * fwd
-    out["step"] = 4 * Pt / W
+    # the optimizer step's temporaries: the multi-tensor AdamW's fp32 list (+ the fp32 gradient copies that
+    # MasterWeightAdamW hands to it; DeepSpeed converts its gradient partition the same way)
+    out["step"] = (4 * Pt + master) / W
     out["runtime"] = runtime
-    static = out["weights"] + out["optimizer"] + out["reference"] + out["gradients"] + runtime
+    static = sum(out[k] for k in ("weights", "optimizer", "reference", "gradients", "buffers", "engine_runtime"))
+    static += runtime
     out["peak"] = static + max(out["activations"] + out["logits"], out["step"])
     return out
 
 
-def _rung_setting(rung: Rung) -> Setting:
+def _rung_setting(rung: Rung, regime: Regime | None = None) -> Setting:
+    g = regime or REGIMES["fp32"]
+    rung = regime_rung(rung, g)
     n = rung.batch * rung.seq
-    return Setting(tokens=n, forget_tokens_total=n)
+    return Setting(engine=g.engine, world=g.world, lora_r=g.lora_r, weight_bytes=g.weight_bytes, tokens=n,
+                   forget_tokens_total=n, gradient_checkpointing=g.gradient_checkpointing)
 
 
-def fit(results: list[dict]) -> tuple[float, float, float]:
-    """(K_LOGITS, A_TOK, RUNTIME) minimising the squared relative error of ``predict`` on the measured ladder."""
+def _case(r: dict):
+    """(Rung, Setting) of a measured case (cases from before the regimes are fp32)."""
+    rung = BY_NAME[r["rung"]]
+    regime = REGIMES[r.get("regime", "fp32")]
+    return regime_rung(rung, regime), _rung_setting(rung, regime)
+
+
+def fit(results: list[dict]) -> tuple[float, float, float, float]:
+    """(K_LOGITS, A_TOK, RUNTIME, RUNTIME_ZERO3) minimising the squared relative error of ``predict`` on the
+    measured cases (RUNTIME_ZERO3, what DeepSpeed's engine and the gloo group add per rank, only from ZeRO-3
+    cases; 0 without any)."""
     import numpy as np
     from scipy.optimize import least_squares
 
-    def resid(x):
-        return np.array([predict(r["provider"], r["method"], BY_NAME[r["rung"]], _rung_setting(BY_NAME[r["rung"]]),
-                                 x[0], x[1], x[2] * 2**20)["peak"] / r["peak_bytes"] - 1 for r in results])
+    cases = [(r, *_case(r)) for r in results]
+    zero3 = any(st.engine == "zero3" for _, _, st in cases)
 
-    sol = least_squares(resid, x0=[1.0, 4.0, 10.0], bounds=([0, 0, 0], [20, 200, 1024]))
-    return float(sol.x[0]), float(sol.x[1]), float(sol.x[2]) * 2**20
+    def resid(x):
+        return np.array([predict(r["provider"], r["method"], rung, st, x[0], x[1], x[2] * 2**20,
+                                 x[3] * 2**20)["peak"] / r["peak_bytes"] - 1 for r, rung, st in cases])
+
+    sol = least_squares(resid, x0=[1.0, 4.0, 10.0, 10.0 if zero3 else 0.0],
+                        bounds=([0, 0, 0, 0], [20, 200, 1024, 4096 if zero3 else 1e-9]))
+    return float(sol.x[0]), float(sol.x[1]), float(sol.x[2]) * 2**20, float(sol.x[3]) * 2**20
 
 
 # open-unlearning's setting for the predictions (configs/trainer/finetune.yaml, commit 247bd13: bf16,
 # per_device_train_batch_size 8, gradient_checkpointing True, 32-bit AdamW; TOFU max_length 512): 8 sequences
 # of <= 512 tokens per device and micro-batch; TOFU forget10 = 400 answers for the reference table.
 OU_TOKENS, OU_FORGET_TOKENS = 8 * 512, 400 * 512
-PREDICTION_SETTINGS = (
-    ("DDP x8", Setting("ddp", 8, 0, 2, OU_TOKENS, OU_FORGET_TOKENS, True)),
-    ("FSDP x8", Setting("fsdp", 8, 0, 2, OU_TOKENS, OU_FORGET_TOKENS, True)),
-    ("ZeRO-3 x8", Setting("zero3", 8, 0, 2, OU_TOKENS, OU_FORGET_TOKENS, True)),
-    ("ZeRO-3 x2", Setting("zero3", 2, 0, 2, OU_TOKENS, OU_FORGET_TOKENS, True)),
-    ("LoRA r16, 1 GPU", Setting("single", 1, 16, 2, OU_TOKENS, OU_FORGET_TOKENS, True)),
-    ("LoRA r16, 1 GPU, no ckpt", Setting("single", 1, 16, 2, OU_TOKENS, OU_FORGET_TOKENS, False)),
+PREDICTION_SETTINGS = (  # (label, setting, the measured regimes behind it; "" = none)
+    ("DDP x8", Setting("ddp", 8, 0, 2, OU_TOKENS, OU_FORGET_TOKENS, True), "bf16, ckpt (one process; DDP's buckets "
+     "not measured)"),
+    ("FSDP x8", Setting("fsdp", 8, 0, 2, OU_TOKENS, OU_FORGET_TOKENS, True), ""),
+    ("ZeRO-3 x8", Setting("zero3", 8, 0, 2, OU_TOKENS, OU_FORGET_TOKENS, True), "zero3x2 (fp32, 2 ranks), bf16, ckpt"),
+    ("ZeRO-3 x2", Setting("zero3", 2, 0, 2, OU_TOKENS, OU_FORGET_TOKENS, True), "zero3x2 (fp32), bf16, ckpt"),
+    ("LoRA r16, 1 GPU", Setting("single", 1, 16, 2, OU_TOKENS, OU_FORGET_TOKENS, True), "lora_bf16, ckpt"),
+    ("LoRA r16, 1 GPU, no ckpt", Setting("single", 1, 16, 2, OU_TOKENS, OU_FORGET_TOKENS, False), "lora_bf16"),
 )
+REGIME_NOTES = {"fp32": "fp32 full fine-tuning, 1 process (the original ladder)", "lora": "LoRA r8 on q/k/v/o, fp32",
+                "bf16": "bf16 weights, fp32 masters (MasterWeightAdamW)", "lora_bf16": "LoRA r8 on a bf16 model",
+                "ckpt": "gradient checkpointing, fp32", "seq512": "2 x 512 tokens, fp32",
+                "zero3x2": "DeepSpeed ZeRO-3, 2 CPU ranks, fp32 (largest rank)"}
 
 
-def report(json_path: str | None = None, results: list[dict] | None = None) -> dict:
-    """Measure the ladder (unless ``results`` given), fit, print the two markdown tables; returns everything."""
+def residuals(results: list[dict], k: float, a: float, c: float, z: float = 0.0) -> dict[str, dict]:
+    """Per regime: cases, mean |error| and worst error of the model against the measured peaks (sets each
+    result's ``model_bytes`` and ``error``)."""
+    by: dict[str, list[float]] = {}
+    for r in results:
+        rung, st = _case(r)
+        r["model_bytes"] = predict(r["provider"], r["method"], rung, st, k, a, c, z)["peak"]
+        r["error"] = r["model_bytes"] / r["peak_bytes"] - 1
+        by.setdefault(r.get("regime", "fp32"), []).append(r["error"])
+    return {g: {"cases": len(e), "mean_abs": sum(map(abs, e)) / len(e), "worst": max(e, key=abs)}
+            for g, e in by.items()}
+
+
+def report(json_path: str | None = None, results: list[dict] | None = None, regimes: bool = False) -> dict:
+    """Measure the ladder (unless ``results`` given; ``regimes``: also every extra regime on the small rungs),
+    fit, print the markdown tables; returns everything."""
     if results is None:
         results = [probe(p, m, r.name) for r in LADDER for m in METHODS for p in PROVIDERS]
-    k, a, c = fit(results)
+        if regimes:
+            results += [probe(p, m, r, g) for g in REGIMES if g != "fp32" for r in REGIME_RUNGS
+                        for m in METHODS for p in PROVIDERS]
+    k, a, c, z = fit(results)
     gib = 2 ** 30
-    lines = [f"Measured peak per step (CPU, fp32, fresh process; fit K_LOGITS={k:.3f}, A_TOK={a:.2f}, "
-             f"RUNTIME={c / 2**20:.0f} MiB):", "",
-             "| rung | params | method | provider | measured MiB | model MiB | error |", "|---|---|---|---|---|---|---|"]
-    worst = 0.0
+    summary = residuals(results, k, a, c, z)
+    lines = [f"Fit over {len(results)} cases: K_LOGITS={k:.3f}, A_TOK={a:.2f}, RUNTIME={c / 2**20:.0f} MiB, "
+             f"RUNTIME_ZERO3={z / 2**20:.0f} MiB", "",
+             "| regime | what | cases | mean abs error | worst error |", "|---|---|---|---|---|"]
+    lines += [f"| {g} | {REGIME_NOTES.get(g, g)} | {v['cases']} | {v['mean_abs']:.1%} | {v['worst']:+.1%} |"
+              for g, v in summary.items()]
+    lines += ["", "| regime | rung | params | method | provider | measured MiB | model MiB | error |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        rung = BY_NAME[r["rung"]]
-        pred = predict(r["provider"], r["method"], rung, _rung_setting(rung), k, a, c)["peak"]
-        err = pred / r["peak_bytes"] - 1
-        worst = max(worst, abs(err))
-        r["model_bytes"], r["error"] = pred, err
-        lines.append(f"| {rung.name} | {rung.params() / 1e6:.1f}M | {r['method']} | {r['provider']} | "
-                     f"{r['peak_bytes'] / 2**20:.0f} | {pred / 2**20:.0f} | {err:+.1%} |")
-    lines += ["", f"worst error {worst:.1%}", "", "Predicted peak per rank (GiB), bf16 weights, gradient checkpointing "
-              "unless noted, 8 x 512 tokens per micro-batch:", "",
-              "| model | setting | NPO fastweight | NPO HF + ref copy | SatImp+NLL fastweight | SatImp+NLL HF |",
-              "|---|---|---|---|---|---|"]
+        rung, _ = _case(r)
+        lines.append(f"| {r.get('regime', 'fp32')} | {rung.name} | {rung.params() / 1e6:.1f}M | {r['method']} | "
+                     f"{r['provider']} | {r['peak_bytes'] / 2**20:.0f} | {r['model_bytes'] / 2**20:.0f} | "
+                     f"{r['error']:+.1%} |")
+    lines += ["", "Predicted peak per rank (GiB), bf16 weights, gradient checkpointing unless noted, 8 x 512 tokens "
+              "per micro-batch:", "",
+              "| model | setting | NPO fastweight | NPO HF + ref copy | SatImp+NLL fastweight | SatImp+NLL HF | "
+              "measured regimes behind it |", "|---|---|---|---|---|---|---|"]
     preds = []
     for arch in (LLAMA2_7B, LLAMA31_8B):
-        for label, st in PREDICTION_SETTINGS:
-            row = {(p, m): predict(p, m, arch, st, k, a, c) for m in METHODS for p in PROVIDERS}
-            preds.append({"model": arch.name, "setting": label, **{f"{m}/{p}": v for (p, m), v in row.items()}})
+        for label, st, behind in PREDICTION_SETTINGS:
+            row = {(p, m): predict(p, m, arch, st, k, a, c, z) for m in METHODS for p in PROVIDERS}
+            preds.append({"model": arch.name, "setting": label, "measured_behind": behind,
+                          **{f"{m}/{p}": v for (p, m), v in row.items()}})
             cells = [f"{row[(p, m)]['peak'] / gib:.1f}" for m in METHODS for p in PROVIDERS]
-            lines.append(f"| {arch.name} | {label} | " + " | ".join(cells) + " |")
+            lines.append(f"| {arch.name} | {label} | " + " | ".join(cells) + f" | {behind or 'none: unmeasured'} |")
     print("\n".join(lines))
-    out = {"fit": {"K_LOGITS": k, "A_TOK": a, "RUNTIME_BYTES": c, "worst_error": worst}, "ladder": results, "predictions": preds}
+    worst = max(abs(v["worst"]) for v in summary.values())
+    out = {"fit": {"K_LOGITS": k, "A_TOK": a, "RUNTIME_BYTES": c, "RUNTIME_ZERO3_BYTES": z, "worst_error": worst},
+           "residuals": summary,
+           "ladder": results, "predictions": preds}
     if json_path:
         with open(json_path, "w") as fh:
             json.dump(out, fh, indent=1)
@@ -329,14 +469,31 @@ def main(argv=None) -> None:
     p.add_argument("provider", choices=PROVIDERS)
     p.add_argument("method", choices=METHODS)
     p.add_argument("rung", choices=list(BY_NAME))
+    p.add_argument("--regime", choices=list(REGIMES), default="fp32")
     t = sub.add_parser("table", help="measure the ladder, fit the model, print both tables as markdown")
     t.add_argument("--json", default=None, help="write measurements, fit and predictions here")
-    t.add_argument("--from-json", default=None, help="refit and print from an earlier --json file (no probes)")
+    t.add_argument("--from-json", default=None, nargs="+",
+                   help="refit and print from earlier --json files or JSON-lines files of probe results (no probes)")
+    t.add_argument("--regimes", action="store_true", help="also measure LoRA, bf16, checkpointing, seq 512 and "
+                   "2-rank ZeRO-3 on the two small rungs (about 45 probes)")
     args = ap.parse_args(argv)
     if args.cmd == "probe":
-        print(json.dumps(run_probe(args.provider, args.method, BY_NAME[args.rung])))
+        res = run_probe(args.provider, args.method, BY_NAME[args.rung], REGIMES[args.regime])
+        if res is not None:  # ZeRO-3: only rank 0 reports (every rank's peak)
+            print(json.dumps(res))
         return
-    report(args.json, json.load(open(args.from_json))["ladder"] if args.from_json else None)
+    report(args.json, _load_results(args.from_json) if args.from_json else None, args.regimes)
+
+
+def _load_results(paths: list[str]) -> list[dict]:
+    out = []
+    for path in paths:
+        text = open(path).read()
+        if path.endswith(".jsonl"):
+            out += [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            out += json.loads(text)["ladder"]
+    return out
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Worker for tests/test_distributed.py, run under ``accelerate launch`` (DDP or DeepSpeed ZeRO on CPU).
 
-argv: model_dir out_dir mode, mode in {"ddp", "zero3", "zero3_resume", "zero2_resume", "zero1_resume"}. Writes
+argv: model_dir out_dir mode, mode in {"ddp", "ddp_terms", "zero3", "zero3_resume", "zero2_resume", "zero1_resume"}. Writes
 out_dir/<run>/... and a JSON report per rank.
 """
 import json
@@ -34,8 +34,8 @@ def sets(tok):
     return QADataset(data["full"][:8], tok, "phi", 48), QADataset(data["full"][8:], tok, "phi", 48)
 
 
-def run(name, on_step=None, **kw):
-    model, tok = load_model_and_tokenizer(model_dir)
+def run(name, on_step=None, dtype="fp32", **kw):
+    model, tok = load_model_and_tokenizer(model_dir, dtype)
     forget, retain = sets(tok)
     base = dict(output_dir=str(out / name), method="npo", method_args={"retain_loss": "nll"}, lr=1e-2, epochs=1,
                 batch_size=1, grad_accum=2, progress=False, seed=5)
@@ -74,6 +74,17 @@ if mode == "ddp":
     want = full.model.state_dict()
     report["resume_equal"] = all(torch.equal(v, want[k]) for k, v in resumed.model.state_dict().items())
     report["resume_steps"] = resumed.global_step
+elif mode == "ddp_terms":
+    # the unmasked KL retain term and UNDIAL (every position / slot of every sequence, global count)
+    from safetensors.torch import save_file
+
+    for name, kw in (("kl", dict(method_args={"retain_loss": "kl"})), ("undial", dict(method="undial",
+                                                                                        method_args={}))):
+        res, model = run(name, **kw)
+        if rank == 0:
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"{name}.safetensors"))
+        report[name] = res.history
+    run("bf16", dtype="bf16")  # bf16 weights under DDP: fp32 masters (MasterWeightAdamW) in the checkpoint
 elif mode.endswith("_resume"):
     # ZeRO-3 (or ZeRO-1/2) resume: an uninterrupted 2-epoch run and one stopped after step 3 (checkpoint at 2), resumed with
     # DeepSpeed's own (pickle-based) checkpoint files planted in the checkpoint folder

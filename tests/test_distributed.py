@@ -24,8 +24,8 @@ WORKER = Path(__file__).with_name("_dist_worker.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}
 
 
-def _one_process(tiny_dir, tmp, **kw):
-    model, tok = load_model_and_tokenizer(tiny_dir)
+def _one_process(tiny_dir, tmp, dtype="fp32", **kw):
+    model, tok = load_model_and_tokenizer(tiny_dir, dtype)
     forget = QADataset(DATA["full"][:8], tok, "phi", 48)
     retain = QADataset(DATA["full"][8:], tok, "phi", 48)
     base = dict(output_dir=str(tmp), method="npo", method_args={"retain_loss": "nll"}, lr=1e-2, epochs=1,
@@ -78,6 +78,48 @@ def test_split_invariance_in_one_process(tiny_dir, tmp_path):
     for key in ("loss", "grad_norm"):  # the objective and its gradient agree to fp32 rounding
         assert [h[key] for h in b.history] == pytest.approx([h[key] for h in a.history], rel=1e-6)
         assert [h[key] for h in c.history] == pytest.approx([h[key] for h in a.history], rel=1e-6)
+
+
+# every position (KL retain, unmasked: the sources' definition) / every slot (UNDIAL) of every sequence
+POSITION_TERMS = {"kl": dict(method_args={"retain_loss": "kl"}), "undial": dict(method="undial", method_args={})}
+
+
+@pytest.mark.parametrize("term", sorted(POSITION_TERMS))
+def test_position_terms_split_invariance_in_one_process(tiny_dir, tmp_path, term):
+    """batch 2 x accumulation 2 == batch 1 x accumulation 4 for the unmasked KL retain term and UNDIAL: each is
+    summed over the positions of the sequences and divided by their global count (batch padding excluded). As
+    micro-batch means the two splits' 2-step updates differed by 4.6% (KL; it is 0 at step 1, where the policy
+    is the reference) and 74% (UNDIAL) of the update."""
+    a = _one_process(tiny_dir, tmp_path / "a", batch_size=2, grad_accum=2, **POSITION_TERMS[term])
+    b = _one_process(tiny_dir, tmp_path / "b", batch_size=1, grad_accum=4, **POSITION_TERMS[term])
+    assert a.global_step == b.global_step == 2
+    _assert_same_weights(b.model.state_dict(), a.model.state_dict())
+    assert [h["loss"] for h in b.history] == pytest.approx([h["loss"] for h in a.history], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process_for_position_terms(tiny_dir, tmp_path):
+    """2 processes x batch 1 x accumulation 2 == 1 process x batch 2 x accumulation 2 for the unmasked KL
+    retain term and UNDIAL (before: 126% of one update apart for KL; the padding of batch 2 counted)."""
+    from safetensors.torch import load_file
+
+    reports = _launch(["--multi_gpu"], tiny_dir, tmp_path, "ddp_terms", 29537, env={"ACCELERATE_USE_CPU": "true"})
+    for term, kw in POSITION_TERMS.items():
+        want = _one_process(tiny_dir, tmp_path / f"one-{term}", batch_size=2, grad_accum=2, **kw)
+        _assert_same_weights(load_file(str(tmp_path / f"{term}.safetensors")), want.model.state_dict())
+        for key in ("loss", "forget_loss", "grad_norm"):
+            assert [h[key] for h in reports[0][term]] == pytest.approx([h[key] for h in want.history], rel=1e-5)
+    # bf16 weights: DDP's fp32 masters track the one-process run's (gradients are reduced in bf16, so not to
+    # fp32 rounding: within 5% of the update, relative L2)
+    _one_process(tiny_dir, tmp_path / "one-bf16", dtype="bf16", batch_size=2, grad_accum=2)
+    init, _ = load_model_and_tokenizer(tiny_dir, "bf16")
+    init = [p.detach().double() for p in init.parameters()]
+    got, want = (_load_tensors(latest_checkpoint(tmp_path / d) / "optimizer.pt")["master_weights"]
+                 for d in ("bf16", "one-bf16"))
+    assert len(got) == len(want) == len(init)
+    num = sum(float((g.double() - w.double()).pow(2).sum()) for g, w in zip(got, want))
+    den = sum(float((w.double() - i).pow(2).sum()) for w, i in zip(want, init))
+    assert den > 0 and (num / den) ** 0.5 < 0.05
 
 
 @pytest.mark.slow

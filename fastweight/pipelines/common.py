@@ -148,7 +148,7 @@ class BaseConfig:
         if self.torch_dtype == "fp16" and "fp16" in (self.mixed_precision, getattr(self, "unlearn_mixed_precision",
                                                                                  None)) and not self.eval_only:
             raise ValueError("torch_dtype fp16 with mixed_precision fp16: the loss scaler cannot unscale fp16 "
-                             "gradients; load in fp32 or bf16, or use --mixed-precision no")
+                             "gradients; load with --torch-dtype bf16 (or fp32)")
         if not isinstance(self.gradient_checkpointing, bool):
             raise TypeError(f"gradient_checkpointing must be a bool, got {self.gradient_checkpointing!r}")
         for name in ("model", "method", "output_dir", "cache_dir"):

@@ -13,11 +13,15 @@
     (valid tokens, sequences or pairs, per term: ``method.count_units``) are summed over the accumulation
     group and all processes (Hugging Face's ``num_items_in_batch``); each term is summed and divided by that
     count. So one process with batch 2, two processes with batch 1, and batch 1 x accumulation 2 give the same
-    update (fp32 rounding aside). Terms with no global form ("local": SatImp group/batch, hard sampling,
-    unmasked KL, RMU) are micro-batch means averaged over the group, as before.
+    update (fp32 rounding aside); the unmasked KL retain term and UNDIAL count every position of every sequence
+    (batch padding excluded). Terms with no global form ("local": SatImp group/batch, hard sampling, RMU)
+    are micro-batch means averaged over the group, as before.
   * Reference: NPO/TNPO/WTNPO/IdkDPO get a ``RefLogpTable`` computed by the prepared policy before step 1 (no
     reference model is kept); KL retain / UNDIAL / RMU get a frozen copy prepared with the policy (sharded
     like it), or for a PEFT model the same model with adapters disabled (no copy).
+  * Precision: bf16 weights train through fp32 master weights and fp32 AdamW state (``MasterWeightAdamW``
+    for one process / DDP, the engine's own under DeepSpeed / FSDP2); fp16 weights without DeepSpeed's loss
+    scaler are refused before any step (``fastweight.train.precision``).
   * LoRA (``config.lora_r``), gradient checkpointing, a non-finite stop (``NonFiniteError``, before the
     optimizer step and any checkpoint), pickle-free checkpoints (``fastweight.train.checkpoint``), linear
     warm-up then decay, one JSON line per optimizer step in ``output_dir/log.jsonl``, the G-effect tracker.
@@ -49,6 +53,7 @@ from fastweight.train.engine import (
 )
 from fastweight.train.jsonlog import repair_log
 from fastweight.train.objective import UnlearnObjective
+from fastweight.train.precision import make_optimizer, plan_for
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _ADDITIVE = frozenset({"loss", "forget_loss", "retain_loss", "nll"})  # logged values that are loss terms
@@ -163,6 +168,7 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
     if not params:
         raise ValueError("no trainable parameters (check trainable_layers, lora_targets and the method's "
                          "trainable())")
+    precision = plan_for(acc, {p.dtype for p in params})  # bf16 / fp16 weights: who keeps fp32 masters
     if cfg.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -187,7 +193,7 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
         forget.tokenizer.eos_token_id
     collate = partial(pad_collate, pad_token_id=pad)
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(params, precision, lr=cfg.lr, weight_decay=cfg.weight_decay)
     objective.train()
     # the schedule needs the per-process batch count, known only once the loader is sharded: a callable that
     # reads it is fixed here, so the scheduler wraps the plain AdamW (whose param_groups the engines use)

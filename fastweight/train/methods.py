@@ -21,10 +21,11 @@ switched off (no copy).
 
 Normalisation: ``method(..., norm={"forget": c_f, "retain": c_r})`` sums each term (``reduction="sum"``) and
 divides it by the given count, so a trainer can divide by the *global* number of units (``forget_unit`` /
-``retain_unit``: "tokens", "sequences", "pairs") over all micro-batches and processes (Hugging Face's
-``num_items_in_batch``). ``count_units(batch, "forget" | "retain")`` counts this batch's units. A term whose
-unit is "local" (SatImp group/batch granularity, hard sampling, unmasked KL, RMU) has no global form: it is
-always the micro-batch mean.
+``retain_unit``: "tokens", "sequences", "pairs", "positions" (unmasked KL: every position of every sequence,
+``sequence_positions``), "slots" (UNDIAL: every position with a next token)) over all micro-batches and
+processes (Hugging Face's ``num_items_in_batch``). ``count_units(batch, "forget" | "retain")`` counts this
+batch's units. A term whose unit is "local" (SatImp group/batch granularity, hard sampling, RMU) has no global
+form: it is always the micro-batch mean.
 """
 from __future__ import annotations
 
@@ -91,6 +92,24 @@ def _batch_get(batch: dict, key: str, prefix: str = "") -> torch.Tensor:
     return batch[prefix + key]
 
 
+def sequence_positions(batch: dict, slots: bool = False) -> torch.Tensor:
+    """[B, T] bool: the positions of the batch's sequences (``attention_mask`` 1; all when it is absent), not
+    the collator's padding; ``slots``: only those whose next position is one too (a next token exists).
+
+    The unmasked KL retain term and UNDIAL count every position (every slot) of a sequence, prompt included, as
+    the sources do. Batch padding is not counted under the trainer's global normalisation: how much of it a
+    sequence gets depends on which sequences share its micro-batch, i.e. on the world size and batch size.
+    Without padding these are exactly the sources' positions."""
+    ids = _batch_get(batch, "input_ids")
+    mask = batch.get("attention_mask")
+    keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    if slots:
+        nxt = torch.zeros_like(keep)
+        nxt[..., :-1] = keep[..., 1:]
+        keep = keep & nxt
+    return keep
+
+
 class AdapterDisabled:
     """Reference = ``peft_model`` with its adapters disabled (the base model; no copy is made)."""
 
@@ -145,7 +164,7 @@ class UnlearnMethod:
         self.ref_kind: str = ("none" if not self.needs_ref else
                               "table" if self.table_ref and retain_loss != "kl" else "model")
         self.retain_unit: str = ("none" if retain_loss == "none" else
-                                 "local" if retain_loss == "kl" and not config.kl_masked else "tokens")
+                                 "positions" if retain_loss == "kl" and not config.kl_masked else "tokens")
 
     def count_units(self, batch: dict, which: str = "forget") -> int:
         """Number of ``forget_unit`` (or ``retain_unit``) units in ``batch``: valid shifted tokens, sequences
@@ -153,6 +172,8 @@ class UnlearnMethod:
         unit = self.forget_unit if which == "forget" else self.retain_unit
         if unit in ("local", "none"):
             return 0
+        if unit in ("positions", "slots"):
+            return int(sequence_positions(batch, slots=unit == "slots").sum())
         valid = valid_mask(_batch_get(batch, "labels"), True, IGNORE_INDEX)
         if unit == "tokens":
             return int(valid.sum())
@@ -196,6 +217,10 @@ class UnlearnMethod:
             return nll_loss(out.hidden, labels, shift=True, reduction=reduction, **out.head())
         with torch.no_grad():
             ref = lm_forward(ref_model, retain)
+        if reduction == "sum" and self.retain_unit == "positions":  # every position of every sequence
+            kl = kl_loss(out.hidden, ref.hidden, labels, masked=False, shift=True, reduction="none", **out.head(),
+                         **ref.ref_head())
+            return (kl * sequence_positions(retain)).sum()
         return kl_loss(out.hidden, ref.hidden, labels, masked=cfg.kl_masked, shift=True, reduction=reduction,
                        **out.head(), **ref.ref_head())
 
@@ -367,16 +392,19 @@ class FLATMethod(UnlearnMethod):
 
 
 class UNDIALMethod(UnlearnMethod):
-    """UNDIAL (``LOSSES['undial']``)."""
+    """UNDIAL (``LOSSES['undial']``): every position with a next token, as open-unlearning (``slots``)."""
+
+    forget_unit = "slots"
 
     def forget_term(self, model, forget, ref_model, reduction="mean"):
         labels = _batch_get(forget, "labels")
         with torch.no_grad():
             ref = lm_forward(ref_model, forget)
         out = lm_forward(model, forget)
-        loss = undial_loss(out.hidden, ref.hidden, labels, beta=self.config.beta, shift=True, reduction=reduction,
-                           **out.head(), **ref.ref_head())
-        return loss, {}
+        slots = reduction == "sum"  # the trainer's global normalisation: sequence slots only, no batch padding
+        loss = undial_loss(out.hidden, ref.hidden, labels, beta=self.config.beta, shift=True,
+                           reduction="none" if slots else reduction, **out.head(), **ref.ref_head())
+        return ((loss * sequence_positions(forget, slots=True)).sum() if slots else loss), {}
 
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
