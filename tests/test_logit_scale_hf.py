@@ -207,3 +207,22 @@ def test_patch_custom_loss_needs_logit_scale():
         fastweight.patch(model, custom)
     with pytest.raises(TypeError, match="logit_scale"):  # set from the model, never by the caller
         fastweight.patch(model, "nll", logit_scale=2.0)
+
+
+@pytest.mark.parametrize("family", ["granite", "cohere"])
+def test_evaluation_statistics_equal_the_models_own_logits(family):
+    """TOFU/MUSE evaluation (answer_token_stats: fused statistics from hidden states) on a rescaling model gives
+    the log p and greedy flags of the model's own logits."""
+    from fastweight.eval.metrics import answer_token_stats
+
+    model, batch = _model(family), _batch()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double()
+    labels = batch["labels"][:, 1:]
+    got = answer_token_stats(model, batch)
+    lp = torch.log_softmax(logits, -1)
+    for b, row in enumerate(got):
+        keep = labels[b] != IGNORE_INDEX
+        want = lp[b][keep].gather(-1, labels[b][keep][:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(row["token_logp"], dtype=torch.float64), want, rtol=1e-4, atol=1e-5)
+        assert row["correct"] == (logits[b][keep].argmax(-1) == labels[b][keep]).tolist()

@@ -62,19 +62,20 @@ def test_argmax_ties_take_the_first_index(backend):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
-@pytest.mark.parametrize("bias,softcap", [(False, None), (True, 4.0)], ids=["plain", "bias_softcap"])
-def test_linear_token_stats_matches_reference_and_logits_path(dtype, bias, softcap):
+@pytest.mark.parametrize("bias,softcap,scale", [(False, None, 1.0), (True, 4.0, 1.0), (False, None, 0.125)],
+                         ids=["plain", "bias_softcap", "logit_scale"])
+def test_linear_token_stats_matches_reference_and_logits_path(dtype, bias, softcap, scale):
     """From hidden states, three row chunks (chunk_elements): values within the reference bound, argmax flags
     equal to the logits path's on the same model."""
     N, H, V = 150, 24, 1013
     h, W, b, y = make_hidden(N, H, V, dtype, seed=7, bias=bias, ignore_rows=[0, 9, 149])
-    z = h.double() @ W.double().t() + (0 if b is None else b.double())
+    z = scale * (h.double() @ W.double().t() + (0 if b is None else b.double()))
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     y = _with_greedy_labels(z, y)
-    out = linear_token_stats(h, y, lm_head=W, bias=b, softcap=softcap, chunk_elements=60 * V)
-    gt = ref.linear_token_stats(h, y, lm_head=W, bias=b, softcap=softcap)
-    zn = (h.float() @ W.float().t() + (0 if b is None else b.float()))
+    out = linear_token_stats(h, y, lm_head=W, bias=b, softcap=softcap, logit_scale=scale, chunk_elements=60 * V)
+    gt = ref.linear_token_stats(h, y, lm_head=W, bias=b, softcap=softcap, logit_scale=scale)
+    zn = scale * (h.float() @ W.float().t() + (0 if b is None else b.float()))
     if softcap is not None:
         zn = softcap * torch.tanh(zn / softcap)
     check(out, gt, ref.token_stats(zn.to(dtype), y, dtype=dtype), dtype, c=32.0)

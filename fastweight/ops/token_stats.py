@@ -22,7 +22,7 @@ import torch
 
 from fastweight._constants import IGNORE_INDEX
 from fastweight.ops._common import (
-    acc_dtype, check_labels, launch_kernel, resolve_backend, row_chunks, signature_of,
+    acc_dtype, check_labels, check_logit_scale, launch_kernel, resolve_backend, row_chunks, signature_of,
 )
 from fastweight.ops._gemm import gemm_operand, linear
 
@@ -180,9 +180,9 @@ def token_stats(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int
 @torch.no_grad()
 def linear_token_stats(hidden: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.Tensor,
                        bias: torch.Tensor | None = None, softcap: float | None = None,
-                       ignore_index: int = IGNORE_INDEX, backend: str | None = "auto",
+                       logit_scale: float = 1.0, ignore_index: int = IGNORE_INDEX, backend: str | None = "auto",
                        chunk_elements: int = TORCH_CHUNK_ELEMENTS) -> TokenStats:
-    """``token_stats(cap(hidden @ lm_head.T + bias), labels)`` without the ``[N, V]`` logits.
+    """``token_stats(cap(logit_scale * (hidden @ lm_head.T + bias)), labels)`` without the ``[N, V]`` logits.
 
     hidden [..., H] and lm_head [V, H] of one floating dtype, bias [V] or None, labels [...] integer. The logits
     are formed ``chunk_elements // V`` rows at a time in float32 (the float32 GEMM results of 16-bit operands on
@@ -191,6 +191,7 @@ def linear_token_stats(hidden: torch.Tensor, labels: torch.Tensor, *, lm_head: t
     """
     opts = TokenStatsOptions(ignore_index=ignore_index, softcap=softcap, backend=backend,
                              chunk_elements=chunk_elements)
+    check_logit_scale("logit_scale", logit_scale)
     h, y = _flat(hidden, labels, "hidden")
     if not isinstance(lm_head, torch.Tensor) or lm_head.dim() != 2 or lm_head.shape[1] != h.shape[1]:
         raise ValueError(f"lm_head must be [V, H] with H = {h.shape[1]} (hidden's last dimension), got "
@@ -206,6 +207,8 @@ def linear_token_stats(hidden: torch.Tensor, labels: torch.Tensor, *, lm_head: t
     parts = []
     for s, e in row_chunks(h.shape[0], V, opts.chunk_elements):
         z = linear(gemm_operand(h[s:e], acc, W), W, b)
+        if logit_scale != 1.0:  # Granite's 1 / logits_scaling, Cohere's logit_scale
+            z.mul_(logit_scale)
         if softcap is not None:
             z = z.mul_(1.0 / softcap).tanh_().mul_(softcap)
         parts.append(run(z, y[s:e], opts))

@@ -26,11 +26,13 @@ def token_stats(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int
     return (torch.where(valid, logp, zero), argmax, torch.where(valid, mean, zero), torch.where(valid, var, zero))
 
 
-def linear_token_stats(hidden, labels, *, lm_head, bias=None, softcap=None, ignore_index: int = IGNORE_INDEX):
-    """The same from hidden states: logits = cap(hidden @ lm_head.T + bias) in float64 first."""
+def linear_token_stats(hidden, labels, *, lm_head, bias=None, softcap=None, logit_scale=1.0,
+                       ignore_index: int = IGNORE_INDEX):
+    """The same from hidden states: logits = cap(logit_scale * (hidden @ lm_head.T + bias)) in float64 first."""
     z = hidden.double() @ lm_head.double().t()
     if bias is not None:
         z = z + bias.double()
+    z = z * logit_scale
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     return token_stats(z, labels, ignore_index=ignore_index)
