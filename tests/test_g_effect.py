@@ -432,6 +432,30 @@ def test_plots_write_pngs(tmp_path):
         plot_heatmap(trackers["ga"], tmp_path / "x.png", probe="nope")
 
 
+def test_compare_figure_reads_right():
+    """An overall title, x labels on every panel, and one colour scale for all runs: an objective 1000x weaker
+    stays pale instead of being stretched to full colour row by row."""
+    from fastweight.analysis.plots import compare_figure
+
+    model = tiny_llama()
+    trackers = {}
+    for name, sign in (("ga", 1.0), ("weak", 1e-3)):
+        t = GEffectTracker()
+        for step in (1, 2):
+            maybe_record(t, step, model, lambda m: sign * ref_ga(m, batch(step)), batch(1), batch(2))
+        trackers[name] = t.to_dict()
+    fig = compare_figure(trackers)
+    assert fig._suptitle is not None and "G-effect" in fig._suptitle.get_text()
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert panels and all(ax.get_xlabel() for ax in panels)
+    heat = [ax for ax in panels if ax.images]
+    for ax in heat:
+        data = ax.images[0].get_array()
+        norm = ax.images[0].norm
+        strong, weak = abs(data[0]).max(), abs(data[1]).max()
+        assert norm.vmax >= strong > 100 * weak  # one shared scale: the weak row is not rescaled to 1
+
+
 # ---- errors ---------------------------------------------------------------------------------------------
 def test_errors():
     model = tiny_llama()

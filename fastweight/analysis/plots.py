@@ -2,8 +2,8 @@
 
 * ``plot_curves``: G-effect per step, one panel per probe (forget, retain), one line per run.
 * ``plot_heatmap``: one run, one probe: layer groups (rows) x recorded steps (columns).
-* ``plot_compare``: curves on top, and below one heat map per probe of runs (rows) x layer groups (columns),
-  each row scaled by its largest magnitude, i.e. *where* in the network each objective acts.
+* ``plot_compare``: curves on top, and below one heat map per probe of runs (rows) x layer groups (columns) on
+  one shared symmetric-log colour scale, so an objective whose G-effect is 1000x another's shows as such.
 * ``save_g_effect_plots``: what a trainer writes for one run (curves + one heat map per probe).
 
 Colours: red = positive G (the probe NLL would fall), blue = negative (the probe NLL would rise: forgetting
@@ -73,6 +73,7 @@ def _draw_curves(ax, runs: Mapping[str, Record], probe: str, smoothed: bool, ysc
             p = rec["probes"][probe]
             ax.plot(p["step"], p[key], marker="o", markersize=3, label=label or None)
     ax.axhline(0.0, color="0.6", linewidth=0.8)
+    ax.margins(y=0.08)  # the first (often the largest) point is not cut by the frame
     if yscale == "symlog":
         values = [abs(v) for rec in runs.values() if probe in rec["probes"] for v in rec["probes"][probe][key]]
         nonzero = [v for v in values if v > 0]
@@ -174,9 +175,15 @@ def layer_profile(record: Record, probe: str, *, by: str = "block", smoothed: bo
 def plot_compare(records: Mapping[str, Record], path: str | os.PathLike, *,
                  probes: Sequence[str] | None = None, by: str = "block", smoothed: bool = True,
                  yscale: str = "symlog", dpi: int = DPI) -> Path:
+    """``compare_figure`` saved to ``path`` (format from its suffix); returns the path."""
+    return _save(compare_figure(records, probes=probes, by=by, smoothed=smoothed, yscale=yscale, dpi=dpi), path)
+
+
+def compare_figure(records: Mapping[str, Record], *, probes: Sequence[str] | None = None, by: str = "block",
+                   smoothed: bool = True, yscale: str = "symlog", dpi: int = DPI):
     """Compare runs (e.g. objectives): top row, total G-effect curves per probe; bottom row, per probe, a
-    heat map of runs x layer groups of the mean per-step G-effect, each row divided by its largest magnitude
-    (the colour shows where an objective acts and with which sign; the curves show how strongly)."""
+    heat map of runs x layer groups of the mean per-step G-effect on one symmetric-log colour scale shared by
+    all runs (where an objective acts, with which sign and how strongly relative to the others)."""
     import numpy as np
 
     _check_scale(yscale)
@@ -191,17 +198,17 @@ def plot_compare(records: Mapping[str, Record], path: str | os.PathLike, *,
         groups = list(dict.fromkeys(g for prof in profiles for g in prof))
         m = np.array([[prof.get(g, 0.0) for g in groups] for prof in profiles], dtype=float).reshape(
             len(labels), len(groups))
-        scale = np.abs(m).max(axis=1, keepdims=True)
-        m = np.divide(m, scale, out=np.zeros_like(m), where=scale > 0)
         ax = axes[1][j]
-        im = ax.imshow(m, aspect="auto", cmap="RdBu_r", vmin=-1.0, vmax=1.0, interpolation="nearest")
-        fig.colorbar(im, ax=ax, label="G / max |G| of the row", shrink=0.9)
+        _imshow(fig, ax, m, "mean G-effect (symmetric log)")
         ax.set_yticks(range(len(labels)), [k or "run" for k in labels])
         short = [g.replace("layers.", "") for g in groups]
         ticks = list(range(0, len(groups), max(1, len(groups) // 16)))
         ax.set_xticks(ticks, [short[i] for i in ticks], rotation=90, fontsize="small")
+        ax.set_xlabel("layer group (model order)")
         ax.set_title(f"per layer, mean over steps ({probe})")
-    return _save(fig, path)
+    fig.suptitle("G-effect of each objective: how strongly (top) and where in the network (bottom); "
+                 "G < 0 on forget = forgetting, on retain = damage", fontsize=10)
+    return fig
 
 
 def save_g_effect_plots(record: Record, out_dir: str | os.PathLike, *, prefix: str = "g_effect",
@@ -218,4 +225,4 @@ def save_g_effect_plots(record: Record, out_dir: str | os.PathLike, *, prefix: s
     return paths
 
 
-__all__ = ["layer_profile", "plot_compare", "plot_curves", "plot_heatmap", "save_g_effect_plots"]
+__all__ = ["compare_figure", "layer_profile", "plot_compare", "plot_curves", "plot_heatmap", "save_g_effect_plots"]

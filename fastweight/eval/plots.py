@@ -3,14 +3,17 @@
 Each ``*_figure`` function builds and returns a ``matplotlib.figure.Figure`` (tests inspect its axes); each
 ``plot_*`` function saves that figure to ``path`` and returns the path.
 
-``training_figure``  one panel per quantity scale against the optimizer step: loss terms (nats; symlog when
-                     signs mix over decades), gradient norm (log), learning rate, the method's statistics
-                     (e.g. mean token weight), G-effect values;
+``training_figure``  one panel per quantity scale against the optimizer step: loss terms (linear axis, in the
+                     method's unit: nats, or activation MSE for RMU; the total's composition in its legend),
+                     gradient norm (log), learning rate, the method's statistics (e.g. mean token weight),
+                     G-effect values;
 ``metrics_figure``   grouped bars per metric with "lower/higher is better" marks, a reference model drawn as
                      dashed lines (not bars) and optional chance lines;
 ``es_figure``        Extraction Strength on forget / retain (TOFU), the retain model as the reference line;
-``fq_mu_figure``     Forget Quality (log) against Model Utility, one point per model;
-``muse_figure``      MUSE: VerbMem / KnowMem panel (0-1) and a PrivLeak panel (signed, 0 = the retrained model);
+``fq_mu_figure``     Forget Quality (log) against Model Utility, one point per model (a model without Forget
+                     Quality, the retain model itself, as a vertical reference line at its utility);
+``muse_figure``      MUSE: VerbMem / KnowMem panel (0-1) and a PrivLeak panel (signed %, 0 = the retrained model,
+                     drawn inside the axis);
 ``mcq_figure``       WMDP / MMLU accuracy with chance lines.
 """
 from __future__ import annotations
@@ -80,7 +83,8 @@ _PANELS = {"loss": "loss terms (nats)", "grad_norm": "gradient norm (L2)", "lr":
 
 
 def _scale_for(ax, values: Sequence[float]) -> str:
-    """linear; log when positive over > 3 decades; symlog when signs mix and magnitudes span > 2 decades."""
+    """linear; log when positive over > 3 decades; symlog when signs mix and magnitudes span > 2 decades
+    (never for loss terms: a symlog axis magnifies sign changes near zero, which is where unlearning losses go)."""
     vals = [abs(v) for v in values if v == v and math.isfinite(v)]
     if not vals:
         return "linear"
@@ -98,8 +102,15 @@ def _scale_for(ax, values: Sequence[float]) -> str:
     return "linear"
 
 
-def training_figure(history: Sequence[Mapping[str, float]], title: str = "unlearning"):
-    """One panel per quantity scale (loss terms, gradient norm, learning rate, statistics, G-effect)."""
+TOTAL_NOTE = "total = forget_coef x forget term + retain_coef x retain term"
+
+
+def training_figure(history: Sequence[Mapping[str, float]], title: str = "unlearning", *,
+                    loss_unit: str = "nats", total_note: str | None = TOTAL_NOTE):
+    """One panel per quantity scale (loss terms, gradient norm, learning rate, statistics, G-effect).
+
+    ``loss_unit`` labels the loss panel (RMU's terms are activation MSE, not nats); ``total_note`` says in the
+    legend how the plotted ``loss`` is composed (the method's coefficients multiply the terms)."""
     if not history:
         raise ValueError("history must hold at least one step")
     plt = _plt()
@@ -115,25 +126,31 @@ def training_figure(history: Sequence[Mapping[str, float]], title: str = "unlear
         for k in groups[g]:
             ys = [float(h.get(k, float("nan"))) for h in history]
             all_vals += ys
-            ax.plot(steps, ys, marker="." if len(steps) < 60 else None, label=k)
-        ax.set_ylabel(_PANELS[g], fontsize=8)
+            label = f"{k} ({total_note})" if g == "loss" and k == "loss" and total_note else k
+            ax.plot(steps, ys, marker="." if len(steps) < 60 else None, label=label)
+        ax.set_ylabel(f"loss terms ({loss_unit})" if g == "loss" else _PANELS[g], fontsize=8)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
-        if g != "lr":
+        if g == "loss":
+            ax.axhline(0.0, color="0.6", linewidth=0.8)
+        elif g != "lr":
             _scale_for(ax, all_vals)
         if len(groups[g]) > 1 or g in ("loss", "stats"):
             ax.legend(fontsize=7, loc="best")
     from matplotlib.ticker import MaxNLocator
 
     axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    if min(steps) == max(steps):  # one step: a unit-wide window, not matplotlib's +-5% around it
+        axes[-1, 0].set_xlim(min(steps) - 1, max(steps) + 1)
     axes[-1, 0].set_xlabel("optimizer step")
     fig.suptitle(title)
     fig.tight_layout()
     return fig
 
 
-def plot_training(history: Sequence[Mapping[str, float]], path: str | os.PathLike, title: str = "unlearning") -> Path:
-    return _save(training_figure(history, title), path)
+def plot_training(history: Sequence[Mapping[str, float]], path: str | os.PathLike, title: str = "unlearning",
+                  **kw) -> Path:
+    return _save(training_figure(history, title, **kw), path)
 
 
 # ------------------------------------------------------------------------------------------------ bars
@@ -145,20 +162,21 @@ def _bars(ax, values: Mapping[str, Mapping[str, float]], keys: Sequence[str], re
         xs = [i + (j - (len(models) - 1) / 2) * width for i in range(len(keys))]
         vals = [float(values[m].get(k, float("nan"))) for k in keys]
         ax.bar(xs, vals, width, label=m)
-        if annotate:
+        if annotate:  # on a white box above the reference lines, so a dashed line never runs through a number
             for x, v in zip(xs, vals):
                 if v == v:
-                    ax.text(x, v, f"{v:.2f}", ha="center", va="bottom" if v >= 0 else "top", fontsize=6)
+                    ax.text(x, v, f"{v:.3g}", ha="center", va="bottom" if v >= 0 else "top", fontsize=6, zorder=5,
+                            bbox=dict(boxstyle="round,pad=0.1", facecolor="white", edgecolor="none", alpha=0.85))
     if reference is not None:
         for i, k in enumerate(keys):
             v = values[reference].get(k)
             if v is not None:
-                ax.hlines(float(v), i - 0.45, i + 0.45, colors="black", linestyles="--", linewidth=1.2,
+                ax.hlines(float(v), i - 0.45, i + 0.45, colors="black", linestyles="--", linewidth=1.2, zorder=3,
                           label=f"{reference} (reference)" if i == 0 else None)
     if chance:
         for i, k in enumerate(keys):
             if k in chance:
-                ax.hlines(chance[k], i - 0.45, i + 0.45, colors="grey", linestyles=":", linewidth=1.5,
+                ax.hlines(chance[k], i - 0.45, i + 0.45, colors="grey", linestyles=":", linewidth=1.5, zorder=3,
                           label="chance" if i == 0 else None)
     ax.set_xticks(range(len(keys)), [metric_label(k) for k in keys], fontsize=8,
                   rotation=20 if len(keys) > 3 else 0, ha="right" if len(keys) > 3 else "center")
@@ -206,19 +224,25 @@ def plot_es(es: Mapping[str, Mapping[str, float]], path: str | os.PathLike) -> P
     return _save(es_figure(es), path)
 
 
-def fq_mu_figure(points: Mapping[str, tuple[float, float]]):
+def fq_mu_figure(points: Mapping[str, tuple[float, float | None]]):
     """Scatter of ``points[model] = (model_utility, forget_quality)``; Forget Quality on a log axis, with the
-    0.05 significance line (above it the forget-set truth ratios are indistinguishable from the retain model's)."""
+    0.05 significance line (above it the forget-set truth ratios are indistinguishable from the retain model's).
+    A model whose Forget Quality is None (the retain model: the table's "-") is a vertical dashed line at its
+    Model Utility, not a point at FQ = 1."""
     if not points:
         raise ValueError("points must map at least one model to (model_utility, forget_quality)")
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.8, 3.4))
     for name, (mu, fq) in points.items():
+        if fq is None or fq != fq:
+            ax.axvline(mu, color="black", linestyle="--", linewidth=1, label=f"{name} (utility; no FQ)")
+            continue
         y = max(fq, 1e-30)
-        ax.scatter([mu], [y], s=40, label=name)
+        ax.scatter([mu], [y], s=40, label=name, zorder=3)
         ax.annotate(name, (mu, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set_yscale("log")
-    ax.axhline(0.05, color="grey", linestyle=":", linewidth=1, label="p = 0.05")
+    ax.axhline(0.05, color="grey", linestyle=":", linewidth=1, label="FQ = 0.05 (KS test p-value)")
+    ax.legend(fontsize=7, loc="best")
     ax.set_xlabel("Model Utility (harmonic mean, 0-1) ↑")
     ax.set_ylabel("Forget Quality (KS p-value, log) ↑")
     ax.set_title("TOFU: Forget Quality vs Model Utility (top right is best)", fontsize=9)
@@ -231,9 +255,10 @@ def plot_fq_mu(points: Mapping[str, tuple[float, float]], path: str | os.PathLik
     return _save(fq_mu_figure(points), path)
 
 
-def muse_figure(columns: Mapping[str, Mapping[str, float]], reference: str | None = None):
-    """Two panels: VerbMem / KnowMem (0-1 scores) and PrivLeak (signed; 0 = as private as the retrained model;
-    without a retrained model the raw Min-K% AUC is shown with its 0.5 no-leak line)."""
+def muse_figure(columns: Mapping[str, Mapping[str, float]], reference: str | None = None,
+                title: str = "MUSE: memorisation and privacy leakage"):
+    """Two panels: VerbMem / KnowMem (0-1 scores) and PrivLeak (signed %; 0 = as private as the retrained model,
+    kept inside the axis; without a retrained model the raw Min-K% AUC is shown with its 0.5 no-leak line)."""
     if not columns:
         raise ValueError("columns must map at least one model to its MUSE metrics")
     plt = _plt()
@@ -247,20 +272,26 @@ def muse_figure(columns: Mapping[str, Mapping[str, float]], reference: str | Non
     ax1.legend(fontsize=7, loc="best")
     _bars(ax2, columns, [leak], reference, None)
     if leak == "privleak":
-        ax2.axhline(0.0, color="black", linestyle="--", linewidth=1, label="0 = retrained")
-        ax2.set_ylabel("PrivLeak (0 = retrained)")
+        ax2.axhline(0.0, color="black", linestyle="--", linewidth=1, label="0 = retrained", zorder=3)
+        vals = [float(c["privleak"]) for c in columns.values() if c.get("privleak") is not None] + [0.0]
+        lo, hi = min(vals), max(vals)
+        pad = 0.12 * max(hi - lo, 1.0)
+        ax2.set_ylim(lo - pad, hi + pad)  # the retrained model's 0 never sits on the frame
+        ax2.set_ylabel("PrivLeak (%, 0 = retrained)")
     else:
         ax2.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="AUC 0.5")
         ax2.set_ylim(0.0, 1.05)
         ax2.set_ylabel("Min-K% AUC forget vs holdout")
     ax2.set_title("privacy leakage", fontsize=9)
-    fig.suptitle("MUSE", fontsize=10)
+    ax2.legend(fontsize=7, loc="best")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
 
 
-def plot_muse(columns: Mapping[str, Mapping[str, float]], path: str | os.PathLike, reference: str | None = None) -> Path:
-    return _save(muse_figure(columns, reference), path)
+def plot_muse(columns: Mapping[str, Mapping[str, float]], path: str | os.PathLike, reference: str | None = None,
+              **kw) -> Path:
+    return _save(muse_figure(columns, reference, **kw), path)
 
 
 def mcq_figure(columns: Mapping[str, Mapping[str, float]], keys: Sequence[str], chance: Mapping[str, float] | None):

@@ -254,8 +254,8 @@ def run(cfg: TofuConfig) -> C.Results:
     if C.is_main():  # figures and the table: written by the main process only
         plots.append(str(plot_es({k: {"forget": v["forget_es"], "retain": v["retain_es"]}
                                   for k, v in columns.items()}, out / "es.png")))
-        if any("forget_quality" in v for v in columns.values()):  # the retain model's own FQ is 1 by definition
-            plots.append(str(plot_fq_mu({k: (v["model_utility"], v.get("forget_quality", 1.0))
+        if any("forget_quality" in v for v in columns.values()):  # the retain model has none: a reference line
+            plots.append(str(plot_fq_mu({k: (v["model_utility"], v.get("forget_quality"))
                                          for k, v in columns.items() if "model_utility" in v}, out / "fq_mu.png")))
     reporter.finish()
     table = C.markdown_table(columns, TABLE_KEYS)

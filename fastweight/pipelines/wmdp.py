@@ -188,7 +188,8 @@ def run(cfg: WmdpConfig) -> C.Results:
         reporter.log(columns[f"{cfg.method} (after)"], res.global_step, "eval/unlearned")
         if history and C.is_main():
             plots.append(str(plot_training(history, out / "training.png",
-                                           title=f"{cfg.method} on the WMDP forget corpus")))
+                                           title=f"{cfg.method} on the WMDP forget corpus",
+                                           loss_unit="activation MSE" if cfg.method == "rmu" else "nats")))
     keys = [k for k in TABLE_KEYS if any(k in c for c in columns.values())]
     chance = {k: 1.0 / _n_choices(wmdp if k.startswith("wmdp") else mmlu) for k in keys}
     if C.is_main():  # figures and the table: written by the main process only
