@@ -76,7 +76,7 @@ def under(mod: str, *prefixes: str) -> bool:
 
 def layer(mod: str):
     """Layer index of a fastweight module (None for the package root / unknown)."""
-    if under(mod, "fastweight._constants"):
+    if under(mod, "fastweight._constants", "fastweight._progress"):
         return -1
     if under(mod, "fastweight.kernels"):
         return 0

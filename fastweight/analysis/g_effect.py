@@ -296,11 +296,10 @@ def g_effects(model: torch.nn.Module, objective: Callable[[torch.nn.Module], Any
         inv = 1.0 / grad_scale
         obj_norm = sum(obj_sq) ** 0.5 * inv
         results = {}
-        from tqdm.auto import tqdm
+        from fastweight._progress import progress
 
-        # a bar over the probes (none when stderr is not a terminal)
-        for probe_name, batch in tqdm(probes.items(), desc="G-effect probes", unit="probe", disable=None,
-                                      leave=False):
+        # a bar over the probes on a terminal, a line every 30 s in a log file
+        for probe_name, batch in progress(probes.items(), desc="G-effect probes", unit="probe"):
             results[probe_name] = _one_probe(module, probe_loss, batch, names, params, obj, obj_norm, inv,
                                              group_of, auto_of, objective_loss, probe_name)
     return results

@@ -195,10 +195,10 @@ def evaluate_muse(model, tokenizer, data: MuseData, config: MuseEvalConfig | Non
     cap = cfg.max_items
     was_training = model.training
     model.eval()
-    from tqdm.auto import tqdm
+    from fastweight._progress import progress
 
-    # one step per metric; no bar when stderr is not a terminal
-    bar = tqdm(total=5, desc="MUSE eval", unit="metric", disable=None if shard.rank == 0 else True, leave=False)
+    # one step per metric: a bar on a terminal, a line every 30 s in a log file
+    bar = progress(total=5, desc="MUSE eval", unit="metric", disable=shard.rank != 0)
     try:
         bar.set_postfix_str("forget_verbmem")
         record("forget_verbmem", lambda: gathered(list(data.verbmem_forget[:cap]), lambda rs: verbmem(

@@ -72,11 +72,12 @@ def _answer_stats(model, tokenizer, cfg: TofuEvalConfig, pairs: list[tuple[str, 
 
 
 def _generate(model, tokenizer, cfg: TofuEvalConfig, prompts: list, desc: str) -> list[str]:
-    """``generate_greedy`` batch by batch under a progress bar (none when stderr is not a terminal)."""
-    from tqdm.auto import tqdm
+    """``generate_greedy`` batch by batch under a progress bar on a terminal (in a log file the enclosing
+    phase's progress lines report, so nested lines do not crowd it)."""
+    from fastweight._progress import on_terminal, progress
 
     out: list[str] = []
-    for s in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, unit="batch", disable=None, leave=False):
+    for s in progress(range(0, len(prompts), cfg.batch_size), desc=desc, unit="batch", disable=not on_terminal()):
         out += M.generate_greedy(model, tokenizer, prompts[s:s + cfg.batch_size], max_new_tokens=cfg.max_new_tokens,
                                  batch_size=cfg.batch_size)
     return out

@@ -255,11 +255,10 @@ def evaluate_mcq_sets(model, tokenizer, sets: Mapping[str, tuple[Sequence[Mappin
         return store.summary()
     was_training = model.training
     model.eval()
-    from tqdm.auto import tqdm
+    from fastweight._progress import progress
 
-    try:  # a bar per set only on a terminal (disable=None): log files get no bar spam
-        for name in tqdm(todo, desc=f"{cfg.bench} eval", unit="set", disable=None if shard.rank == 0 else True,
-                         leave=False):
+    try:  # a bar per set on a terminal, a line every 30 s in a log file
+        for name in progress(todo, desc=f"{cfg.bench} eval", unit="set", disable=shard.rank != 0):
             rows, subject = sets[name]
             key = f"{name}_acc"
             rows = check_mcq_rows(list(rows)[:cfg.max_items], name)

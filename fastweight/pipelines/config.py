@@ -259,9 +259,12 @@ def cli_main(parse, run, show=print_results, argv=None) -> int:
     """
     import warnings
 
+    from fastweight._progress import quiet_third_party_bars
+
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     cfg = parse(argv)
+    quiet_third_party_bars()  # off a terminal: no transformers / hub / datasets bars in the log file
     saved = warnings.formatwarning
     warnings.formatwarning = lambda message, category, *a, **k: f"WARNING: {message}\n"  # one line each
     try:

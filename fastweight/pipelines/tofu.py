@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from fastweight._progress import progress
 
 from fastweight.data.synth_tofu import write_tofu_folder
 from fastweight.data.templates import TEMPLATE_NAMES
@@ -137,11 +137,11 @@ def _data_source(cfg: TofuConfig) -> str:
 
 
 def _evaluate(model, tokenizer, sets, ecfg, folder: Path, retain_tr, label: str) -> dict[str, float]:
-    """``evaluate_tofu`` split by split under a progress bar (no bar when stderr is not a terminal)."""
+    """``evaluate_tofu`` split by split under a progress bar (a line every 30 s off a terminal)."""
     splits = [s for s in EVAL_SPLITS if sets.get(s)]
     summary: dict[str, float] = {}
     with C.gathered_forwards(model):  # a ZeRO-3-partitioned model outside the engine; else a no-op
-        for split in tqdm(splits, desc=f"TOFU eval {label}", unit="split", disable=None, leave=False):
+        for split in progress(splits, desc=f"TOFU eval {label}", unit="split", disable=not C.is_main()):
             summary = evaluate_tofu(model, tokenizer, sets, ecfg, output_dir=folder, retain_tr=retain_tr,
                                     splits=[split])
     C.barrier()  # the main process's files are complete before any process reads them (load_eval)

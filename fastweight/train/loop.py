@@ -137,7 +137,7 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
         ``TrainResult``. Raises ``NonFiniteError`` (a ``FloatingPointError``) on a non-finite loss term or
         gradient norm, before that optimizer step and before any checkpoint of it.
     """
-    from tqdm.auto import tqdm
+    from fastweight._progress import progress
 
     cfg = config or TrainConfig()
     out_dir = Path(cfg.output_dir)
@@ -264,10 +264,10 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
 
     world = acc.num_processes
     ckpt_args = dict(policy=policy, optimizer=optimizer, scheduler=scheduler, method=method, module=objective)
-    # disable=None: no bar when stderr is not a terminal (no bar spam in log files)
+    # a bar on a terminal, a line every 30 s in a log file (fastweight._progress)
     show = acc.is_main_process and cfg.progress
-    bar = tqdm(total=total, initial=state["global_step"], disable=None if show else True,
-               desc=cfg.method or "fine-tune")
+    bar = progress(total=total, initial=state["global_step"], disable=not show, desc=cfg.method or "fine-tune",
+                   unit="step")
     step, skip = state["global_step"], state["batch_in_epoch"]
     resumed_step = step
     for epoch in range(state["epoch"], cfg.epochs):
