@@ -112,3 +112,35 @@ def test_satimp_fused_linear_auto_cuda(dtype, reduction):
         [h, W, b], dtype=dtype, upstream=up, names=["hidden", "lm_head", "bias"])
     if dtype != torch.float32:  # the out_dtype products ran (a torch without them falls back to an upcast)
         assert _gemm._MM_OUT_DTYPE == {"mm": True}, _gemm._MM_OUT_DTYPE
+
+
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+def test_logit_scale_and_token_weights_cuda(dtype, backend):
+    """logit_scale (Cohere / Granite) and caller token weights on both CUDA routes: the Triton kernels and the
+    cuBLAS chunk loops ("auto"; 16-bit operands scale their float32 products, not the 16-bit hidden states)."""
+    from fastweight.ops.token_logprobs import TokenLogprobsOptions, weighted_logprobs_2d
+
+    h, W, b, y = _cuda(*make_hidden(1031, 96, 4099, dtype, seed=22, bias=True, ignore_rows=[0, 9, 10]))
+    names = ["hidden", "lm_head", "bias"]
+    compare_with_reference(
+        lambda h_, W_, b_: fastweight.satimp_loss(h_, y, lm_head=W_, bias=b_, beta1=1.0, beta2=0.5, softcap=4.0,
+                                                  logit_scale=1.5, backend=backend),
+        lambda h_, W_, b_: lref.linear_weighted_logprobs(h_, W_, y, b_, 4.0, beta1=1.0, beta2=0.5, logit_scale=1.5),
+        [h, W, b], dtype=dtype, c=16.0, names=names)
+    gen = torch.Generator().manual_seed(3)
+    c = torch.tensor([0.0, 0.5, 1.0, 2.0, -0.25])[torch.randint(0, 5, (1031,), generator=gen)].cuda()
+    up = upstream_like((1031,), dtype).cuda()
+    compare_with_reference(
+        lambda h_, W_, b_: fastweight.token_logprobs(h_, y, lm_head=W_, bias=b_, logit_scale=0.125, token_weights=c,
+                                                     backend=backend),
+        lambda h_, W_, b_: c.to(h_.dtype) * lref.linear_token_logprobs(h_, W_, y, b_, logit_scale=0.125),
+        [h, W, b], dtype=dtype, upstream=up, c=16.0, names=names)
+    z, yz = _cuda(*make_logits(129, 4097, dtype, seed=23, ignore_rows=[0, 5]))
+    cz = c[:129]
+    opts = TokenLogprobsOptions(weighted=True, beta1=1.0, beta2=0.5, reduction="mean", backend="triton")
+    compare_with_reference(
+        lambda x: weighted_logprobs_2d(x, yz, opts, cz)[0],
+        lambda x: (cz.to(x.dtype) * rref.weighted_loss(x, yz, beta1=1.0, beta2=0.5, reduction="none")).sum()
+        / (yz != IGNORE_INDEX).sum(),
+        [z], dtype=dtype, names=["logits"])
