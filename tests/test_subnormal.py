@@ -51,6 +51,12 @@ def test_flush_subnormal_zeroes_only_subnormals():
     torch.testing.assert_close(out, expect, equal_nan=True, rtol=0, atol=0)
 
 
+def test_tiny_factors_flags_only_nonzero_tiny_rows():
+    assert not _common.tiny_factors(torch.tensor([0.0, 1.0, -1e-20, 1e-30]))
+    assert _common.tiny_factors(torch.tensor([0.0, 1.0, -1e-32]))
+    assert _common.tiny_factors(torch.tensor([TINY / 8]))
+
+
 def test_flush_subnormal_rows_matches_plain_product():
     g = torch.Generator().manual_seed(1)
     p = torch.rand(6, 50, generator=g)

@@ -237,6 +237,17 @@ def flush_subnormal_(t: torch.Tensor) -> torch.Tensor:
     return t.masked_fill_(t.abs() < torch.finfo(t.dtype).tiny, 0.0)
 
 
+def tiny_factors(scale: torch.Tensor) -> bool:
+    """True when some nonzero per-row factor is below ``finfo.tiny * 2**24``, i.e. when scaling a ``[c, H]``
+    operand by it can give subnormal entries (for entries above 2**-24 relative to 1, all rows at risk).
+
+    A ``[c]``-sized check, so the ``[c, H]`` flush (three OpenMP parallel regions, each a barrier that costs
+    a scheduler slice on a contended core) runs only on chunks that hold such rows.
+    """
+    small = scale.abs() < torch.finfo(scale.dtype).tiny * 2.0 ** 24
+    return bool((small & (scale != 0)).any())
+
+
 def flush_subnormal_rows_(p: torch.Tensor, scale: torch.Tensor, log_min: torch.Tensor) -> torch.Tensor:
     """``p *= scale[:, None]`` for a ``[c, V]`` block of probabilities p in [0, 1], with no subnormal product.
 

@@ -25,7 +25,7 @@ import torch
 from fastweight._constants import IGNORE_INDEX
 from fastweight.ops._common import (
     acc_dtype, autocast_cast, check_finite, check_float_tensor, check_ignore_index, check_labels, check_logit_scale,
-    check_ref_shift, flush_subnormal_,
+    check_ref_shift, flush_subnormal_, tiny_factors,
     launch_kernel, no_autocast, resolve_backend, signature_of, triton_interpret,
 )
 from fastweight.ops._gemm import add_linear_t_, gemm_operand, linear, new_products
@@ -375,7 +375,8 @@ def linear_kl_backward_torch(hidden, lm_head, bias, ref_hidden, ref_lm_head, ref
         if deriv is not None:
             z.mul_(deriv)
         if dh is not None:
-            dh[idx] = flush_subnormal_(linear(z, both.W.t()))
+            dh_c = linear(z, both.W.t())
+            dh[idx] = flush_subnormal_(dh_c) if tiny_factors(gc) else dh_c
         if dW is not None:
             add_linear_t_(dW, z, h, operands=both.W.dtype)
         if db is not None:
