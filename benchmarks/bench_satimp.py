@@ -4,8 +4,9 @@
     FASTWEIGHT_BENCH_SIZES=reference pytest benchmarks/ --benchmark-json=run.json
     python -m benchmarks.report run.json                       # Markdown table + PNG chart
 
-One test, parametrised by shape x dtype x mode x provider (``benchmarks/shapes.py``,
-``benchmarks/providers.py``; options in ``benchmarks/conftest.py``). Per case:
+One test, parametrised by shape x dtype x mode x regime x provider (``benchmarks/shapes.py``,
+``benchmarks/regimes.py``: quiet, loaded = busy processes beside the run, unlearned = low-likelihood
+inputs; ``benchmarks/providers.py``; options in ``benchmarks/conftest.py``). Per case:
 
 1. build the provider (skip with the reason when it is missing or unsupported here);
 2. run it once on the case's inputs (the warm-up: compilation, autotuning) and check loss / d hidden /
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from benchmarks import memory, providers, shapes
+from benchmarks import memory, providers, regimes, shapes
 from benchmarks.providers import Outputs, Unavailable
 from fastweight.ops import _gemm
 
@@ -59,10 +60,12 @@ def pytest_generate_tests(metafunc):
     for shape in opts.shapes:
         for dtype in opts.dtypes:
             for mode in opts.modes:
-                for name in opts.providers:
-                    marks = [pytest.mark.quick] if shape in shapes.QUICK_SHAPES else []
-                    params.append(pytest.param((shape, dtype, mode, name), marks=marks,
-                                               id=f"{shape.name}-{dtype}-{mode}-{name}"))
+                for regime in opts.regimes:
+                    for name in opts.providers:
+                        marks = [pytest.mark.quick] if shape in shapes.QUICK_SHAPES else []
+                        tag = "" if regime == "quiet" else f"{regime}-"
+                        params.append(pytest.param((shape, dtype, mode, name, regime), marks=marks,
+                                                   id=f"{shape.name}-{dtype}-{mode}-{tag}{name}"))
     metafunc.parametrize("case", params)
 
 
@@ -72,6 +75,7 @@ class Problem:
 
     shape: shapes.Shape
     dtype: str
+    likelihood: str
     inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     truth: Outputs
     naive_errors: dict[str, float]
@@ -90,21 +94,22 @@ class Context:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def problem(self, shape: shapes.Shape, dtype: str) -> Problem:
+    def problem(self, shape: shapes.Shape, dtype: str, likelihood: str = "spread") -> Problem:
         p = self._problem
-        if p is not None and p.shape == shape and p.dtype == dtype:
+        if p is not None and p.shape == shape and p.dtype == dtype and p.likelihood == likelihood:
             return p
         self._problem = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        inputs = providers.make_inputs(shape, shapes.DTYPES[dtype], self.device)
+        inputs = providers.make_inputs(shape, shapes.DTYPES[dtype], self.device, likelihood=likelihood)
         truth = providers.reference_outputs(*inputs)
         naive = providers.run_step(providers.build("naive", self.device, shapes.DTYPES[dtype]), *inputs,
                                    backward=True)
         naive_errors = {k: providers.rel_error(v, getattr(truth, k)) for k, v in naive.items()}
         del naive
-        self._problem = Problem(shape, dtype, inputs, truth, naive_errors, self.gemm_seconds(*inputs[:2]))
+        self._problem = Problem(shape, dtype, likelihood, inputs, truth, naive_errors,
+                                self.gemm_seconds(*inputs[:2]))
         return self._problem
 
     def gemm_seconds(self, hidden: torch.Tensor, lm_head: torch.Tensor) -> float:
@@ -155,7 +160,7 @@ def _check(name: str, out: Outputs, problem: Problem, backward: bool) -> dict[st
 
 
 def test_satimp(benchmark, case, bench_context, request):
-    shape, dtype, mode, name = case
+    shape, dtype, mode, name, regime = case
     ctx, torch_dtype, backward = bench_context, shapes.DTYPES[dtype], mode == "fwd_bwd"
     if shape.gpu_only and ctx.device.type != "cuda":
         pytest.skip(f"shape {shape.name} is sized for GPUs (hours per case on a CPU)")
@@ -163,26 +168,28 @@ def test_satimp(benchmark, case, bench_context, request):
         fn = providers.build(name, ctx.device, torch_dtype)
     except Unavailable as exc:
         pytest.skip(f"{name}: {exc}")
-    problem = ctx.problem(shape, dtype)
+    problem = ctx.problem(shape, dtype, regimes.LIKELIHOOD[regime])
     hidden, lm_head, labels = problem.inputs
-
-    out = providers.run_step(fn, hidden, lm_head, labels, backward)  # warm-up and the checked run
-    ctx.sync()
-    errors = _check(name, out, problem, backward)
-    del out
 
     def step() -> None:
         providers.run_step(fn, hidden, lm_head, labels, backward)
         ctx.sync()
 
-    start = time.perf_counter()
-    step()  # second warm-up (allocator, caches); its time sizes the quick set's rounds
-    rounds = ctx.opts.rounds or _rounds(shape, time.perf_counter() - start)
-    benchmark.group = f"{shape.name} {dtype} {mode}"
-    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
+    with regimes.conditions(regime):  # "loaded": busy processes from the warm-up to the last round
+        out = providers.run_step(fn, hidden, lm_head, labels, backward)  # warm-up and the checked run
+        ctx.sync()
+        errors = _check(name, out, problem, backward)
+        del out
+        start = time.perf_counter()
+        step()  # second warm-up (allocator, caches); its time sizes the quick set's rounds
+        rounds = ctx.opts.rounds or _rounds(shape, time.perf_counter() - start)
+        benchmark.group = f"{shape.name} {dtype} {mode}" + ("" if regime == "quiet" else f" {regime}")
+        benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
 
     mem = {"peak_extra_bytes": None, "method": "disabled (--bench-memory off)"}
-    if ctx.opts.memory:
+    if regime != "quiet":
+        mem = {"peak_extra_bytes": None, "method": "probed in the quiet regime only (same shapes and code)"}
+    elif ctx.opts.memory:
         if ctx.device.type == "cuda":
             mem = memory.cuda_peak(lambda: providers.run_step(fn, hidden, lm_head, labels, backward), ctx.device)
         else:
@@ -192,7 +199,8 @@ def test_satimp(benchmark, case, bench_context, request):
     info = {
         "provider": name, "what": providers.PROVIDERS[name].what,
         "shape": shape.name, "N": shape.n, "H": shape.h, "V": shape.v, "source": shape.source,
-        "dtype": dtype, "mode": mode, "beta1": providers.BETA1, "beta2": providers.BETA2,
+        "dtype": dtype, "mode": mode, "regime": regime, "beta1": providers.BETA1, "beta2": providers.BETA2,
+        "load_processes": regimes.LOAD_PROCESSES if regime == "loaded" else 0,
         **{f"err_{k}": v for k, v in errors.items()},
         **{f"naive_err_{k}": v for k, v in problem.naive_errors.items()},
         "peak_extra_bytes": mem["peak_extra_bytes"], "memory_method": mem["method"],

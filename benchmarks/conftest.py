@@ -9,6 +9,7 @@ FASTWEIGHT_BENCH_SIZES      --bench-sizes     quick (sets in benchmarks/shapes.p
                                               gpu, all)
 FASTWEIGHT_BENCH_DTYPES     --bench-dtypes    fp32 on CPU, bf16 on CUDA (comma list of fp32, bf16, fp16)
 FASTWEIGHT_BENCH_MODES      --bench-modes     fwd_bwd (comma list of fwd_bwd, fwd)
+FASTWEIGHT_BENCH_REGIMES    --bench-regimes   quiet,loaded,unlearned on CPU, quiet on CUDA (benchmarks/regimes.py)
 FASTWEIGHT_BENCH_PROVIDERS  --bench-providers all of benchmarks/providers.py
 FASTWEIGHT_BENCH_DEVICE     --bench-device    cuda when available, else cpu
 FASTWEIGHT_BENCH_MEMORY     --bench-memory    1 (0: no peak-memory probe)
@@ -38,6 +39,7 @@ class BenchOptions:
     shapes: tuple
     dtypes: tuple[str, ...]
     modes: tuple[str, ...]
+    regimes: tuple[str, ...]
     providers: tuple[str, ...]
     device: str
     memory: bool
@@ -50,6 +52,7 @@ def pytest_addoption(parser):
         ("--bench-sizes", "FASTWEIGHT_BENCH_SIZES", "size sets/shapes (quick, reference, llama, gemma, gpu, all)"),
         ("--bench-dtypes", "FASTWEIGHT_BENCH_DTYPES", "dtypes (fp32, bf16, fp16)"),
         ("--bench-modes", "FASTWEIGHT_BENCH_MODES", "modes (fwd_bwd, fwd)"),
+        ("--bench-regimes", "FASTWEIGHT_BENCH_REGIMES", "regimes (quiet, loaded, unlearned)"),
         ("--bench-providers", "FASTWEIGHT_BENCH_PROVIDERS", "providers (see benchmarks/providers.py)"),
         ("--bench-device", "FASTWEIGHT_BENCH_DEVICE", "cpu or cuda[:i]"),
         ("--bench-memory", "FASTWEIGHT_BENCH_MEMORY", "1 to probe peak memory, 0 to skip it"),
@@ -69,7 +72,7 @@ def _words(value: str | None, default: tuple[str, ...], known, what: str) -> tup
 def _options(config) -> BenchOptions:
     import torch
 
-    from benchmarks import providers, shapes
+    from benchmarks import providers, regimes, shapes
 
     device = config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -79,6 +82,7 @@ def _options(config) -> BenchOptions:
     except ValueError as exc:
         raise pytest.UsageError(str(exc)) from None
     default_dtype = ("bf16",) if device.startswith("cuda") else ("fp32",)
+    default_regimes = ("quiet",) if device.startswith("cuda") else regimes.REGIMES  # issue 21 is about CPUs
     memory = (config.getoption("--bench-memory") or "1").strip().lower() not in ("0", "off", "false", "no")
     rounds = config.getoption("--bench-rounds")
     if rounds is not None and not (rounds.isdigit() and int(rounds) > 0):
@@ -87,6 +91,7 @@ def _options(config) -> BenchOptions:
         shapes=shape_list,
         dtypes=_words(config.getoption("--bench-dtypes"), default_dtype, shapes.DTYPES, "--bench-dtypes"),
         modes=_words(config.getoption("--bench-modes"), DEFAULT_MODES, MODES, "--bench-modes"),
+        regimes=_words(config.getoption("--bench-regimes"), default_regimes, regimes.REGIMES, "--bench-regimes"),
         providers=_words(config.getoption("--bench-providers"), tuple(providers.PROVIDERS), providers.PROVIDERS,
                          "--bench-providers"),
         device=device, memory=memory, rounds=int(rounds) if rounds else None,

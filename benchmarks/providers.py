@@ -82,19 +82,33 @@ class Outputs:
 # ------------------------------------------------------------------------------------------------ inputs
 
 
-def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device | str, seed: int = 0):
-    """Deterministic (hidden [N, H], lm_head [V, H], labels [N]) with a spread of target probabilities.
+LIKELIHOODS = ("spread", "low")
+# "low": log p_t of the targets uniform in about [LOW_LOGP[0], LOW_LOGP[1]], as on forget tokens after
+# unlearning; SatImp's p**5 then spans normal, subnormal (log p in [-20.7, -17.5]) and 0 in float32.
+LOW_LOGP = (-25.0, -5.0)
 
-    W has unit-norm-ish rows (randn / sqrt(H)); each hidden row is noise plus ``gain * W[y]`` with gain
-    uniform in [0, 2 log V], so the target logit sits from far below to far above log V: p_t covers
-    ~0 to ~1 (confident rows included, where 1 - p needs care) and the SatImp weights are not all ~0.
+
+def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
+                likelihood: str = "spread"):
+    """Deterministic (hidden [N, H], lm_head [V, H], labels [N]).
+
+    W has unit-norm-ish rows (randn / sqrt(H)); each hidden row is noise plus ``gain * W[y]``.
+    ``likelihood="spread"``: gain uniform in [0, 2 log V], so the target logit sits from far below to far
+    above log V: p_t covers ~0 to ~1 (confident rows included, where 1 - p needs care) and the SatImp
+    weights are not all ~0. ``"low"`` (unlearned): the other logits are ~N(0, 1), so lse ~ log V + 1/2, and
+    gain = lse + log p with log p uniform in ``LOW_LOGP``: every target is unlikely.
     """
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
     device = torch.device(device)
     g = torch.Generator(device=device).manual_seed(seed)
     n, h, v = shape.n, shape.h, shape.v
     lm_head = torch.randn(v, h, generator=g, device=device) / math.sqrt(h)
     labels = torch.randint(0, v, (n,), generator=g, device=device)
     gain = torch.rand(n, 1, generator=g, device=device) * (2 * math.log(v))
+    if likelihood == "low":
+        lo, hi = LOW_LOGP
+        gain = gain / (2 * math.log(v)) * (hi - lo) + (lo + math.log(v) + 0.5)
     hidden = torch.randn(n, h, generator=g, device=device).add_(lm_head[labels] * gain)
     ignored = torch.rand(n, generator=g, device=device) < IGNORED_FRACTION
     labels = torch.where(ignored, torch.full_like(labels, IGNORE_INDEX), labels)

@@ -4,7 +4,7 @@
     python -m benchmarks.report run.json --md table.md --png chart.png
     python -m benchmarks.report --resources [--only linear] [--cce] [--md resources.md]   # kernel resources
 
-One table per group (shape, dtype, mode), rows sorted by time:
+One table per group (shape, dtype, mode, regime), rows sorted by time:
 
 * time: best (min) and median of the timed rounds; ratios use the best time, as the floor does;
 * x floor: time / FLOPs floor, the floor being ``6NHV`` (forward + backward; ``2NHV`` forward) FLOPs at the
@@ -48,7 +48,7 @@ def rows_from_json(data: dict) -> list[dict]:
 
 
 def _group_key(row: dict) -> tuple:
-    return (row["shape"], row["dtype"], row["mode"], row.get("device_name", "?"))
+    return (row["shape"], row["dtype"], row["mode"], row.get("regime", "quiet"), row.get("device_name", "?"))
 
 
 def groups(rows: list[dict]) -> dict[tuple, list[dict]]:
@@ -80,6 +80,13 @@ def _err(e) -> str:
     return "-" if e is None else f"{e:.1e}"
 
 
+def _regime(row: dict) -> str:
+    regime = row.get("regime", "quiet")
+    if regime == "loaded":
+        return f"loaded ({row.get('load_processes', '?')} busy process(es) beside the run)"
+    return {"unlearned": "unlearned (low-likelihood targets)"}.get(regime, regime)
+
+
 def _by_provider(members: list[dict], name: str) -> dict | None:
     return next((r for r in members if r["provider"] == name), None)
 
@@ -88,7 +95,7 @@ def group_table(members: list[dict]) -> str:
     first = members[0]
     cce, naive = _by_provider(members, "cce"), _by_provider(members, "naive")
     head = (f"### {first['shape']} (N={first['N']}, H={first['H']}, V={first['V']}; {first.get('source', '')}), "
-            f"{first['dtype']}, {first['mode']}\n\n"
+            f"{first['dtype']}, {first['mode']}, {_regime(first)}\n\n"
             f"{first.get('device_name', '?')}, {first.get('threads', '?')} threads, torch {first.get('torch')}, "
             f"triton {first.get('triton')}. Floors: time {_time(first['floor_s'])} "
             f"({first['floor_flops'] / 1e9:.1f} GFLOP at {first['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s, one "
@@ -139,7 +146,8 @@ def chart(rows: list[dict], path: str) -> None:
     n = max(1, len(grouped))
     height = max(2.5, 0.35 * max((len(m) for m in grouped.values()), default=1) + 1.2)
     fig, axes = plt.subplots(n, 2, figsize=(12, height * n), squeeze=False)
-    for (shape, dtype, mode, device), members, (ax_t, ax_m) in zip(grouped.keys(), grouped.values(), axes):
+    for (shape, dtype, mode, regime, device), members, (ax_t, ax_m) in zip(grouped.keys(), grouped.values(), axes):
+        mode = f"{mode} {regime}"
         names = [r["provider"] for r in members]
         colors = ["tab:blue" if name.startswith("fastweight") else "tab:gray" for name in names]
         times = [r.get("time_min_s") or 0.0 for r in members]

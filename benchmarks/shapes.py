@@ -9,10 +9,12 @@ set        shapes
 =========  ==========================================================================================
 quick      (default) small CPU shape(s): the whole ``pytest benchmarks/`` stays well under 3 minutes
 reference  N=4096, H=576, V=49152: SmolLM2-135M's head, the issue-8 CPU reference size
+ladder     N=1024, 2048, 4096 at SmolLM2-135M's head (smol-1k, smol-2k, reference): how a lead scales with N
 llama      N=8192, H=4096, V=32000: Llama-2-7B's head (GPU only: skipped on CPU)
 gemma      N=8192, H=2304, V=256000: Gemma-2-2B's head (GPU only; 8 GB of fp32 logits)
 gpu        reference + llama + gemma
 all        every shape above
+(names)    any single shape by name, e.g. smol-2k
 =========  ==========================================================================================
 """
 from __future__ import annotations
@@ -69,17 +71,21 @@ def _head(model: str, n: int, name: str, gpu_only: bool = False) -> Shape:
 # enough that every provider, torch.compile included, runs in seconds on a 2-core CPU.
 QUICK = Shape("quick", 1024, 128, 8192, "CI size (small; V = 8192 so logits dominate)")
 REFERENCE = _head("SmolLM2-135M", 4096, "reference")
+SMOL_1K = _head("SmolLM2-135M", 1024, "smol-1k")
+SMOL_2K = _head("SmolLM2-135M", 2048, "smol-2k")
 LLAMA = _head("Llama-2-7B", 8192, "llama", gpu_only=True)
 GEMMA = _head("Gemma-2-2B", 8192, "gemma", gpu_only=True)
 
 SETS: dict[str, tuple[Shape, ...]] = {
     "quick": (QUICK,),
     "reference": (REFERENCE,),
+    "ladder": (SMOL_1K, SMOL_2K, REFERENCE),
     "llama": (LLAMA,),
     "gemma": (GEMMA,),
 }
 SETS["gpu"] = (REFERENCE, LLAMA, GEMMA)
-SETS["all"] = (QUICK, REFERENCE, LLAMA, GEMMA)
+SETS["all"] = (QUICK, SMOL_1K, SMOL_2K, REFERENCE, LLAMA, GEMMA)
+SETS.update({s.name: (s,) for s in SETS["all"] if s.name not in SETS})
 QUICK_SHAPES = frozenset(SETS["quick"])
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -224,6 +224,46 @@ def row_chunks(N: int, V: int, chunk_elements: int):
         yield s, min(N, s + step)
 
 
+def flush_subnormal_(t: torch.Tensor) -> torch.Tensor:
+    """Zero, in place, the entries of ``t`` below its dtype's smallest normal magnitude (``finfo.tiny``).
+
+    The torch paths call it on the small ``[c, H]`` operands that per-row gradient factors scale (SatImp's
+    weights ``p**beta`` of unlikely tokens are subnormal float32 numbers): an x86 core without flush-to-zero
+    runs every GEMM that reads such an operand at subnormal speed (6x slower fused-linear SatImp on an Intel
+    Xeon; docs/performance.md). ``torch.set_flush_denormal`` is no fix there: it sets only the calling
+    thread's MXCSR, and the OpenMP workers that run half of each GEMM keep producing subnormals. Values this
+    small are below float32 resolution of any gradient they could add to; NaN and inf are left alone.
+    """
+    return t.masked_fill_(t.abs() < torch.finfo(t.dtype).tiny, 0.0)
+
+
+def tiny_factors(scale: torch.Tensor) -> bool:
+    """True when some nonzero per-row factor is below ``finfo.tiny * 2**24``, i.e. when scaling a ``[c, H]``
+    operand by it can give subnormal entries (for entries above 2**-24 relative to 1, all rows at risk).
+
+    A ``[c]``-sized check, so the ``[c, H]`` flush (three OpenMP parallel regions, each a barrier that costs
+    a scheduler slice on a contended core) runs only on chunks that hold such rows.
+    """
+    small = scale.abs() < torch.finfo(scale.dtype).tiny * 2.0 ** 24
+    return bool((small & (scale != 0)).any())
+
+
+def flush_subnormal_rows_(p: torch.Tensor, scale: torch.Tensor, log_min: torch.Tensor) -> torch.Tensor:
+    """``p *= scale[:, None]`` for a ``[c, V]`` block of probabilities p in [0, 1], with no subnormal product.
+
+    ``log_min [c]`` bounds ``log p`` from below per row (``log p_min``). Only rows whose smallest product
+    ``|scale| * p_min`` can fall below ``finfo.tiny`` are scanned (one pass over those rows); the others,
+    normally all of them, cost nothing beyond the multiply. Zeroed entries are below float32's normal range.
+    """
+    tiny = torch.finfo(p.dtype).tiny
+    p.mul_(scale[:, None])
+    mag = scale.abs()
+    risky = ((mag > 0) & (mag * torch.exp(log_min) < 2 * tiny)).nonzero().squeeze(1)
+    if risky.numel():
+        p.index_copy_(0, risky, flush_subnormal_(p.index_select(0, risky)))
+    return p
+
+
 def importance_weight_torch(logp: torch.Tensor, beta1: float, beta2: float) -> torch.Tensor:
     """w = p**beta1 * (1 - p)**beta2 from log p, 0**0 == 1, (1 - p) = -expm1(log p)."""
     w = torch.ones_like(logp)

@@ -8,7 +8,7 @@ a fused-linear chunk are all ``x @ w.T`` shapes:
 
     logits   z   = h_c @ W.T (+ b)       linear(h_c, W, b)
     d hidden dh  = E @ W                 linear(E, W.t())        (W.t() is a dense transposed view: no copy)
-    d lm_head dW += E.T @ h_c            add_linear_t_(dW, E, h_c), in vocabulary blocks of DW_BLOCK rows
+    d lm_head dW += E.T @ h_c            add_linear_t_(dW, E, h_c): MKL's in-place addmm_ (see below)
 
 oneDNN is used only for float32 CPU tensors whose operands are dense in one orientation (a strided weight
 view can send it to a very slow path); float64, other devices, a PyTorch without the op, and
@@ -24,6 +24,15 @@ the logits carry no 16-bit rounding (the same arithmetic as the Triton kernels' 
 atomics dominate, so ``backend="auto"`` sends fused-linear ops on CUDA here. A float32 gradient factor is cast
 to the operand dtype for the product (float16: scaled by its max first so nothing overflows), as the kernels
 cast their tiles. ``FASTWEIGHT_TENSOR_CORES=0`` keeps the float32 upcast instead.
+
+Contended cores. The d lm_head update goes through oneDNN only in ``DW_BLOCK``-row vocabulary blocks (its
+wrapper copies the transposed operand; one [V, H] product per chunk is slower), i.e. 48 OpenMP parallel regions
+per chunk at V = 49152, each ending in a barrier. When another process holds one of the cores, every region
+waits for the thread the OS has descheduled, and the blocked update ran 2x slower than MKL's single in-place
+``addmm_`` (290 vs 158 ms per chunk on a 2-core AMD EPYC with a busy loop beside it; fused-linear SatImp
+N=2048: 29.3 s all-oneDNN, 18.2 s all-MKL, 16.9 s with this split). The logits and d hidden products are one
+oneDNN call per chunk and keep their lead under load. So the update uses ``addmm_`` unless
+``FASTWEIGHT_ONEDNN=all`` (the blocked oneDNN update, ~1.3x faster on a quiet Zen 5, slower on Zen 4).
 """
 from __future__ import annotations
 
@@ -110,9 +119,13 @@ def _dense(t: torch.Tensor) -> bool:
     return t.dim() == 2 and (t.is_contiguous() or t.t().is_contiguous())
 
 
+def _onednn_setting() -> str:
+    return os.environ.get("FASTWEIGHT_ONEDNN", "1").strip().lower()
+
+
 def use_onednn(*tensors: torch.Tensor) -> bool:
     """True when oneDNN runs these float32 CPU operands (checked per call: no probing at import)."""
-    if os.environ.get("FASTWEIGHT_ONEDNN", "1") in ("0", "false", "False", ""):
+    if _onednn_setting() in ("0", "false", "off", ""):
         return False
     if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
         return False
@@ -147,12 +160,13 @@ def add_linear_t_(acc: torch.Tensor, a: torch.Tensor, h: torch.Tensor, *,
     """``acc += a.T @ h`` in place: acc [V, H], a [c, V], h [c, H] (the d lm_head update of one chunk).
 
     ``operands``: a 16-bit dtype when the chunk's products run on CUDA's tensor cores (a and h are cast to it,
-    float32 accumulation into acc); oneDNN: one ``[DW_BLOCK, H]`` product per vocabulary block, added to its
-    rows of acc; else ``addmm_``.
+    float32 accumulation into acc); else ``addmm_`` (MKL), robust on contended cores; with
+    ``FASTWEIGHT_ONEDNN=all``, oneDNN: one ``[DW_BLOCK, H]`` product per vocabulary block, added to its rows of
+    acc (see the module docstring).
     """
     if operands in HALF:
         return _tensor_core_add_t_(acc, a, h, operands)
-    if not (use_onednn(acc, a, h) and a.stride(1) == 1):
+    if not (_onednn_setting() == "all" and use_onednn(acc, a, h) and a.stride(1) == 1):
         return acc.addmm_(a.t(), h)
     hT = h.t().contiguous()  # [H, c]: the product's weight, dense
     V = acc.shape[0]

@@ -25,7 +25,7 @@ import torch
 from fastweight._constants import IGNORE_INDEX
 from fastweight.ops._common import (
     acc_dtype, autocast_cast, check_finite, check_float_tensor, check_ignore_index, check_labels, check_logit_scale,
-    check_ref_shift,
+    check_ref_shift, flush_subnormal_, tiny_factors,
     launch_kernel, no_autocast, resolve_backend, signature_of, triton_interpret,
 )
 from fastweight.ops._gemm import add_linear_t_, gemm_operand, linear, new_products
@@ -370,12 +370,13 @@ def linear_kl_backward_torch(hidden, lm_head, bias, ref_hidden, ref_lm_head, ref
     db = torch.zeros(V, dtype=acc, device=dev) if bias is not None and needs[2] else None
     for idx in both:
         h, z, r, deriv = both.logits(idx)
-        gc = g[idx].to(acc)[:, None] * both.s  # d z / d (h W^T + b) = s (exact for s = 1)
+        gc = flush_subnormal_(g[idx].to(acc)[:, None] * both.s)  # d z / d (h W^T + b) = s; no subnormal factor
         z.sub_(lse[idx].to(acc)[:, None]).exp_().sub_(r.sub_(lse_r[idx].to(acc)[:, None]).exp_()).mul_(gc)
         if deriv is not None:
             z.mul_(deriv)
         if dh is not None:
-            dh[idx] = linear(z, both.W.t())
+            dh_c = linear(z, both.W.t())
+            dh[idx] = flush_subnormal_(dh_c) if tiny_factors(gc) else dh_c
         if dW is not None:
             add_linear_t_(dW, z, h, operands=both.W.dtype)
         if db is not None:

@@ -21,8 +21,8 @@ import torch
 
 from fastweight._constants import IGNORE_INDEX, Reduction
 from fastweight.ops._common import (
-    acc_dtype, check_finite, check_labels, check_token_weights, check_weight_options, importance_weight_torch,
-    resolve_backend, row_chunks, signature_of,
+    acc_dtype, check_finite, check_labels, check_token_weights, check_weight_options, flush_subnormal_,
+    flush_subnormal_rows_, importance_weight_torch, resolve_backend, row_chunks, signature_of,
 )
 
 # ---------------------------------------------------------------------------------------------------------
@@ -198,13 +198,14 @@ def aot_cases() -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------------------
 # Torch path (CPU and anything without Triton): chunks of rows, float32 (float64 for float64 input).
 def _row_grad_(z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
-               g: torch.Tensor) -> torch.Tensor:
+               g: torch.Tensor, z_min: torch.Tensor) -> torch.Tensor:
     """g * (onehot - softmax) for a chunk; z is a float32 copy that is overwritten. Ignored rows are zero
-    whatever their logits (a NaN or all -inf row would otherwise give NaN = 0 * NaN)."""
-    p = z.sub_(lse[:, None]).exp_()
-    p.mul_(-g[:, None])
+    whatever their logits (a NaN or all -inf row would otherwise give NaN = 0 * NaN). ``z_min [c]`` is the
+    row minimum of z: rows whose smallest ``g * p`` could be subnormal are flushed (``flush_subnormal_rows_``)."""
+    p = flush_subnormal_rows_(z.sub_(lse[:, None]).exp_(), -g, z_min - lse)
     idx = torch.where(valid, labels, 0)[:, None]
     p.scatter_add_(1, idx, torch.where(valid, g, 0)[:, None].to(p.dtype))
+    p.scatter_(1, idx, flush_subnormal_(p.gather(1, idx)))  # g (1 - p_y): c values
     return p.masked_fill_(~valid[:, None], 0.0)
 
 
@@ -226,7 +227,7 @@ def token_logprobs_forward_torch(logits, labels, opts, *, grad_scale=None, token
         # Same numerics as the kernel (tl_row_lse_logp): shift by the row max, and for p > 1/2 form
         # log p = -log1p(sum_{v != y} exp(z_v - z_y)) so confident rows keep relative precision
         # (z_y - lse has eps * |lse| absolute error, all of log p when p -> 1).
-        m = z.amax(dim=-1, keepdim=True)
+        z_min, m = torch.aminmax(z, dim=-1, keepdim=True)  # one pass; z_min bounds the gradient's entries
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # all -inf row: lse = -inf, not NaN
         z.sub_(m)
         z_y = z.gather(1, idx)
@@ -248,7 +249,7 @@ def token_logprobs_forward_torch(logits, labels, opts, *, grad_scale=None, token
             g = (grad_scale.to(acc) * w)
             if token_weights is not None:
                 g = g * token_weights[s:e].to(acc)
-            grad[s:e] = _row_grad_(z, log_s, y, valid, g).to(grad.dtype)  # z is already z - m
+            grad[s:e] = _row_grad_(z, log_s, y, valid, g, (z_min - m).squeeze(1)).to(grad.dtype)  # z is z - m
     return logp, lse, w_all, grad
 
 
@@ -262,7 +263,7 @@ def token_logprobs_backward_torch(logits, labels, lse, g, opts):
         valid = y != opts.ignore_index
         z = logits[s:e].to(acc, copy=True)
         gc = torch.where(valid, g[s:e].to(acc), 0.0)
-        grad[s:e] = _row_grad_(z, lse[s:e].to(acc), y, valid, gc).to(grad.dtype)
+        grad[s:e] = _row_grad_(z, lse[s:e].to(acc), y, valid, gc, z.amin(1)).to(grad.dtype)
     return grad
 
 
