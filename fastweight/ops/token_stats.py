@@ -27,11 +27,13 @@ from fastweight.ops._common import (
 from fastweight.ops._gemm import gemm_operand, linear
 
 # Tuning: BLOCK_V as token_logprobs (16 KiB of a row in registers across 8 warps). TORCH_CHUNK_ELEMENTS: the
-# float32 working block of the torch path and of every fused-linear chunk (16 MiB; on CUDA the fused-linear
-# chunks grow to 128 MiB, ops.linear_logprobs.chunk_step).
+# float32 working block of the torch path and of every fused-linear chunk, 8 Mi elements (32 MiB; two such
+# blocks live at once). At V = 128256 on the 2-core CPU (N = 512, H = 576, loaded machine) 32 / 65 / 130-row
+# chunks took 10.4 / 5.7 / 4.4 s against the logits path's 17.9 s: GEMMs of a few dozen rows run far below
+# the CPU's rate, so the block is as large as the memory target (<= 0.25x the [N, V] logits) allows.
 BLOCK_V_MAX = {torch.float32: 4096, torch.bfloat16: 8192, torch.float16: 8192}
 NUM_WARPS = 8
-TORCH_CHUNK_ELEMENTS = 1 << 22
+TORCH_CHUNK_ELEMENTS = 1 << 23
 
 
 class TokenStats(NamedTuple):
