@@ -336,6 +336,9 @@ def predict(provider: str, method: str, arch, s: Setting, k_logits: float, a_tok
     fwd, n_logits = _forwards(provider, method)
     n = s.tokens
     out["logits"] = k_logits * 4 * n * v * n_logits / 2 + CHUNK_BYTES
+    if bw < 4:  # 16-bit weights: hf's own bf16 logits beside their fp32 upcast; the fused torch path's fp32
+        # copy of lm_head (and its fp32 gradient when lm_head trains)
+        out["logits"] += bw * n * v * fwd if provider == "hf" else 4 * v * h * (1 if s.lora_r else 2)
     if s.gradient_checkpointing:  # layer inputs kept, one layer's internals recomputed at a time
         out["activations"] = bw * n * h * L * fwd + a_tok * bw * n * (h + i) * fwd
     else:
