@@ -54,7 +54,7 @@ import torch
 import fastweight
 from fastweight._constants import IGNORE_INDEX
 from fastweight.data.tofu import pad_collate
-from fastweight.eval.metrics import MetricResult
+from fastweight.eval.metrics import MetricResult, teacher_forced_stats
 from fastweight.ops._common import acc_dtype, row_chunks, shift_labels
 
 AttackName = Literal["loss", "zlib", "min_k", "min_k_plus_plus", "gradnorm", "reference"]
@@ -211,9 +211,12 @@ def sequence_token_stats(model, batch: Mapping[str, torch.Tensor], *, moments: b
     """Teacher-forced per-token statistics of each sequence's scored tokens, from one forward pass.
 
     Args:
-        model: causal LM returning ``.logits`` [B, T, V]; batch: ``input_ids``, ``attention_mask``, ``labels``
-            [B, T] (unshifted, IGNORE_INDEX where not scored), on the model's device.
-        moments: add Min-K%++'s ``mu`` / ``var`` (``logprob_moments``) at the scored positions.
+        model: a Hugging Face causal LM; batch: ``input_ids``, ``attention_mask``, ``labels`` [B, T] (unshifted,
+            IGNORE_INDEX where not scored), on the model's device. The statistics come from the last hidden states
+            and the output layer through ``ops.token_stats.linear_token_stats``: the logits exist a chunk of rows
+            at a time, never as [B, T, V].
+        moments: add Min-K%++'s ``mu`` / ``var`` (mean and variance of log p under the model) at the scored
+            positions.
         argmax: add ``correct`` (greedy argmax == label).
         drop_last_label: compute ``tok_logp`` / ``mu`` / ``var`` / ``correct`` without each row's last label.
     Returns:
@@ -221,25 +224,18 @@ def sequence_token_stats(model, batch: Mapping[str, torch.Tensor], *, moments: b
         ``tok_logp`` (float32, the scored tokens after ``drop_last_label``), optionally ``mu``, ``var`` (float32)
         and ``correct`` (bool) aligned with ``tok_logp``.
     """
-    logits = _logits(model, batch)
-    labels = batch["labels"].to(logits.device)
-    logp = fastweight.token_logprobs(logits, labels, shift=True)  # [B, T], 0 where not scored
-    valid = shift_labels(labels) != IGNORE_INDEX
+    target = shift_labels(batch["labels"])  # position t scores token t + 1
+    stats = teacher_forced_stats(model, batch, target)  # fused, no [B, T, V] logits for HF models
+    labels = batch["labels"].to(stats.logp.device)
+    target = target.to(labels.device)
+    logp = stats.logp
+    valid = target != IGNORE_INDEX
     tok_valid = shift_labels(_drop_last(labels)) != IGNORE_INDEX if drop_last_label else valid
     extra: dict[str, torch.Tensor] = {}
     if moments:
-        flat = torch.nonzero(tok_valid.flatten()).flatten()
-        rows = logits.reshape(-1, logits.shape[-1])
-        mu = torch.zeros(tok_valid.numel(), dtype=torch.float32, device=logits.device)
-        var = torch.zeros_like(mu)
-        step = max(1, MOMENT_CHUNK_ELEMENTS // logits.shape[-1])
-        for s in range(0, flat.numel(), step):  # gather only the scored rows, a chunk at a time
-            idx = flat[s:s + step]
-            m, v = logprob_moments(rows.index_select(0, idx))
-            mu[idx], var[idx] = m.float(), v.float()
-        extra["mu"], extra["var"] = mu.view_as(tok_valid), var.view_as(tok_valid)
+        extra["mu"], extra["var"] = stats.mean, stats.var
     if argmax:
-        extra["correct"] = logits.argmax(dim=-1) == shift_labels(labels)
+        extra["correct"] = stats.argmax
     out = []
     for b in range(labels.shape[0]):
         st = {"logp": logp[b][valid[b]].float().cpu(), "tok_logp": logp[b][tok_valid[b]].float().cpu()}

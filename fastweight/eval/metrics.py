@@ -38,7 +38,8 @@ from typing import Literal, Mapping, Sequence, TypedDict
 import torch
 
 from fastweight._constants import IGNORE_INDEX
-from fastweight.ops.token_stats import linear_token_stats
+from fastweight.ops._common import shift_labels
+from fastweight.ops.token_stats import TokenStats, linear_token_stats, token_stats
 from fastweight.train.methods import lm_forward
 
 
@@ -279,6 +280,21 @@ def forget_quality(tr_unlearned: Sequence[float], tr_retain: Sequence[float]) ->
 
 
 @torch.no_grad()
+def teacher_forced_stats(model, batch: Mapping[str, torch.Tensor], target: torch.Tensor) -> TokenStats:
+    """Per-position statistics (``ops.token_stats.TokenStats``: logp, argmax, mean, var, each [B, T]) of one
+    forward pass, scoring ``target`` [B, T] (already shifted: position t scores target[t]).
+
+    A Hugging Face causal LM (``get_output_embeddings()``) runs its decoder and the fused op on the last hidden
+    states with its output layer (bias, soft-capping, logit scale): the [B, T, V] logits never exist. Any other
+    model returning ``.logits`` is scored from those logits with the same op.
+    """
+    if callable(getattr(model, "get_output_embeddings", None)):
+        hid = lm_forward(model, batch)
+        return linear_token_stats(hid.hidden, target.to(hid.hidden.device), **hid.head())
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return token_stats(logits, target.to(logits.device))
+
+
 def answer_token_stats(model, batch: Mapping[str, torch.Tensor]) -> list[dict]:
     """Teacher-forced statistics of the labelled tokens of each sequence.
 
@@ -295,10 +311,10 @@ def answer_token_stats(model, batch: Mapping[str, torch.Tensor]) -> list[dict]:
         argmax == label), ``labels`` (list of int, the scored label ids), ``avg_logp`` (float, mean of
         ``token_logp``; nan for an empty answer).
     """
-    hid = lm_forward(model, batch)  # last hidden states + the output layer: the [B, T, V] logits never exist
-    labels = batch["labels"][:, 1:].to(hid.hidden.device)
-    stats = linear_token_stats(hid.hidden[:, :-1], labels, **hid.head())
-    logp, correct = stats.logp, stats.argmax
+    labels = batch["labels"]
+    stats = teacher_forced_stats(model, batch, shift_labels(labels))
+    labels = shift_labels(labels.to(stats.logp.device))[:, :-1]
+    logp, correct = stats.logp[:, :-1], stats.argmax[:, :-1]
     valid = labels != IGNORE_INDEX
     out = []
     for b in range(labels.shape[0]):
