@@ -4,8 +4,9 @@
 multiplies each token's term of a loss (``w_t * ell_t`` becomes ``tw_t * w_t * ell_t``); denominators (valid
 token counts, sequence counts) are unchanged, so weights of ones give the unweighted loss. With ``shift=True``
 it is shifted like the labels (position t takes ``token_weights[..., t + 1]``; the last position, which has no
-next token, takes 1). Weights are applied in the O(N) loss heads: the fused ops receive them through their
-per-row upstream gradient ``g_t``, so no ``[N, V]`` tensor is added.
+next token, takes 1). No ``[N, V]`` tensor is added: the weighted token-level losses pass them to the op's
+per-row coefficient (``fastweight.ops`` ``token_weights``), the others multiply per-token values in their O(N)
+heads, so the fused backward's per-row ``g_t`` carries them.
 """
 from __future__ import annotations
 
