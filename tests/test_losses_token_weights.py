@@ -185,3 +185,15 @@ def test_api_worked_example_runs():
     scope: dict = {}
     exec(compile(block, "docs/api.md token_weights example", "exec"), scope)
     assert scope["hidden"].grad is not None and torch.isfinite(scope["loss"])
+
+
+def test_inplace_backward_with_weights_equals_out_of_place():
+    gen = torch.Generator().manual_seed(9)
+    logits, labels, tw = 2 * torch.randn(B, T, V, generator=gen), _labels(), _weights()
+    grads = []
+    for inplace in (False, True):
+        x = logits.clone().requires_grad_()
+        y = x * 1.0  # a non-leaf buffer the in-place path may overwrite
+        satimp_loss(y, labels, beta1=1.0, beta2=0.5, shift=True, token_weights=tw, inplace_backward=inplace).backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)

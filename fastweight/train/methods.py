@@ -9,7 +9,10 @@ bias, Gemma-2 soft-capping, Cohere/Granite logit scale), handed to the fused los
 Batches are dicts of tensors in Hugging Face form: ``input_ids`` [B, T], ``attention_mask`` [B, T] (optional),
 ``labels`` [B, T] unshifted with ``IGNORE_INDEX`` on prompt and padding (the losses apply the causal shift).
 FLAT and IdkDPO forget batches also carry ``idk_input_ids``, ``idk_attention_mask``, ``idk_labels``: a refusal
-answer to the same question. The reference model runs under ``torch.no_grad`` and only for methods whose
+answer to the same question. A batch may carry ``token_weights`` [B, T] (float, like ``labels``; e.g. SatImp's
+importance mask from ``fastweight.data.importance``): every token-level method then applies them
+(``batch_weights``; reference sequence NLLs are weighted alike), and the ``*_imp`` methods require them. The
+methods as the seeds' code releases them live in ``fastweight.train.methods_released``. The reference model runs under ``torch.no_grad`` and only for methods whose
 ``needs_ref`` is true (their loss needs it, or ``retain_loss="kl"``); a missing one is a ValueError.
 
 Reference kinds (``method.ref_kind``): "none"; "table" (NPO, TNPO, WTNPO, IdkDPO without a KL retain term:
