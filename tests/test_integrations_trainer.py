@@ -43,12 +43,14 @@ def _seq(gen, prompt=3):
     return {"input_ids": ids, "attention_mask": torch.ones(T, dtype=torch.long), "labels": labels}
 
 
-def _dataset(seed=0, n=N):
+def _dataset(seed=0, n=N, token_weights=False):
     gen = torch.Generator().manual_seed(seed)
     items = []
     for _ in range(n):
         forget = _seq(gen)
         forget.update({"idk_" + k: v for k, v in _seq(gen, prompt=3).items()})
+        if token_weights:  # an importance mask (the *_imp methods need one)
+            forget["token_weights"] = (torch.rand(T, generator=gen) < 0.5).float()
         items.append({"forget": forget, "retain": _seq(gen, prompt=2)})
     return items
 
@@ -100,8 +102,8 @@ def test_trainer_equals_plain_loop(name, tmp_path):
     model = _model()
     initial = copy.deepcopy(model)
     needs_ref = build_method(name, **options).needs_ref
-    trainer = _Recorder(model=model, args=_args(tmp_path), train_dataset=_dataset(), method=name,
-                        method_options=options, ref_model="copy" if needs_ref else None)
+    trainer = _Recorder(model=model, args=_args(tmp_path), train_dataset=_dataset(token_weights=name.endswith("_imp")),
+                        method=name, method_options=options, ref_model="copy" if needs_ref else None)
     trainer.train()
     assert len(trainer.losses) == STEPS * ACCUM
     expected = _plain_loop(initial, name, options, trainer.seen,

@@ -75,6 +75,6 @@ def test_lambertw_matches_scipy():
 def test_bad_divergence_and_batch():
     f, fl = _answers(torch.float32, 7, 0)
     with pytest.raises(ValueError, match="divergence"):
-        flat_loss(f, fl, f, fl, divergence="hellinger")
+        flat_loss(f, fl, f, fl, divergence="Squared-Hellinger")  # the released spelling is not a name here
     with pytest.raises(ValueError, match="batch size"):
         flat_loss(f, fl, f[:2], fl[:2])

@@ -208,6 +208,7 @@ def test_torch_compile():
 @pytest.mark.parametrize("loss,kwargs,exc,match", [
     ("nope", {}, ValueError, "unknown loss"),
     ("npo", {}, ValueError, "reference model"),
+    ("ga_imp", {}, ValueError, "per-token weights"),
     ("satimp", {"beta3": 1.0}, TypeError, "beta3"),
     ("satimp", {"softcap": 1.0}, TypeError, "softcap"),
 ])

@@ -175,8 +175,8 @@ class QADataset(TokenizedDataset):
 def pad_collate(features: Sequence[dict], pad_token_id: int, padding_side: str = "right") -> dict:
     """Stack items of ``QADataset`` (or nested ``{"forget": item, "retain": item}`` pairs) into a batch.
 
-    Every key ending in ``input_ids`` is padded with ``pad_token_id``, ``attention_mask`` with 0, ``labels``
-    with ``IGNORE_INDEX`` (so ``idk_input_ids`` etc. are handled too); 0-d tensors are stacked. The attention
+    Every key ending in ``input_ids`` is padded with ``pad_token_id``, ``attention_mask`` and ``token_weights``
+    with 0, ``labels`` with ``IGNORE_INDEX`` (so ``idk_input_ids`` etc. are handled too); 0-d tensors are stacked. The attention
     mask comes from the items, so pad == eos never hides the answer's EOS. Returns [B, T_max] int64 tensors.
     """
     if padding_side not in ("left", "right"):
@@ -192,7 +192,8 @@ def pad_collate(features: Sequence[dict], pad_token_id: int, padding_side: str =
         if values[0].dim() == 0:
             out[key] = torch.stack(values)
             continue
-        fill = IGNORE_INDEX if key.endswith("labels") else 0 if key.endswith("attention_mask") else pad_token_id
+        fill = (IGNORE_INDEX if key.endswith("labels") else 0 if key.endswith(("attention_mask", "token_weights"))
+                else pad_token_id)
         width = max(v.shape[0] for v in values)
         batch = torch.full((len(values), width), fill, dtype=values[0].dtype)
         for i, v in enumerate(values):

@@ -111,6 +111,10 @@ def _resolve_loss(loss: str | Callable[..., torch.Tensor], loss_kwargs: dict[str
                 f"{arg}={loss!r} needs a reference model or a retain batch; the patched forward computes a "
                 "single-batch loss from the model's own hidden states. Use "
                 "fastweight.integrations.trainer.UnlearnTrainer (or fastweight.train) for that method.")
+        if spec.needs_weights:
+            raise ValueError(f"{arg}={loss!r} needs per-token weights from its batches (token_weights); the patched "
+                             "forward has none. Use fastweight.integrations.trainer.UnlearnTrainer with batches "
+                             "carrying 'token_weights' (or fastweight.train).")
         name, fn = spec.name, spec.fn
         kwargs = {h: spec.defaults[h] for h in spec.hparams if h in spec.defaults}
     params = inspect.signature(fn).parameters

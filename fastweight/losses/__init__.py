@@ -28,7 +28,7 @@ MSE) and to "none" otherwise; ``retain_loss="nll"|"kl"`` adds one with ``retain_
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Callable, Literal, Mapping, get_args
 
@@ -42,6 +42,9 @@ from fastweight.losses.reweighted import (
     GRANULARITIES, SAMPLINGS, ga_loss, hard_sampling_loss, satimp_loss, simimp_loss, wga_loss,
 )
 from fastweight.losses.rmu import rmu_control_vector, rmu_loss
+from fastweight.losses.released import (
+    KTO_FORMS, kto_loss, llmu_loss, npo_batch_loss, npo_hard_loss, positions_mean_nll,
+)
 
 RetainLoss = Literal["none", "nll", "kl"]
 RETAIN_LOSSES: tuple[str, ...] = get_args(RetainLoss)
@@ -56,6 +59,7 @@ class LossSpec:
     the method needs a frozen reference model / a retain batch with its default configuration. source:
     paper (and code) the formula and defaults come from. formula: one line, spec notation.
     is_method: trainable as an unlearning method (False for the pure regularisers "nll" and "kl").
+    needs_weights: the method needs the forget batch's ``token_weights`` (SatImp's ``*_imp``).
     """
 
     name: str
@@ -67,6 +71,7 @@ class LossSpec:
     formula: str
     is_method: bool = True
     hparams: tuple[str, ...] = field(default=())
+    needs_weights: bool = False  # the method reads per-token weights (``token_weights``) from its forget batch
 
 
 # Method-level defaults shared by every method except RMU (which has its own retain term).
@@ -130,6 +135,66 @@ LOSSES: Mapping[str, LossSpec] = MappingProxyType({s.name: s for s in (
           needs_ref=True, formula="batchmean_t KL(p_ref || p_theta)", is_method=False),
 )})
 
+# Methods as the seeds' code releases them (SatImp 51314c0, FLAT bf2ef07; fastweight.losses.released). The
+# ``*_imp`` methods read the forget batch's ``token_weights`` (an importance mask, user data: see
+# fastweight.data.importance); any token-level method applies them when a batch carries them.
+_SATIMP_IMP = _SATIMP + " (dataloader/dataloader_imp.py, 51314c0)"
+_SATIMP_HS = _SATIMP + " (dataloader/dataloader_hardsampling.py, 51314c0)"
+_FLAT = "Wang et al., ICLR 2025 (FLAT); code UCSC-REAL/FLAT (dataloader.py, bf2ef07)"
+_HS = ("k", "sampling", "seed")
+_NPO_HS = ("beta",) + _HS
+_SAMPLE_RULE = {"topk": "ell > quantile(ell_b, 1-k)", "bottomk": "ell < quantile(ell_b, 1-k)",
+                "rand": "floor(k n_b) random tokens"}
+_released_specs = [
+    _spec("ga_imp", ga_loss, (), source=_SATIMP_IMP, formula="-sum(m_t * ell_f), m = token_weights"),
+    _spec("gd_imp", positions_mean_nll, (), source=_SATIMP_IMP, needs_retain=True, method={"retain_loss": "nll"},
+          formula="-sum(m_t ell_f) / P_f + sum(ell_r) / P_r, P = every shifted position"),
+    _spec("npo_imp", npo_batch_loss, ("beta",), source=_SATIMP_IMP, needs_ref=True,
+          formula="-(2/beta) log sigmoid(beta (S - S_ref)), S = sum_{b,t} m_t ell_f over the batch"),
+    _spec("npo_gd_imp", npo_batch_loss, ("beta",), source=_SATIMP_IMP, needs_ref=True, needs_retain=True,
+          method={"retain_loss": "nll"}, formula="npo_imp + c tokmean(ell_r)"),
+    _spec("npo_kl_imp", npo_batch_loss, ("beta",), source=_SATIMP_IMP + "; its beta test reads hyper_param "
+          "(None), so beta is 0.5", needs_ref=True, needs_retain=True, overrides={"beta": 0.5},
+          method={"retain_loss": "kl"}, formula="npo_imp + c batchmean KL(p_ref || p_theta)"),
+]
+for _s in ("topk", "bottomk", "rand"):
+    _samp = "random" if _s == "rand" else _s
+    _released_specs += [
+        _spec(f"ga_{_s}", hard_sampling_loss, _HS, source=_SATIMP_HS, overrides={"sampling": _samp},
+              formula=f"-sum of ell_f over kept tokens ({_SAMPLE_RULE[_s]})"),
+        _spec(f"gd_{_s}", hard_sampling_loss, _HS, source=_SATIMP_HS, overrides={"sampling": _samp},
+              needs_retain=True, method={"retain_loss": "nll"},
+              formula=f"-sum of ell_f over kept tokens ({_SAMPLE_RULE[_s]}) + c sum(ell_r)"),
+        _spec(f"npo_{_s}", npo_hard_loss, _NPO_HS, source=_SATIMP_HS, overrides={"sampling": _samp},
+              needs_ref=True, formula=f"npo_imp with m = kept tokens ({_SAMPLE_RULE[_s]}, current model)"),
+        _spec(f"npo_gd_{_s}", npo_hard_loss, _NPO_HS, source=_SATIMP_HS, overrides={"sampling": _samp},
+              needs_ref=True, needs_retain=True, method={"forget_coef": 0.1, "retain_loss": "nll"},
+              formula=f"0.1 npo_{_s} + c tokmean(ell_r)"),
+    ]
+_released_specs += [
+    _spec("kto_sigmoid", kto_loss, ("beta", "form"), source=_SATIMP + " (dataloader/dataloader_base.py, 51314c0)",
+          needs_ref=True, formula="1 - (2/beta) mean_b sigmoid(z - beta (S_b^ref - S_b)), z = no-grad mean "
+          "log-ratio of the refusals"),
+    _spec("kto_logsigmoid", kto_loss, ("beta", "form"), source=_SATIMP + " (dataloader/dataloader_base.py, 51314c0)",
+          needs_ref=True, overrides={"form": "logsigmoid"},
+          formula="1 - (2/beta) mean_b log sigmoid(z - beta (S_b^ref - S_b))"),
+    _spec("kto_logsigmoid_gd", kto_loss, ("beta", "form"),
+          source=_SATIMP + " (dataloader/dataloader_base.py, 51314c0)", needs_ref=True, needs_retain=True,
+          overrides={"form": "logsigmoid"}, method={"retain_loss": "nll"},
+          formula="kto_logsigmoid + c tokmean(ell_r)"),
+    _spec("flat_reverse_kl", flat_loss, ("divergence",), source=_FLAT, overrides={"divergence": "reverse_kl"},
+          formula="mean_b[exp(P_idk) - 1 - P_f] (released; raises P_f: use divergence='reverse_kl_fgan')"),
+    _spec("flat_hellinger", flat_loss, ("divergence",), source=_FLAT, overrides={"divergence": "hellinger"},
+          formula="mean_b[exp(P_idk) + exp(-P_f) - 2] (released; raises P_f: use divergence='hellinger_fgan')"),
+    _spec("flat_neyman", flat_loss, ("divergence",), source=_FLAT, overrides={"divergence": "neyman"},
+          formula="mean_b[exp(P_idk) + 1 - 2 sqrt(1 - P_f)] (released; lowers P_idk: 'neyman_fgan')"),
+    _spec("llmu", llmu_loss, ("ga_weight", "mismatch_weight"), source="Yao et al., 2023 (LLMU) as " + _FLAT,
+          needs_ref=True, needs_retain=True, method={"retain_loss": "kl"},
+          formula="0.5 (-tokmean(ell_f)) + tokmean(ell_mismatch) + batchmean KL(p_ref || p_theta) on retain"),
+]
+_released_specs = [replace(s, needs_weights=True) if s.name.endswith("_imp") else s for s in _released_specs]
+LOSSES = MappingProxyType({**LOSSES, **{s.name: s for s in _released_specs}})
+
 METHOD_NAMES: tuple[str, ...] = tuple(n for n, s in LOSSES.items() if s.is_method)
 
 
@@ -145,4 +210,5 @@ __all__ = [
     "dpo_loss", "flat_loss", "ga_loss", "hard_sampling_loss", "idk_dpo_loss", "kl_loss", "mean_token_prob",
     "nll_loss", "npo_loss", "rmu_control_vector", "rmu_loss", "satimp_loss", "sequence_nll", "simimp_loss",
     "simnpo_loss", "tnpo_loss", "token_logprobs", "undial_loss", "wga_loss", "wtnpo_loss",
+    "KTO_FORMS", "kto_loss", "llmu_loss", "npo_batch_loss", "npo_hard_loss", "positions_mean_nll",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from fastweight._constants import IGNORE_INDEX
+from fastweight.losses._weights import check_token_weights
 from fastweight.ops._common import check_float_tensor, flatten_rows, shift_labels
 from fastweight.ops.linear_logprobs import (
     LinearLogprobsOptions, linear_token_logprobs_2d, linear_weighted_logprobs_2d,
@@ -40,17 +41,22 @@ def weighted_logprobs(x: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.T
                       beta1: float = 0.0, beta2: float = 0.0, weighted: bool = True, reduction: str = "mean",
                       shift: bool = False, ignore_index: int = IGNORE_INDEX, backend: str | None = "auto",
                       inplace_backward: bool = False, check_finite: bool = False,
-                      num_items: torch.Tensor | float | None = None,
+                      num_items: torch.Tensor | float | None = None, token_weights: torch.Tensor | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """reduce(sg[p**beta1 (1-p)**beta2] * log p) over valid tokens, and the weights shaped like labels.
 
     With reduction "none" the first output is shaped like ``labels``. ``num_items`` (Hugging Face
     ``num_items_in_batch``, needs reduction "sum") divides the summed value: ``sum / num_items``.
     ``inplace_backward`` only concerns the logits path (the fused-linear path never has logits).
+    ``token_weights`` ([..., T] like labels; validated and shifted by ``fastweight.losses._weights``) multiply
+    each token's term; the op takes them into its per-row coefficient ``g_t`` (no ``[N, V]`` tensor). The
+    returned weights are then the products.
     """
     _check_linear_args(lm_head, bias, softcap, logit_scale)
     if num_items is not None and reduction != "sum":
         raise ValueError(f"num_items needs reduction='sum', got reduction={reduction!r}")
+    tw = check_token_weights(token_weights, labels, shift)
+    flat_tw = None if tw is None else tw.reshape(-1)
     name = "logits" if lm_head is None else "hidden"
     rows, flat_labels = flatten_rows(x, labels, name, ignore_index, shift)
     if lm_head is not None:
@@ -59,16 +65,19 @@ def weighted_logprobs(x: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.T
                                       reduction=reduction, softcap=softcap, logit_scale=logit_scale,
                                       backend=backend,
                                       check_finite=check_finite)
-        out, w = linear_weighted_logprobs_2d(rows, lm_head, bias, flat_labels, lopts, divisor=num_items)
+        out, w = linear_weighted_logprobs_2d(rows, lm_head, bias, flat_labels, lopts, divisor=num_items,
+                                             token_weights=flat_tw)
     else:
         opts = TokenLogprobsOptions(ignore_index=ignore_index, beta1=beta1, beta2=beta2, weighted=weighted,
                                     reduction=reduction, inplace_backward=inplace_backward, backend=backend,
                                     check_finite=check_finite)
-        out, w = weighted_logprobs_2d(rows, flat_labels, opts)
+        out, w = weighted_logprobs_2d(rows, flat_labels, opts, flat_tw)
         if num_items is not None:
             out = out / torch.as_tensor(num_items, device=out.device).to(out.dtype)
     if reduction == "none":
         out = out.reshape(labels.shape)
+    if flat_tw is not None:
+        w = w * flat_tw.to(w.dtype)
     return out, w.reshape(labels.shape)
 
 

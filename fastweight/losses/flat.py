@@ -15,6 +15,26 @@ name       g(x)                           f*(g(x))
 "jeffrey"  x                              W(e^(1-x)) + 1 / W(e^(1-x)) + x - 2   (W: Lambert W, exact)
 =========  =============================  =========================================================
 
+Three more divergences exactly as released (UCSC-REAL/FLAT bf2ef07, ``dataloader.py``,
+``get_contrastive_loss``: 'Reverse-KL', 'Squared-Hellinger', 'Neyman'), and their f-GAN forms (Nowozin et al.,
+2016, table 6):
+
+===================  ==================  ===================  ==============================================
+name                 g(x)                f*(g(x))             note
+===================  ==================  ===================  ==============================================
+"reverse_kl"         -exp(x)             -1 - x               released; pushes the WRONG way on both terms
+"hellinger"          1 - exp(x)          exp(-x) - 1          released; pushes the WRONG way on both terms
+"neyman"             1 - exp(x)          2 - 2 sqrt(1 - x)    released; conjugate taken of x, not g(x); the
+                                                              template term pushes the wrong way
+"reverse_kl_fgan"    -exp(-x)            x - 1                f-GAN (corrected)
+"hellinger_fgan"     1 - exp(-x)         exp(x) - 1           f-GAN (corrected)
+"neyman_fgan"        1 - exp(-x)         2 - 2 exp(-x / 2)    f-GAN (corrected)
+===================  ==================  ===================  ==============================================
+
+"Wrong way": minimising the released reverse_kl / hellinger raises the forget answer's P_f (dL/dP_f = -1 and
+-exp(-P_f), -0.67 at P_f = 0.4) and lowers the template's P_e; the released neyman lowers P_f as intended but
+also lowers P_e. They are kept under their names so results can be compared with the released code.
+
 Difference from the released code: it pools P over the whole batch with a fixed padding denominator;
 the paper (and fastweight) define P per sequence as the mean token probability of that answer.
 One fused token-logprob pass per answer batch plus O(N) work; no reference model, no retain set.
@@ -29,10 +49,12 @@ import torch.nn.functional as F
 
 from fastweight._constants import IGNORE_INDEX
 from fastweight.losses._input import token_logprobs
+from fastweight.losses._weights import check_token_weights, weigh
 from fastweight.losses._seq import check_choice, reduce_rows, require_sequences, valid_mask
 from fastweight.ops._common import check_reduction
 
-Divergence = Literal["kl", "pearson", "tv", "js", "jeffrey"]
+Divergence = Literal["kl", "pearson", "tv", "js", "jeffrey", "reverse_kl", "hellinger", "neyman",
+                     "reverse_kl_fgan", "hellinger_fgan", "neyman_fgan"]
 DIVERGENCES: tuple[str, ...] = get_args(Divergence)
 
 _LOG2 = math.log(2.0)
@@ -68,6 +90,14 @@ class _JeffreyConjugate(torch.autograd.Function):
 
 
 def _activation(divergence: str, x: torch.Tensor) -> torch.Tensor:
+    if divergence == "reverse_kl":
+        return -torch.exp(x)
+    if divergence in ("hellinger", "neyman"):
+        return 1.0 - torch.exp(x)
+    if divergence == "reverse_kl_fgan":
+        return -torch.exp(-x)
+    if divergence in ("hellinger_fgan", "neyman_fgan"):
+        return -torch.expm1(-x)
     if divergence == "tv":
         return 0.5 * torch.tanh(x)
     if divergence == "js":
@@ -76,7 +106,17 @@ def _activation(divergence: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def _conjugate_of_activation(divergence: str, x: torch.Tensor) -> torch.Tensor:
-    """f*(g(x)), composed (the spec's second column), not f*(x)."""
+    """f*(g(x)), composed (the spec's second column), not f*(x) (except the released "neyman", see above)."""
+    released_or_fgan = {
+        "reverse_kl": lambda: -1.0 - x,
+        "hellinger": lambda: torch.expm1(-x),
+        "neyman": lambda: 2.0 - 2.0 * torch.sqrt(1.0 - x),
+        "reverse_kl_fgan": lambda: x - 1.0,
+        "hellinger_fgan": lambda: torch.expm1(x),
+        "neyman_fgan": lambda: 2.0 - 2.0 * torch.exp(-0.5 * x),
+    }
+    if divergence in released_or_fgan:
+        return released_or_fgan[divergence]()
     if divergence == "kl":
         return torch.exp(x - 1.0)
     if divergence == "pearson":
@@ -92,24 +132,27 @@ def mean_token_prob(x: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.Ten
                     bias: torch.Tensor | None = None, softcap: float | None = None,
                     logit_scale: float = 1.0, shift: bool = False,
                     ignore_index: int = IGNORE_INDEX, backend: str | None = "auto", check_finite: bool = False,
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence mean token probability P [B] float32 (differentiable) and valid-token counts n [B].
 
-    Sequences with no valid token give P = 0, n = 0.
+    Sequences with no valid token give P = 0, n = 0. ``token_weights`` (like labels, shifted like them):
+    ``P = sum_t tw_t p_t / n``.
     """
     require_sequences("labels", labels)
+    tw = check_token_weights(token_weights, labels, shift)
     logp = token_logprobs(x, labels, lm_head=lm_head, bias=bias, softcap=softcap, logit_scale=logit_scale, shift=shift,
                           ignore_index=ignore_index, backend=backend, check_finite=check_finite)
     valid = valid_mask(labels, shift, ignore_index)
     n = valid.sum(-1)
-    return torch.where(valid, logp.exp(), 0.0).sum(-1) / n.clamp(min=1), n
+    return torch.where(valid, weigh(logp.exp(), tw), 0.0).sum(-1) / n.clamp(min=1), n
 
 
 def flat_loss(forget: torch.Tensor, forget_labels: torch.Tensor, idk: torch.Tensor, idk_labels: torch.Tensor, *,
               divergence: Divergence = "tv", lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None,
               softcap: float | None = None, logit_scale: float = 1.0, reduction: str = "mean", shift: bool = False,
               ignore_index: int = IGNORE_INDEX, backend: str | None = "auto",
-              check_finite: bool = False) -> torch.Tensor:
+              check_finite: bool = False, forget_token_weights: torch.Tensor | None = None,
+              idk_token_weights: torch.Tensor | None = None) -> torch.Tensor:
     """FLAT ``mean_b[-g(P_e) + f*(g(P_f))]`` (see the module docstring for g and f*).
 
     forget / idk: logits [B, T_f, V] / [B, T_e, V] of the forget answers and of their template answers
@@ -118,6 +161,8 @@ def flat_loss(forget: torch.Tensor, forget_labels: torch.Tensor, idk: torch.Tens
     divergence: one of ``DIVERGENCES``; "tv" (Total Variation) is FLAT's default.
     reduction: "mean" over pairs where both answers have a valid token (0 when none), "sum", or "none" [B].
     check_finite: raise ValueError on NaN/inf inputs first (one extra pass).
+    forget_token_weights / idk_token_weights: optional per-token weights like forget_labels / idk_labels
+        (see ``mean_token_prob``): ``P = sum_t tw_t p_t / n``.
     Returns float32. Nothing is detached: both terms carry gradient.
     """
     check_choice("divergence", divergence, DIVERGENCES)
@@ -125,8 +170,8 @@ def flat_loss(forget: torch.Tensor, forget_labels: torch.Tensor, idk: torch.Tens
     kw = dict(lm_head=lm_head, bias=bias, softcap=softcap,
               logit_scale=logit_scale, shift=shift, ignore_index=ignore_index, backend=backend,
               check_finite=check_finite)
-    P_f, n_f = mean_token_prob(forget, forget_labels, **kw)
-    P_e, n_e = mean_token_prob(idk, idk_labels, **kw)
+    P_f, n_f = mean_token_prob(forget, forget_labels, token_weights=forget_token_weights, **kw)
+    P_e, n_e = mean_token_prob(idk, idk_labels, token_weights=idk_token_weights, **kw)
     if P_f.shape != P_e.shape:
         raise ValueError(f"forget_labels and idk_labels must have the same batch size, got "
                          f"{tuple(forget_labels.shape)} and {tuple(idk_labels.shape)}")

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from fastweight._constants import IGNORE_INDEX
 from fastweight.losses._input import token_logprobs
+from fastweight.losses._weights import check_token_weights, weigh
 from fastweight.losses._seq import check_number, check_ref, reduce_rows, reduce_tokens, require_sequences, valid_mask
 from fastweight.ops._common import check_finite as check_finite_tensor
 from fastweight.ops._common import check_reduction
@@ -39,6 +40,10 @@ _ARGS_DOC = """
         backend: "auto" | "triton" | "torch".
         check_finite: raise ValueError on NaN/inf inputs (logits or hidden states, and the reference
             tensors) before computing (one extra pass).
+        token_weights (sequence_nll, NPO, SimNPO, TNPO, WTNPO): optional [B, T] float tensor like labels
+            (detached, finite, >= 0; shifted like the labels with ``shift``) multiplying each token's term:
+            ``S_b = sum_t tw_t ell_t``, TNPO ``tw_t w_t ell_t``; counts unchanged; ones = unweighted exactly.
+            Compute the reference NLLs with the same weights.
     Returns a float32 0-d tensor (per-sequence [B] or per-token [B, T] with reduction "none").
 """
 
@@ -54,15 +59,16 @@ def sequence_nll(x: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.Tensor
                  bias: torch.Tensor | None = None, softcap: float | None = None,
                  logit_scale: float = 1.0, shift: bool = False,
                  ignore_index: int = IGNORE_INDEX, backend: str | None = "auto", check_finite: bool = False,
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence NLL ``S_b = sum_t ell_t`` [B] float32 (differentiable) and valid-token counts ``n_b`` [B] int64.
 
-    Sequences with no valid token get S_b = 0, n_b = 0.
+    Sequences with no valid token get S_b = 0, n_b = 0. With ``token_weights``: ``S_b = sum_t tw_t ell_t``.
     """
     require_sequences("labels", labels)
+    tw = check_token_weights(token_weights, labels, shift)
     logp, valid = _logp(x, labels, lm_head, bias, softcap, shift, ignore_index, backend, check_finite,
                         logit_scale)
-    return -logp.sum(-1), valid.sum(-1)
+    return -weigh(logp, tw).sum(-1), valid.sum(-1)
 
 
 def _finite_ref(name: str, ref: torch.Tensor, check: bool) -> torch.Tensor:
@@ -79,7 +85,8 @@ def npo_loss(x: torch.Tensor, labels: torch.Tensor, ref_nll: torch.Tensor, *, be
              lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None, softcap: float | None = None,
              logit_scale: float = 1.0,
              reduction: str = "mean", shift: bool = False, ignore_index: int = IGNORE_INDEX,
-             backend: str | None = "auto", check_finite: bool = False) -> torch.Tensor:
+             backend: str | None = "auto", check_finite: bool = False,
+             token_weights: torch.Tensor | None = None) -> torch.Tensor:
     """NPO ``-(2/beta) mean_b log sigmoid(beta * (S_b - S_b^ref))`` (Zhang et al., 2024; spec NPO).
 
     ref_nll: [B] sequence NLLs of the reference model on the same batch (detached; e.g. ``sequence_nll``
@@ -90,7 +97,8 @@ def npo_loss(x: torch.Tensor, labels: torch.Tensor, ref_nll: torch.Tensor, *, be
     check_reduction(reduction)
     _finite_ref("ref_nll", ref_nll, check_finite)
     S, n = sequence_nll(x, labels, lm_head=lm_head, bias=bias, softcap=softcap, logit_scale=logit_scale, shift=shift,
-                        ignore_index=ignore_index, backend=backend, check_finite=check_finite)
+                        ignore_index=ignore_index, backend=backend, check_finite=check_finite,
+                        token_weights=token_weights)
     ref = check_ref("ref_nll", ref_nll, S.shape, S.device).to(S.dtype)
     return _neg_logsigmoid_loss(S - ref, beta, n > 0, reduction)
 
@@ -99,7 +107,7 @@ def simnpo_loss(x: torch.Tensor, labels: torch.Tensor, *, beta: float = 2.5, gam
                 lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                 softcap: float | None = None, logit_scale: float = 1.0, reduction: str = "mean", shift: bool = False,
                 ignore_index: int = IGNORE_INDEX, backend: str | None = "auto",
-                check_finite: bool = False) -> torch.Tensor:
+                check_finite: bool = False, token_weights: torch.Tensor | None = None) -> torch.Tensor:
     """SimNPO ``-(2/beta) mean_b log sigmoid(beta * (S_b / n_b - gamma))`` (Fan et al., 2024); no reference.
 
     "mean" averages over sequences with at least one valid token.
@@ -108,7 +116,8 @@ def simnpo_loss(x: torch.Tensor, labels: torch.Tensor, *, beta: float = 2.5, gam
     check_number("gamma", gamma)
     check_reduction(reduction)
     S, n = sequence_nll(x, labels, lm_head=lm_head, bias=bias, softcap=softcap, logit_scale=logit_scale, shift=shift,
-                        ignore_index=ignore_index, backend=backend, check_finite=check_finite)
+                        ignore_index=ignore_index, backend=backend, check_finite=check_finite,
+                        token_weights=token_weights)
     return _neg_logsigmoid_loss(S / n.clamp(min=1) - gamma, beta, n > 0, reduction)
 
 
@@ -126,7 +135,8 @@ def tnpo_loss(x: torch.Tensor, labels: torch.Tensor, ref_logp: torch.Tensor, *, 
               lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None, softcap: float | None = None,
               logit_scale: float = 1.0,
               reduction: str = "mean", shift: bool = False, ignore_index: int = IGNORE_INDEX,
-              backend: str | None = "auto", return_weights: bool = False, check_finite: bool = False):
+              backend: str | None = "auto", return_weights: bool = False, check_finite: bool = False,
+              token_weights: torch.Tensor | None = None):
     """Token-wise NPO ``-tokmean(sg[2 p**beta / (p**beta + p_ref**beta + 1e-5)] * ell)`` (G-effect).
 
     ref_logp: reference per-token log-probabilities shaped like labels (e.g. ``token_logprobs`` of the
@@ -134,30 +144,31 @@ def tnpo_loss(x: torch.Tensor, labels: torch.Tensor, ref_logp: torch.Tensor, *, 
     ``return_weights=True`` also returns the detached weights shaped like labels (0 where ignored).
     """
     return _tnpo(x, labels, ref_logp, beta, 0.0, lm_head, bias, softcap, reduction, shift, ignore_index, backend,
-                 return_weights, check_finite, logit_scale)
+                 return_weights, check_finite, logit_scale, token_weights)
 
 
 def wtnpo_loss(x: torch.Tensor, labels: torch.Tensor, ref_logp: torch.Tensor, *, alpha: float = 1.5,
                beta: float = 5.0, lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                softcap: float | None = None, logit_scale: float = 1.0, reduction: str = "mean", shift: bool = False,
                ignore_index: int = IGNORE_INDEX, backend: str | None = "auto", return_weights: bool = False,
-               check_finite: bool = False):
+               check_finite: bool = False, token_weights: torch.Tensor | None = None):
     """Weighted TNPO: the TNPO weight times ``sg[p**alpha]`` (G-effect); ref_logp as in ``tnpo_loss``."""
     check_number("alpha", alpha, low=0.0)
     return _tnpo(x, labels, ref_logp, beta, alpha, lm_head, bias, softcap, reduction, shift, ignore_index, backend,
-                 return_weights, check_finite, logit_scale)
+                 return_weights, check_finite, logit_scale, token_weights)
 
 
 def _tnpo(x, labels, ref_logp, beta, alpha, lm_head, bias, softcap, reduction, shift, ignore_index, backend,
-          return_weights, check_finite=False, logit_scale=1.0):
+          return_weights, check_finite=False, logit_scale=1.0, token_weights=None):
     check_number("beta", beta, low=0.0)
     check_reduction(reduction)
+    tw = check_token_weights(token_weights, labels, shift)
     logp, valid = _logp(x, labels, lm_head, bias, softcap, shift, ignore_index, backend, check_finite,
                         logit_scale)
     ref = check_ref("ref_logp", ref_logp, logp.shape, logp.device).to(logp.dtype)
     if check_finite:  # only valid positions are read; ignored ones may hold anything
         _finite_ref("ref_logp", torch.where(valid, ref, 0.0), True)
-    w = torch.where(valid, tnpo_weights(logp, torch.where(valid, ref, 0.0), beta, alpha), 0.0)
+    w = weigh(torch.where(valid, tnpo_weights(logp, torch.where(valid, ref, 0.0), beta, alpha), 0.0), tw)
     loss = reduce_tokens(w * logp, valid, reduction)
     return (loss, w) if return_weights else loss
 
@@ -167,13 +178,15 @@ def dpo_loss(win: torch.Tensor, win_labels: torch.Tensor, lose: torch.Tensor, lo
              lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None, softcap: float | None = None,
              logit_scale: float = 1.0,
              reduction: str = "mean", shift: bool = False, ignore_index: int = IGNORE_INDEX,
-             backend: str | None = "auto", check_finite: bool = False) -> torch.Tensor:
+             backend: str | None = "auto", check_finite: bool = False, win_token_weights: torch.Tensor | None = None,
+             lose_token_weights: torch.Tensor | None = None) -> torch.Tensor:
     """DPO ``-(2/beta) mean_b log sigmoid(beta * ((S_lose - S_lose^ref) - (S_win - S_win^ref)))`` (spec).
 
     win / lose: inputs (logits or hidden states, same form for both) of the preferred and dispreferred
     answers to the same B prompts, with labels [B, T_win] / [B, T_lose]; ref_win_nll / ref_lose_nll: [B]
     reference sequence NLLs. The same ``lm_head`` serves both. "mean" averages over pairs where both
-    answers have at least one valid token.
+    answers have at least one valid token. win_token_weights / lose_token_weights: optional per-token weights
+    like win_labels / lose_labels entering each sequence NLL (``sequence_nll``).
     """
     check_number("beta", beta, low=0.0, low_open=True)
     check_reduction(reduction)
@@ -182,8 +195,8 @@ def dpo_loss(win: torch.Tensor, win_labels: torch.Tensor, lose: torch.Tensor, lo
     kw = dict(lm_head=lm_head, bias=bias, softcap=softcap,
               logit_scale=logit_scale, shift=shift, ignore_index=ignore_index, backend=backend,
               check_finite=check_finite)
-    S_w, n_w = sequence_nll(win, win_labels, **kw)
-    S_l, n_l = sequence_nll(lose, lose_labels, **kw)
+    S_w, n_w = sequence_nll(win, win_labels, token_weights=win_token_weights, **kw)
+    S_l, n_l = sequence_nll(lose, lose_labels, token_weights=lose_token_weights, **kw)
     if S_w.shape != S_l.shape:
         raise ValueError(f"win_labels and lose_labels must have the same batch size, got {tuple(win_labels.shape)} "
                          f"and {tuple(lose_labels.shape)}")
@@ -195,12 +208,15 @@ def dpo_loss(win: torch.Tensor, win_labels: torch.Tensor, lose: torch.Tensor, lo
 
 def idk_dpo_loss(forget: torch.Tensor, forget_labels: torch.Tensor, idk: torch.Tensor, idk_labels: torch.Tensor,
                  ref_forget_nll: torch.Tensor, ref_idk_nll: torch.Tensor, *, beta: float = 0.1,
+                 forget_token_weights: torch.Tensor | None = None, idk_token_weights: torch.Tensor | None = None,
                  **kwargs) -> torch.Tensor:
     """IdkDPO: DPO with the refusal ("I don't know") answer preferred and the forget answer dispreferred.
 
-    Same arguments as ``dpo_loss`` (keyword options passed through), named for the forget setting.
+    Same arguments as ``dpo_loss`` (keyword options passed through), named for the forget setting
+    (``forget_token_weights`` / ``idk_token_weights`` are its lose / win token weights).
     """
-    return dpo_loss(idk, idk_labels, forget, forget_labels, ref_idk_nll, ref_forget_nll, beta=beta, **kwargs)
+    return dpo_loss(idk, idk_labels, forget, forget_labels, ref_idk_nll, ref_forget_nll, beta=beta,
+                    win_token_weights=idk_token_weights, lose_token_weights=forget_token_weights, **kwargs)
 
 
 for _f in (sequence_nll, npo_loss, simnpo_loss, tnpo_loss, wtnpo_loss, dpo_loss, idk_dpo_loss):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from fastweight._constants import IGNORE_INDEX
 from fastweight.losses._input import weighted_logprobs
 from fastweight.losses._seq import check_number, reduce_tokens
+from fastweight.losses._weights import check_token_weights, weigh
 from fastweight.ops._common import check_float_tensor, check_logit_scale, check_reduction, flatten_rows
 from fastweight.ops.kl_div import kl_div
 from fastweight.ops.linear_kl_div import linear_kl_div
@@ -23,17 +24,17 @@ def nll_loss(x: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.Tensor | N
              bias: torch.Tensor | None = None, softcap: float | None = None,
              logit_scale: float = 1.0, reduction: str = "mean",
              shift: bool = False, ignore_index: int = IGNORE_INDEX, backend: str | None = "auto",
-             check_finite: bool = False) -> torch.Tensor:
+             check_finite: bool = False, token_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Retain NLL ``tokmean(ell_r)`` (the GD retain term; Hugging Face cross-entropy on valid tokens).
 
     x: logits [..., V] or hidden [..., H] with ``lm_head`` [V, H]; labels [...] int. reduction "mean" (over
     valid tokens; 0 when none), "sum" or "none" (per-token ell shaped like labels, 0 where ignored).
-    Returns float32.
+    token_weights: optional [..., T] like labels (see ``reweighted``): ``tokmean(tw_t ell_t)``. Returns float32.
     """
     out, _ = weighted_logprobs(x, labels, weighted=False, lm_head=lm_head, bias=bias, softcap=softcap,
                                logit_scale=logit_scale,
                                reduction=reduction, shift=shift, ignore_index=ignore_index, backend=backend,
-                               check_finite=check_finite)
+                               check_finite=check_finite, token_weights=token_weights)
     return -out
 
 
@@ -129,7 +130,7 @@ def kl_loss(x: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor | None = No
             ref_softcap: float | None = None, ref_logit_scale: float = 1.0, reduction: str = "mean",
             shift: bool = False,
             ignore_index: int = IGNORE_INDEX, backend: str | None = "auto", check_finite: bool = False,
-            ) -> torch.Tensor:
+            token_weights: torch.Tensor | None = None) -> torch.Tensor:
     """KL retain regulariser ``KL(p_ref || p_theta)``, "batchmean" over positions (spec, KL retain).
 
     x: logits [..., V] of the trained model, or hidden [..., H] with ``lm_head`` [V, H].
@@ -140,16 +141,28 @@ def kl_loss(x: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor | None = No
         rows; labels then unused). True averages over positions with a valid (shifted) label only.
     reduction: "mean" (over counted positions; 0 when none), "sum", or "none" (per-position KL like
         x's leading dims, 0 at uncounted positions). Returns float32.
+    token_weights: optional float tensor shaped like x's leading dims (labels' layout; shifted like labels
+        with ``shift``, the last position taking 1) multiplying each position's KL; counts unchanged.
     """
     if not isinstance(masked, bool):
         raise TypeError(f"masked must be a bool, got {type(masked).__name__}")
     check_reduction(reduction)
+    tw = _position_weights(token_weights, x, shift)
     kl, counted = _kl_rows(x, ref, labels, lm_head=lm_head, bias=bias, softcap=softcap,
                            logit_scale=logit_scale, ref_lm_head=ref_lm_head, ref_bias=ref_bias,
                            ref_softcap=ref_softcap, ref_logit_scale=ref_logit_scale, shift=shift,
                            ignore_index=ignore_index,
                            masked=masked, ref_shift=0.0, backend=backend, check_finite=check_finite)
-    return reduce_tokens(kl, counted, reduction)
+    return reduce_tokens(weigh(kl, tw), counted, reduction)
+
+
+def _position_weights(token_weights, x, shift):
+    """token_weights checked against x's leading dims (the KL losses may run without labels)."""
+    if token_weights is None:
+        return None
+    check_float_tensor("x", x, min_dim=2)
+    return check_token_weights(token_weights, torch.empty(x.shape[:-1], device=x.device, dtype=torch.bool),
+                               shift)
 
 
 def undial_loss(x: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, *, beta: float = 10.0,
@@ -160,7 +173,7 @@ def undial_loss(x: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, *, bet
                 ref_softcap: float | None = None, ref_logit_scale: float = 1.0, reduction: str = "mean",
                 shift: bool = False,
                 ignore_index: int = IGNORE_INDEX, backend: str | None = "auto", check_finite: bool = False,
-                ) -> torch.Tensor:
+                token_weights: torch.Tensor | None = None) -> torch.Tensor:
     """UNDIAL self-distillation (Dong et al., 2024): match the reference with the forget token's logit lowered.
 
     Target ``q_t = softmax(z_ref[t] - beta * onehot(y_t))``; loss ``mean_t KL(q_t || p_theta,t)``. This
@@ -171,7 +184,7 @@ def undial_loss(x: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, *, bet
         last of each sequence), as open-unlearning's ``compute_undial_loss`` (``loss.mean()``); at a position
         whose label is ``ignore_index`` it lowers token ``ignore_index mod V`` (V - 100 for V >= 100), exactly
         as that code's indexing with -100 does (which fails for V < 100; fastweight keeps the modulo). True averages over valid labels only.
-    Other arguments as in ``kl_loss`` (labels required).
+    Other arguments (``token_weights`` included) as in ``kl_loss`` (labels required).
     """
     check_number("beta", beta, low=0.0)
     if not isinstance(masked, bool):
@@ -179,12 +192,13 @@ def undial_loss(x: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, *, bet
     check_reduction(reduction)
     if labels is None:
         raise ValueError("labels are required by undial_loss (the shifted logit is the label's)")
+    tw = _position_weights(token_weights, x, shift)
     kl, counted = _kl_rows(x, ref, labels, lm_head=lm_head, bias=bias, softcap=softcap,
                            logit_scale=logit_scale, ref_lm_head=ref_lm_head, ref_bias=ref_bias,
                            ref_softcap=ref_softcap, ref_logit_scale=ref_logit_scale, shift=shift,
                            ignore_index=ignore_index,
                            masked=masked, ref_shift=float(beta), backend=backend, check_finite=check_finite,
                            every_labelled_slot=True)
-    return reduce_tokens(kl, counted, reduction)
+    return reduce_tokens(weigh(kl, tw), counted, reduction)
 
 

@@ -25,6 +25,7 @@ from typing import Literal, get_args
 
 from fastweight._constants import IGNORE_INDEX
 from fastweight.losses._input import token_logprobs, weighted_logprobs
+from fastweight.losses._weights import check_token_weights, weigh
 from fastweight.losses._seq import (
     as_sequences, check_choice, check_int, check_number, reduce_rows, reduce_tokens, valid_mask,
 )
@@ -55,6 +56,9 @@ _ARGS_DOC = """
         inplace_backward: with reduction "mean"/"sum", write the gradient into the logits buffer during
             the forward (Liger's trick, saves one [N, V] buffer; the logits values are destroyed).
         check_finite: raise ValueError on NaN/inf logits (one extra pass).
+        token_weights: optional [..., T] float tensor like labels (detached, finite, >= 0; shifted like the
+            labels with ``shift``): multiplies each token's term, denominators unchanged; all ones = the
+            unweighted loss exactly. ``return_weights`` then returns the products.
     Returns:
         float32 0-d tensor (or per-token tensor for reduction "none").
 """
@@ -108,7 +112,8 @@ def satimp_loss(logits: torch.Tensor, labels: torch.Tensor, *, beta1: float = 5.
                 lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                 softcap: float | None = None, logit_scale: float = 1.0, reduction: str = "mean", shift: bool = False,
                 ignore_index: int = IGNORE_INDEX, backend: str | None = "auto", inplace_backward: bool = False,
-                check_finite: bool = False, return_weights: bool = False):
+                check_finite: bool = False, return_weights: bool = False,
+                token_weights: torch.Tensor | None = None):
     """SatImp forget loss ``-tokmean(sg[p**beta1 * (1 - p)**beta2] * ell)`` (Yang et al., ICML 2025).
 
     Defaults: beta1 = 5, beta2 = 0.1 from the SatImp code README (the paper's recommended setting); the
@@ -142,13 +147,19 @@ def satimp_loss(logits: torch.Tensor, labels: torch.Tensor, *, beta1: float = 5.
               backend=backend, check_finite=check_finite)
     if granularity == "token":
         return _reweighted(logits, labels, beta1, beta2, True, return_weights=return_weights,
-                           reduction=reduction, inplace_backward=inplace_backward, **kw)
+                           reduction=reduction, inplace_backward=inplace_backward, token_weights=token_weights,
+                           **kw)
     check_beta("beta1", beta1)
     check_beta("beta2", beta2)
     check_reduction(reduction)
+    tw = check_token_weights(token_weights, labels, shift)
     logp = as_sequences(token_logprobs(logits, labels, **kw))
     valid = as_sequences(valid_mask(labels, shift, ignore_index))
-    w = _sequence_weights(logp, valid, beta1, beta2, granularity, group_size)
+    # token weights enter the sequence sums (S_b = sum_t tw_t ell_t, and so q_b) and the group level's
+    # per-token terms (its group weights come from the unweighted p_t)
+    logp_tw = weigh(logp, None if tw is None else as_sequences(tw))
+    w = _sequence_weights(logp if granularity == "group" else logp_tw, valid, beta1, beta2, granularity, group_size)
+    logp = logp_tw
     if granularity in ("instance", "batch"):
         seq_logp = torch.where(valid, logp, 0.0).sum(-1)
         loss = reduce_rows(w * seq_logp, valid.any(-1), reduction)
@@ -165,7 +176,8 @@ def hard_sampling_loss(logits: torch.Tensor, labels: torch.Tensor, *, k: float =
                        softcap: float | None = None,
                        logit_scale: float = 1.0, reduction: str = "sum", shift: bool = False,
                        ignore_index: int = IGNORE_INDEX, backend: str | None = "auto",
-                       check_finite: bool = False, return_weights: bool = False):
+                       check_finite: bool = False, return_weights: bool = False,
+                       token_weights: torch.Tensor | None = None):
     """SatImp hard sampling (Yang et al., ICML 2025): gradient ascent on a subset of each sequence's tokens.
 
     Tokens are chosen per sequence on detached NLLs ``ell`` (n_b valid tokens) and kept with weight 1:
@@ -184,7 +196,8 @@ def hard_sampling_loss(logits: torch.Tensor, labels: torch.Tensor, *, k: float =
     tokens, or "none". k must be in (0, 1]; the released code's defaults are 0.15 (topk) and 0.5 (bottomk,
     random), its README runs 0.3, the default here. Labels [B, T] ([T] is one sequence). The released code
     selects among tokens whose NLL is > 0 (fastweight: tokens with a valid label).
-    ``return_weights=True`` also returns the 0/1 mask like labels.
+    ``return_weights=True`` also returns the 0/1 mask like labels. ``token_weights`` multiply the kept tokens'
+    terms (the choice of tokens is made on the unweighted NLLs).
     """
     check_number("k", k, low=0.0, high=1.0, low_open=True)
     check_choice("sampling", sampling, SAMPLINGS)
@@ -196,9 +209,10 @@ def hard_sampling_loss(logits: torch.Tensor, labels: torch.Tensor, *, k: float =
                                        logit_scale=logit_scale, shift=shift,
                                        ignore_index=ignore_index, backend=backend, check_finite=check_finite))
     valid = as_sequences(valid_mask(labels, shift, ignore_index))
-    w = hard_sampling_mask(logp.detach(), valid, k, sampling, counts=counts, seed=seed,
-                           generator=generator).to(logp.dtype)
-    loss = reduce_tokens(w * logp, w.bool(), reduction)
+    keep = hard_sampling_mask(logp.detach(), valid, k, sampling, counts=counts, seed=seed, generator=generator)
+    tw = check_token_weights(token_weights, labels, shift)
+    w = weigh(keep.to(logp.dtype), None if tw is None else as_sequences(tw))
+    loss = reduce_tokens(w * logp, keep, reduction)
     if reduction == "none":
         loss = loss.reshape(labels.shape)
     w = w.reshape(labels.shape)
@@ -249,38 +263,43 @@ def wga_loss(logits: torch.Tensor, labels: torch.Tensor, *, beta: float = 5.0,
              logit_scale: float = 1.0,
              reduction: str = "mean", shift: bool = False, ignore_index: int = IGNORE_INDEX,
              backend: str | None = "auto", inplace_backward: bool = False, check_finite: bool = False,
-             return_weights: bool = False):
+             return_weights: bool = False, token_weights: torch.Tensor | None = None):
     """Weighted gradient ascent ``-tokmean(sg[p**beta] * ell)`` (G-effect, Wang et al., ICLR 2025)."""
     check_beta("beta", beta)
     return _reweighted(logits, labels, beta, 0.0, True, lm_head=lm_head, bias=bias, softcap=softcap,
                        logit_scale=logit_scale,
                        reduction=reduction, shift=shift, ignore_index=ignore_index, backend=backend,
-                       inplace_backward=inplace_backward, check_finite=check_finite, return_weights=return_weights)
+                       inplace_backward=inplace_backward, check_finite=check_finite, return_weights=return_weights,
+                       token_weights=token_weights)
 
 
 def simimp_loss(logits: torch.Tensor, labels: torch.Tensor, *, beta: float = 1.0,
                 lm_head: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                 softcap: float | None = None, logit_scale: float = 1.0, reduction: str = "mean", shift: bool = False,
                 ignore_index: int = IGNORE_INDEX, backend: str | None = "auto", inplace_backward: bool = False,
-                check_finite: bool = False, return_weights: bool = False):
+                check_finite: bool = False, return_weights: bool = False,
+                token_weights: torch.Tensor | None = None):
     """Importance-only reweighting ``-tokmean(sg[(1 - p)**beta] * ell)`` (SatImp paper)."""
     check_beta("beta", beta)
     return _reweighted(logits, labels, 0.0, beta, True, lm_head=lm_head, bias=bias, softcap=softcap,
                        logit_scale=logit_scale,
                        reduction=reduction, shift=shift, ignore_index=ignore_index, backend=backend,
-                       inplace_backward=inplace_backward, check_finite=check_finite, return_weights=return_weights)
+                       inplace_backward=inplace_backward, check_finite=check_finite, return_weights=return_weights,
+                       token_weights=token_weights)
 
 
 def ga_loss(logits: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.Tensor | None = None,
             bias: torch.Tensor | None = None, softcap: float | None = None,
             logit_scale: float = 1.0, reduction: str = "mean",
             shift: bool = False, ignore_index: int = IGNORE_INDEX, backend: str | None = "auto",
-            inplace_backward: bool = False, check_finite: bool = False, return_weights: bool = False):
+            inplace_backward: bool = False, check_finite: bool = False, return_weights: bool = False,
+            token_weights: torch.Tensor | None = None):
     """Gradient ascent ``-tokmean(ell)``: the forget NLL, negated."""
     return _reweighted(logits, labels, 0.0, 0.0, False, lm_head=lm_head, bias=bias, softcap=softcap,
                        logit_scale=logit_scale,
                        reduction=reduction, shift=shift, ignore_index=ignore_index, backend=backend,
-                       inplace_backward=inplace_backward, check_finite=check_finite, return_weights=return_weights)
+                       inplace_backward=inplace_backward, check_finite=check_finite, return_weights=return_weights,
+                       token_weights=token_weights)
 
 
 for _f in (satimp_loss, hard_sampling_loss, wga_loss, simimp_loss, ga_loss):

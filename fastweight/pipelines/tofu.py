@@ -16,12 +16,15 @@ Outputs (``output_dir``): ``results.json`` (metrics, config, versions, git commi
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from fastweight._progress import progress
 
+from fastweight.data.importance import ImportanceQADataset, load_importance_words
 from fastweight.data.synth_tofu import write_tofu_folder
 from fastweight.data.templates import TEMPLATE_NAMES
 from fastweight.data.tofu import SPLITS, QADataset, answer_cut_tokens, answer_token_lengths, load_tofu, split_configs
@@ -67,9 +70,17 @@ class TofuConfig(C.BaseConfig):
     g_effect_every: int = opt(0, "record the G-effect on forget/retain probes every N unlearning steps (0 = off)")
     g_effect_probe_size: int = opt(8, "items per G-effect probe batch")
     output_dir: str = opt("runs/tofu_unlearn", "results folder (must be empty or new unless --resume/--overwrite)")
+    importance: str | None = opt(None, "SatImp token-importance file of the forget split (its released "
+                                       "data/importance_<split>.pth format, your copy): forget batches carry "
+                                       "token_weights (needed by the *_imp methods; weights every token-level one)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.importance is not None and not os.path.isfile(self.importance):
+            raise ValueError(f"importance file {self.importance!r} does not exist")
+        if isinstance(self.method, str) and self.method.endswith("_imp") and self.importance is None:
+            raise ValueError(f"method {self.method!r} needs --importance FILE (SatImp's importance annotations of "
+                             f"the forget split)")
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
         if self.template is not None and self.template not in TEMPLATE_NAMES:
@@ -231,9 +242,16 @@ def run(cfg: TofuConfig) -> C.Results:
     history, g_effect, during, plots = [], None, [], []
     if not cfg.eval_only:
         forget_ds = QADataset(rows["forget"], tokenizer, template, max_length)
+        importance_fp = None
+        if cfg.importance is not None:
+            forget_ds = ImportanceQADataset(rows["forget"], tokenizer, template, max_length,
+                                            words=load_importance_words(cfg.importance, len(rows["forget"])))
+            importance_fp = hashlib.sha256(Path(cfg.importance).read_bytes()).hexdigest()
         retain_ds = QADataset(rows["retain"], tokenizer, template, max_length)
         unlearn_key = {"target": target_fp, "data": data_fp, "train": C.train_key(tc_probe),
                        "template": template, "max_length": max_length}
+        if importance_fp is not None:  # only then, so earlier runs' keys are unchanged
+            unlearn_key["importance"] = importance_fp
         outdir.prepare_training(unlearn_key)
 
         def evaluate_at(trained, step: int) -> dict[str, float]:  # the model train() is training

@@ -42,6 +42,20 @@ def g_and_conj(divergence: str, x: torch.Tensor):
     if divergence == "jeffrey":
         w = lambertw_newton(torch.exp(1 - x))
         return x, w + 1 / w + x - 2
+    # FLAT bf2ef07 get_contrastive_loss as released (reverse_kl / hellinger push the wrong way; neyman's
+    # conjugate is taken of x), and the f-GAN (Nowozin et al. 2016) forms
+    if divergence == "reverse_kl":
+        return -torch.exp(x), -1 - x
+    if divergence == "hellinger":
+        return 1 - torch.exp(x), (1 - torch.exp(x)) / torch.exp(x)
+    if divergence == "neyman":
+        return 1 - torch.exp(x), 2 - 2 * torch.sqrt(1 - x)
+    if divergence == "reverse_kl_fgan":
+        g = -torch.exp(-x)
+        return g, -1 - torch.log(-g)
+    if divergence in ("hellinger_fgan", "neyman_fgan"):
+        g = 1 - torch.exp(-x)
+        return g, (g / (1 - g) if divergence == "hellinger_fgan" else 2 - 2 * torch.sqrt(1 - g))
     raise ValueError(divergence)
 
 

@@ -124,3 +124,37 @@ class RMUConfig:
 
 __all__ = ["BetaConfig", "FLATConfig", "HardSamplingConfig", "MethodConfig", "RMUConfig", "SatImpConfig",
            "SimNPOConfig", "WTNPOConfig"]
+
+
+# Methods as released by the seeds' code (fastweight.losses.released); appended, same conventions.
+@dataclass
+class NPOHardConfig(HardSamplingConfig):
+    beta: float
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number("beta", self.beta, low=0.0, low_open=True)
+
+
+@dataclass
+class KTOConfig(BetaConfig):
+    form: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from fastweight.losses import KTO_FORMS
+        check_choice("form", self.form, KTO_FORMS)
+
+
+@dataclass
+class LLMUConfig(MethodConfig):
+    ga_weight: float
+    mismatch_weight: float
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number("ga_weight", self.ga_weight, low=0.0)
+        check_number("mismatch_weight", self.mismatch_weight, low=0.0)
+
+
+__all__ += ["KTOConfig", "LLMUConfig", "NPOHardConfig"]

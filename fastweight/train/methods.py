@@ -9,7 +9,10 @@ bias, Gemma-2 soft-capping, Cohere/Granite logit scale), handed to the fused los
 Batches are dicts of tensors in Hugging Face form: ``input_ids`` [B, T], ``attention_mask`` [B, T] (optional),
 ``labels`` [B, T] unshifted with ``IGNORE_INDEX`` on prompt and padding (the losses apply the causal shift).
 FLAT and IdkDPO forget batches also carry ``idk_input_ids``, ``idk_attention_mask``, ``idk_labels``: a refusal
-answer to the same question. The reference model runs under ``torch.no_grad`` and only for methods whose
+answer to the same question. A batch may carry ``token_weights`` [B, T] (float, like ``labels``; e.g. SatImp's
+importance mask from ``fastweight.data.importance``): every token-level method then applies them
+(``batch_weights``; reference sequence NLLs are weighted alike), and the ``*_imp`` methods require them. The
+methods as the seeds' code releases them live in ``fastweight.train.methods_released``. The reference model runs under ``torch.no_grad`` and only for methods whose
 ``needs_ref`` is true (their loss needs it, or ``retain_loss="kl"``); a missing one is a ValueError.
 
 Reference kinds (``method.ref_kind``): "none"; "table" (NPO, TNPO, WTNPO, IdkDPO without a KL retain term:
@@ -43,6 +46,7 @@ from fastweight.losses import (
 from fastweight._constants import IGNORE_INDEX
 from fastweight.integrations.transformers import output_head
 from fastweight.losses._seq import check_number, valid_mask
+from fastweight.losses._weights import shift_weights
 from fastweight.train.method_configs import (  # noqa: F401 - re-exported: the configs are part of this API
     BetaConfig, FLATConfig, HardSamplingConfig, MethodConfig, RMUConfig, SatImpConfig, SimNPOConfig, WTNPOConfig,
 )
@@ -214,7 +218,8 @@ class UnlearnMethod:
         labels = _batch_get(retain, "labels")
         out = lm_forward(model, retain)
         if cfg.retain_loss == "nll":
-            return nll_loss(out.hidden, labels, shift=True, reduction=reduction, **out.head())
+            return nll_loss(out.hidden, labels, shift=True, reduction=reduction, token_weights=batch_weights(retain),
+                            **out.head())
         with torch.no_grad():
             ref = lm_forward(ref_model, retain)
         if reduction == "sum" and self.retain_unit == "positions":  # every position of every sequence
@@ -222,7 +227,7 @@ class UnlearnMethod:
                          **ref.ref_head())
             return (kl * sequence_positions(retain)).sum()
         return kl_loss(out.hidden, ref.hidden, labels, masked=cfg.kl_masked, shift=True, reduction=reduction,
-                       **out.head(), **ref.ref_head())
+                       token_weights=batch_weights(retain), **out.head(), **ref.ref_head())
 
     def _term(self, fn, unit: str, norm: dict | None, key: str):
         """``fn(reduction)`` as a mean, or as a sum divided by ``norm[key]`` when a global count is given."""
@@ -256,6 +261,26 @@ class UnlearnMethod:
             stats["retain_loss"] = _f(retain_loss)
         stats["loss"] = _f(loss)
         return MethodOutput(loss, stats)
+
+
+def batch_weights(batch: dict, prefix: str = "", required: bool = False) -> torch.Tensor | None:
+    """``batch[prefix + 'token_weights']`` ([B, T] float like the labels, unshifted; e.g. an importance mask
+    from ``fastweight.data.importance``), or None when the batch has none (a ValueError when ``required``)."""
+    tw = batch.get(prefix + "token_weights") if isinstance(batch, dict) else None
+    if tw is None and required:
+        raise ValueError(f"this method needs per-token weights: the batch must carry {prefix + 'token_weights'!r} "
+                         f"([B, T] float like labels; see fastweight.data.importance)")
+    return tw
+
+
+def ref_sequence_nll(ref_model, batch: dict, prefix: str = "") -> torch.Tensor:
+    """Reference sequence NLLs [B] (``-sum`` of ``ref_token_logp``), weighted by the batch's ``token_weights``
+    (shifted like the labels) when it carries them, as the policy's are."""
+    logp = ref_token_logp(ref_model, batch, prefix)
+    tw = batch_weights(batch, prefix)
+    if tw is not None:
+        logp = logp * shift_weights(tw.detach().to(logp.device, logp.dtype))
+    return -logp.sum(-1)
 
 
 def ref_token_logp(ref_model, batch: dict, prefix: str = "") -> torch.Tensor:
@@ -292,7 +317,7 @@ class TokenLossMethod(UnlearnMethod):
         out = lm_forward(model, forget)
         hp = {h: getattr(self.config, h) for h in self.spec.hparams}
         loss, w = self.spec.fn(out.hidden, labels, shift=True, return_weights=True, reduction=reduction, **hp,
-                               **out.head())
+                               token_weights=batch_weights(forget), **out.head())
         return loss, {"mean_weight": _mean_weight(w, labels)}
 
 
@@ -310,7 +335,7 @@ class HardSamplingMethod(TokenLossMethod):
         out = lm_forward(model, forget)
         cfg = self.config
         loss, w = self.spec.fn(out.hidden, labels, k=cfg.k, sampling=cfg.sampling, generator=self.generator,
-                               shift=True, return_weights=True, **out.head())
+                               shift=True, return_weights=True, token_weights=batch_weights(forget), **out.head())
         return loss, {"kept_tokens": _f(w.sum())}
 
 
@@ -322,10 +347,10 @@ class NPOMethod(UnlearnMethod):
 
     def forget_term(self, model, forget, ref_model, reduction="mean"):
         labels = _batch_get(forget, "labels")
-        ref_nll = -ref_token_logp(ref_model, forget).sum(-1)
+        ref_nll = ref_sequence_nll(ref_model, forget)
         out = lm_forward(model, forget)
         return npo_loss(out.hidden, labels, ref_nll, beta=self.config.beta, shift=True, reduction=reduction,
-                        **out.head()), {}
+                        token_weights=batch_weights(forget), **out.head()), {}
 
 
 class SimNPOMethod(UnlearnMethod):
@@ -338,7 +363,7 @@ class SimNPOMethod(UnlearnMethod):
         out = lm_forward(model, forget)
         cfg = self.config
         return simnpo_loss(out.hidden, labels, beta=cfg.beta, gamma=cfg.gamma, shift=True, reduction=reduction,
-                           **out.head()), {}
+                           token_weights=batch_weights(forget), **out.head()), {}
 
 
 class TNPOMethod(UnlearnMethod):
@@ -352,7 +377,7 @@ class TNPOMethod(UnlearnMethod):
         out = lm_forward(model, forget)
         hp = {h: getattr(self.config, h) for h in self.spec.hparams}
         loss, w = self.spec.fn(out.hidden, labels, ref_logp, shift=True, return_weights=True, reduction=reduction,
-                               **hp, **out.head())
+                               **hp, token_weights=batch_weights(forget), **out.head())
         return loss, {"mean_weight": _mean_weight(w, labels)}
 
 
@@ -368,12 +393,14 @@ class IdkDPOMethod(UnlearnMethod):
     def forget_term(self, model, forget, ref_model, reduction="mean"):
         labels = _batch_get(forget, "labels")
         idk_labels = _batch_get(forget, "labels", "idk_")
-        ref_f_nll = -ref_token_logp(ref_model, forget).sum(-1)
-        ref_e_nll = -ref_token_logp(ref_model, forget, "idk_").sum(-1)
+        ref_f_nll = ref_sequence_nll(ref_model, forget)
+        ref_e_nll = ref_sequence_nll(ref_model, forget, "idk_")
         out_f = lm_forward(model, forget)
         out_e = lm_forward(model, forget, "idk_")
         loss = idk_dpo_loss(out_f.hidden, labels, out_e.hidden, idk_labels, ref_f_nll, ref_e_nll,
-                            beta=self.config.beta, shift=True, reduction=reduction, **out_f.head())
+                            beta=self.config.beta, shift=True, reduction=reduction,
+                            forget_token_weights=batch_weights(forget), idk_token_weights=batch_weights(forget, "idk_"),
+                            **out_f.head())
         return loss, {}
 
 
@@ -387,7 +414,8 @@ class FLATMethod(UnlearnMethod):
         out_f = lm_forward(model, forget)
         out_e = lm_forward(model, forget, "idk_")
         loss = flat_loss(out_f.hidden, labels, out_e.hidden, idk_labels, divergence=self.config.divergence,
-                         shift=True, reduction=reduction, **out_f.head())
+                         shift=True, reduction=reduction, forget_token_weights=batch_weights(forget),
+                         idk_token_weights=batch_weights(forget, "idk_"), **out_f.head())
         return loss, {}
 
 
@@ -482,6 +510,10 @@ _CLASSES: dict[str, tuple[type, type]] = {
     "idkdpo": (IdkDPOMethod, BetaConfig), "flat": (FLATMethod, FLATConfig),
     "undial": (UNDIALMethod, BetaConfig), "rmu": (RMUMethod, RMUConfig),
 }
+# Methods as released by the seeds' code: their classes live in methods_released (imported here, after the
+# classes above that they build on).
+from fastweight.train.methods_released import released_method_classes  # noqa: E402
+_CLASSES.update(released_method_classes())
 
 
 def build_method(name: str, **overrides: Any) -> UnlearnMethod:
