@@ -68,13 +68,13 @@ def test_non_empty_output_dir_survives_a_failing_run(tmp_path, tiny, loader):
     with pytest.raises(ValueError, match="not empty"):
         tofu.run(_cfg(tmp_path, tiny))
     with pytest.raises(ValueError, match="no such file"):
-        tofu.run(_cfg(tmp_path, str(tmp_path / "missing-model"), resume=True))
+        tofu.run(_cfg(tmp_path / "new", str(tmp_path / "missing-model"), resume=True))
     assert (out / "keep.txt").read_text() == "mine" and loader == []
 
 
 def test_overwrite_moves_the_old_folder_aside(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
+    C.OutputDir(out).open()  # a run's folder (it carries the marker)
     (out / "keep.txt").write_text("mine")
     C.OutputDir(out, overwrite=True).open()
     moved = list(tmp_path.glob("out.old-*"))
