@@ -139,7 +139,7 @@ def _example():
     return mod
 
 
-@pytest.mark.parametrize("argv", [["--method", "nosuch"], ["--model", "/nonexistent/x"],
+@pytest.mark.parametrize("argv", [["--method-arg", "nosuch=1"], ["--model", "/nonexistent/x"],
                                   ["--method-arg", "beta1=abc"]])
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, argv, capsys, loader):
     code = _example().main(argv + ["--output-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")])
@@ -174,7 +174,7 @@ def test_cli_parse_errors_are_one_line_with_exit_code_2(argv, capsys):
 
 def test_debug_shows_the_traceback(tmp_path, loader):
     with pytest.raises(ValueError, match="nosuch"):
-        _example().main(["--method", "nosuch", "--debug", "--output-dir", str(tmp_path / "o")])
+        _example().main(["--method-arg", "nosuch=1", "--debug", "--output-dir", str(tmp_path / "o")])
 
 
 def test_typed_parsing_of_config_values():
