@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 from fastweight.data.schema import SEED_MAX, number
 from fastweight.pipelines import runfolder
+from fastweight.pipelines.runfolder import check_before_loading, check_writable
 from fastweight.pipelines.config import MixedPrecision, ReportTo, TorchDtype, opt
 from fastweight.pipelines.ranks import barrier, is_main, main_first
 from fastweight.train.zero3 import gathered_forwards
@@ -156,30 +157,6 @@ class BaseConfig:
         for name in ("model", "method", "output_dir", "cache_dir"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
-
-
-def check_before_loading(cfg: BaseConfig, method_args: Mapping[str, Any]) -> None:
-    """What can be checked without weights: a writable ``--cache-dir``; the LoRA targets, gradient checkpointing
-    and RMU layers against the model's config (``modelcheck.py``)."""
-    from fastweight.pipelines.modelcheck import check_model_settings
-
-    check_writable(cfg.cache_dir, "--cache-dir")
-    check_model_settings(cfg, method_args)
-
-
-def check_writable(path: str | os.PathLike, flag: str) -> None:
-    """Raise when ``path`` (or, when it does not exist yet, its nearest existing parent) is not a writable folder."""
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise ValueError(f"{flag} {str(p)!r} exists and is not a folder")
-    probe = p if p.is_dir() else next((q for q in p.absolute().parents if q.exists()), Path("."))
-    import tempfile
-
-    try:  # a real write: os.access says yes to root on a read-only mount
-        with tempfile.TemporaryFile(dir=probe, prefix=".fastweight-probe-"):
-            pass
-    except OSError as e:
-        raise ValueError(f"{flag} {str(p)!r} is not writable ({str(probe)!r}: {e.strerror or e})") from None
 
 
 def _check_int(name: str, v: Any, low: int) -> None:
@@ -565,8 +542,8 @@ def warn(msg: str) -> None:
     warnings.warn(msg, PipelineWarning, stacklevel=2)
 
 
-__all__ = ["BaseConfig", "EMBEDDED", "OutputDir", "Reporter", "Results", "check_model_spec", "check_before_loading", "check_report_to", "check_writable", "data_fingerprint",
-           "during_from_history",
-           "finetune_cached", "fingerprint", "ft_key", "git_commit", "load_model", "markdown_table",
-           "model_fingerprint", "PipelineWarning", "provenance", "repair_log", "resolve_method_args", "step_hook",
-           "eval_hook", "train_key", "unlearn_train_config", "warn", "barrier", "gathered_forwards", "is_main", "main_first"]
+__all__ = ["barrier", "BaseConfig", "check_before_loading", "check_model_spec", "check_report_to", "check_writable",
+           "data_fingerprint", "during_from_history", "EMBEDDED", "eval_hook", "finetune_cached", "fingerprint",
+           "ft_key", "gathered_forwards", "git_commit", "is_main", "load_model", "main_first", "markdown_table",
+           "model_fingerprint", "OutputDir", "PipelineWarning", "provenance", "repair_log", "Reporter",
+           "resolve_method_args", "Results", "step_hook", "train_key", "unlearn_train_config", "warn"]

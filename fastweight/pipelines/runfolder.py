@@ -9,6 +9,8 @@ fastweight run created.
   the marker of the same kind; ``--overwrite`` also refuses a folder that holds the run's inputs
   (``--model``, ``--data``, ``--retain-model``, ``--cache-dir``), the working directory or a filesystem root.
   Every refusal is one line and touches nothing.
+* ``check_before_loading``: a writable ``--cache-dir`` and the settings the model's config rules out
+  (``modelcheck.py``), before any weights load.
 """
 from __future__ import annotations
 
@@ -105,5 +107,29 @@ def check_reuse(folder: Path, kind: str, *, resume: bool, overwrite: bool,
         check_overwrite_safe(p, inputs)
 
 
-__all__ = ["MARKER", "check_overwrite_safe", "check_reuse", "claim", "read_marker", "run_fingerprint",
-           "run_inputs", "write_marker"]
+def check_before_loading(cfg: Any, method_args: Mapping[str, Any]) -> None:
+    """What a pipeline checks without weights: a writable ``--cache-dir``; the LoRA targets, gradient
+    checkpointing and RMU layers against the model's config (``modelcheck.py``)."""
+    from fastweight.pipelines.modelcheck import check_model_settings
+
+    check_writable(cfg.cache_dir, "--cache-dir")
+    check_model_settings(cfg, method_args)
+
+
+def check_writable(path: str | os.PathLike, flag: str) -> None:
+    """Raise when ``path`` (or, when it does not exist yet, its nearest existing parent) is not a writable folder."""
+    import tempfile
+
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{flag} {str(p)!r} exists and is not a folder")
+    probe = p if p.is_dir() else next((q for q in p.absolute().parents if q.exists()), Path("."))
+    try:  # a real write: os.access says yes to root on a read-only mount
+        with tempfile.TemporaryFile(dir=probe, prefix=".fastweight-probe-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {str(p)!r} is not writable ({str(probe)!r}: {e.strerror or e})") from None
+
+
+__all__ = ["MARKER", "check_before_loading", "check_overwrite_safe", "check_reuse", "check_writable", "claim",
+           "read_marker", "run_fingerprint", "run_inputs", "write_marker"]

@@ -368,5 +368,6 @@ def _load_weights(ckpt: Path, policy) -> None:
             params[n].copy_(t.to(params[n].device))
 
 
-__all__ = ["CheckpointError", "CheckpointWriteError", "MODEL_FILE", "OPTIMIZER_FILE", "STATE_FILE", "ZERO_FILE", "latest_checkpoint", "load_checkpoint",
-           "is_fsdp", "save_checkpoint", "trainable_state", "zero12_optimizer", "zero3_optimizer"]
+__all__ = ["CheckpointError", "CheckpointWriteError", "MODEL_FILE", "OPTIMIZER_FILE", "STATE_FILE", "ZERO_FILE",
+           "latest_checkpoint", "load_checkpoint", "is_fsdp", "save_checkpoint", "trainable_state", "zero12_optimizer",
+           "zero3_optimizer"]
