@@ -92,9 +92,12 @@ class BaseConfig:
     mixed_precision: MixedPrecision = opt("no", "mixed precision of fine-tuning and unlearning")
     output_dir: str = opt("runs/unlearn", "results folder (must be empty or new unless --resume/--overwrite)")
     cache_dir: str = opt("runs/cache", "generated data and fine-tuned models, keyed by content fingerprints")
-    resume: bool = opt(False, "continue the run in --output-dir: unlearning checkpoint and evaluations are reused "
-                              "only when their fingerprints match this configuration")
-    overwrite: bool = opt(False, "move a non-empty --output-dir aside (to <dir>.old-<time>; nothing is deleted)")
+    resume: bool = opt(False, "continue the run in --output-dir (a folder a fastweight run of this benchmark "
+                              "created): unlearning checkpoint and evaluations are reused only when their "
+                              "fingerprints match this configuration")
+    overwrite: bool = opt(False, "move a non-empty --output-dir that a fastweight run created aside (to "
+                                 "<dir>.old-<time>; nothing is deleted); never a folder holding the run's inputs or "
+                                 "the working directory")
     eval_only: bool = opt(False, "evaluate the target (and reference) model only")
     save_every: int = opt(0, "unlearning checkpoint every N steps (0 = only at the end)")
     torch_dtype: TorchDtype = opt("fp32", "dtype the weights are loaded in (bf16 halves a model's memory; "
