@@ -72,7 +72,7 @@ def test_planted_pickle_is_never_executed(tiny_dir, tmp_path):
     (ckpt / "trainer_state.json").write_text(json.dumps({**json.loads((ckpt / "trainer_state.json").read_text()),
                                                          "global_step": 6}))
     with pytest.raises(ValueError, match="refusing to unpickle"):
-        _run(tiny_dir, tmp_path, resume=True, epochs=3)
+        _run(tiny_dir, tmp_path, resume=True)  # same settings (others are refused)
     assert not marker.exists()
 
 
@@ -133,4 +133,4 @@ def test_checkpoint_of_another_engine_is_refused(tiny_dir, tmp_path):
     assert state["engine"] == "replicated"
     (ckpt / "trainer_state.json").write_text(json.dumps({**state, "engine": "zero3", "global_step": 2}))
     with pytest.raises(ValueError, match="not written by a replicated run"):
-        _run(tiny_dir, tmp_path, resume=True)
+        _run(tiny_dir, tmp_path, resume=True, epochs=1, save_every=2)

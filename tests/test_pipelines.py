@@ -165,7 +165,7 @@ def test_eval_hook_evaluates_the_model_train_passes_in():
     hook = C.eval_hook(C.Reporter("none", Path("."), "x", {}), lambda m, step: seen.append((m, step)) or {"a": 1.0},
                        during)
     trained = object()
-    assert hook(model=trained, step=3, epoch=0) is None
+    assert hook(model=trained, step=3, epoch=0) == {"a": 1.0}  # logged as eval_a in log.jsonl
     assert seen == [(trained, 3)] and during == [{"step": 3, "metrics": {"a": 1.0}}]
 
 

@@ -68,13 +68,13 @@ def test_non_empty_output_dir_survives_a_failing_run(tmp_path, tiny, loader):
     with pytest.raises(ValueError, match="not empty"):
         tofu.run(_cfg(tmp_path, tiny))
     with pytest.raises(ValueError, match="no such file"):
-        tofu.run(_cfg(tmp_path, str(tmp_path / "missing-model"), resume=True))
+        tofu.run(_cfg(tmp_path / "new", str(tmp_path / "missing-model"), resume=True))
     assert (out / "keep.txt").read_text() == "mine" and loader == []
 
 
 def test_overwrite_moves_the_old_folder_aside(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
+    C.OutputDir(out).open()  # a run's folder (it carries the marker)
     (out / "keep.txt").write_text("mine")
     C.OutputDir(out, overwrite=True).open()
     moved = list(tmp_path.glob("out.old-*"))
@@ -139,7 +139,7 @@ def _example():
     return mod
 
 
-@pytest.mark.parametrize("argv", [["--method", "nosuch"], ["--model", "/nonexistent/x"],
+@pytest.mark.parametrize("argv", [["--method-arg", "nosuch=1"], ["--model", "/nonexistent/x"],
                                   ["--method-arg", "beta1=abc"]])
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, argv, capsys, loader):
     code = _example().main(argv + ["--output-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")])
@@ -174,7 +174,7 @@ def test_cli_parse_errors_are_one_line_with_exit_code_2(argv, capsys):
 
 def test_debug_shows_the_traceback(tmp_path, loader):
     with pytest.raises(ValueError, match="nosuch"):
-        _example().main(["--method", "nosuch", "--debug", "--output-dir", str(tmp_path / "o")])
+        _example().main(["--method-arg", "nosuch=1", "--debug", "--output-dir", str(tmp_path / "o")])
 
 
 def test_typed_parsing_of_config_values():

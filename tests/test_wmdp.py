@@ -120,7 +120,8 @@ def test_data_loading(tmp_path):
     (tmp_path / "c.txt").write_text("short\n\n" + "x" * 60 + "\n\n" + "y" * 70)
     assert load_corpus(tmp_path / "c.txt") == ["x" * 60, "y" * 70]  # RMU drops documents of <= 50 chars
     assert load_corpus(tmp_path / "c.txt", min_chars=0, max_docs=1) == ["short"]
-    (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": "0"}))
+    bad = {"question": "q", "choices": ["a", "b", "c", "d"], "answer": "0"}
+    (tmp_path / "bad.jsonl").write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="answer"):
         load_mcq(tmp_path / "bad.jsonl")
     with pytest.raises(ValueError, match="config"):

@@ -19,12 +19,12 @@ split tokens at window edges).
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from fastweight.data.schema import check_rows, read_json_rows, read_text
 from fastweight.data.tofu import TokenizedDataset
 
 MUSE_HUB: dict[str, str] = {"news": "muse-bench/MUSE-News", "books": "muse-bench/MUSE-Books"}
@@ -41,12 +41,9 @@ MUSE_LAYOUT: dict[tuple[str, str], tuple[str, ...]] = {
 
 
 def _read_rows(file: Path) -> list[dict]:
-    text = file.read_text(encoding="utf-8")
     if file.suffix == ".txt":
-        return [{"text": text}]
-    if text.lstrip().startswith("["):
-        return list(json.loads(text))
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return [{"text": read_text(file)}]
+    return read_json_rows(file)
 
 
 def load_muse_split(source: str | os.PathLike, config: str, split: str) -> list[dict]:
@@ -69,17 +66,15 @@ def load_muse_split(source: str | os.PathLike, config: str, split: str) -> list[
         if not found:
             raise ValueError(f"source folder {str(path)!r} has no {config}/{split}.jsonl|.json|.txt")
         rows = _read_rows(found[0])
+        where = str(found[0])
     elif path.exists():
         raise ValueError(f"source must be a folder (MUSE layout) or a dataset name, got the file {str(path)!r}")
     else:
         import datasets  # lazy: only the hub path needs it
 
         rows = [dict(r) for r in datasets.load_dataset(str(source), config, split=split)]
-    for i, row in enumerate(rows):
-        missing = [f for f in needed if f not in row]
-        if missing:
-            raise ValueError(f"{config}/{split} row {i} lacks fields {missing} (has {sorted(row)})")
-    return rows
+        where = f"{source}:{config}/{split}"
+    return check_rows(rows, needed, where)
 
 
 @dataclass

@@ -17,7 +17,6 @@ right; generation prompts (``encode_prompt`` + ``pad_collate(padding_side="left"
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Iterator, Literal, Sequence, get_args
@@ -25,6 +24,7 @@ from typing import Iterator, Literal, Sequence, get_args
 import torch
 
 from fastweight._constants import IGNORE_INDEX
+from fastweight.data.schema import check_rows, read_json_rows
 from fastweight.data.templates import REFUSALS, PromptTemplate, get_template, render_prompt
 
 FORGET_PERCENTS: tuple[int, ...] = (1, 5, 10)
@@ -70,21 +70,17 @@ def load_tofu(source: str | os.PathLike, config: str) -> list[dict]:
         file = path / f"{config}.json"
         if not file.is_file():
             raise ValueError(f"source folder {str(path)!r} has no {file.name!r} for config {config!r}")
-        text = file.read_text(encoding="utf-8")
-        rows = json.loads(text) if text.lstrip().startswith("[") else \
-            [json.loads(line) for line in text.splitlines() if line.strip()]
+        rows = read_json_rows(file)
+        where = str(file)
     elif path.suffix in (".json", ".jsonl") or path.exists():
         raise ValueError(f"source must be a folder of <config>.json files or a dataset name, got {str(path)!r}")
     else:
         import datasets  # lazy: only the hub path needs it
 
         rows = [dict(r) for r in datasets.load_dataset(str(source), config, split="train")]
-    needed = TOFU_CONFIG_FIELDS.get(config, _QA)
-    for i, row in enumerate(rows):
-        missing = [f for f in needed if f not in row]
-        if missing:
-            raise ValueError(f"{config} row {i} lacks fields {missing} (has {sorted(row)})")
-    return rows
+        where = f"{source}:{config}"
+    # field types too (a list question, an empty perturbed_answer): errors name the file, row and field
+    return check_rows(rows, TOFU_CONFIG_FIELDS.get(config, _QA), where)
 
 
 def _answer_ids(tokenizer, template: PromptTemplate, answer: str) -> list[int]:

@@ -18,10 +18,11 @@ code, documents of at most ``min_chars`` characters are dropped. Training window
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Sequence
+
+from fastweight.data.schema import read_json_rows, read_text
 
 WMDP_HUB = "cais/wmdp"
 MMLU_HUB = "cais/mmlu"
@@ -32,15 +33,12 @@ WMDP_TASKS: dict[str, str] = {"wmdp-bio": "wmdp_bio", "wmdp-cyber": "wmdp_cyber"
 WMDP_SUBJECTS: dict[str, str] = {"wmdp-bio": "biology", "wmdp-cyber": "cybersecurity", "wmdp-chem": "chemistry"}
 
 
-def _read_json_rows(file: Path) -> list[dict]:
-    text = file.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        return list(json.loads(text))
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+_read_json_rows = read_json_rows  # file:line in every parse error, non-UTF-8 named
 
 
-def check_mcq_rows(rows: Sequence[dict], name: str = "rows") -> list[dict]:
-    """Validate multiple-choice rows (see the module docstring); returns them as a list of dicts."""
+def check_mcq_rows(rows: Sequence[dict], name: str = "rows", n_choices: int | None = None) -> list[dict]:
+    """Validate multiple-choice rows (see the module docstring); returns them as a list of dicts.
+    ``n_choices``: the exact number of choices (4 for WMDP / MMLU), else at least 2."""
     out = []
     for i, r in enumerate(rows):
         if not isinstance(r, dict):
@@ -48,9 +46,12 @@ def check_mcq_rows(rows: Sequence[dict], name: str = "rows") -> list[dict]:
         missing = [k for k in ("question", "choices", "answer") if k not in r]
         if missing:
             raise ValueError(f"{name}[{i}] lacks fields {missing} (has {sorted(r)})")
-        choices = list(r["choices"])
-        if len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-            raise ValueError(f"{name}[{i}]['choices'] must be a list of >= 2 str, got {r['choices']!r}")
+        choices = r["choices"]  # a string is not a list of choices ("ABCD" would split into letters)
+        choices = list(choices) if isinstance(choices, (list, tuple)) else None
+        if choices is None or len(choices) < 2 or (n_choices is not None and len(choices) != n_choices) or \
+                not all(isinstance(c, str) for c in choices):
+            raise ValueError(f"{name}[{i}]['choices'] must be a list of {n_choices or '>= 2'} strings, got "
+                             f"{r['choices']!r:.80}")
         answer = r["answer"]
         if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
             raise ValueError(f"{name}[{i}]['answer'] must be an int in [0, {len(choices)}), got {answer!r}")
@@ -60,8 +61,10 @@ def check_mcq_rows(rows: Sequence[dict], name: str = "rows") -> list[dict]:
     return out
 
 
-def load_mcq(source: str | os.PathLike, config: str | None = None, split: str = "test") -> list[dict]:
-    """Multiple-choice rows from a hub dataset, a local JSON-lines file, or a folder of ``<config>.jsonl``."""
+def load_mcq(source: str | os.PathLike, config: str | None = None, split: str = "test",
+             n_choices: int | None = 4) -> list[dict]:
+    """Multiple-choice rows from a hub dataset, a local JSON-lines file, or a folder of ``<config>.jsonl``;
+    ``n_choices``: the number of choices every row must have (WMDP and MMLU: 4; None: at least 2)."""
     path = Path(source)
     if path.is_file():
         rows = _read_json_rows(path)
@@ -76,7 +79,7 @@ def load_mcq(source: str | os.PathLike, config: str | None = None, split: str = 
         import datasets  # lazy: only the hub path needs it
 
         rows = [dict(r) for r in datasets.load_dataset(str(source), config, split=split)]
-    return check_mcq_rows(rows, f"{source}:{config}" if config else str(source))
+    return check_mcq_rows(rows, f"{source}:{config}" if config else str(source), n_choices)
 
 
 def load_wmdp(source: str | os.PathLike = WMDP_HUB, config: str = "wmdp-bio") -> list[dict]:
@@ -103,7 +106,7 @@ def load_corpus(source: str | os.PathLike, name: str | None = None, *, split: st
     path = Path(source)
     if path.is_file():
         if path.suffix == ".txt":
-            docs = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n")]
+            docs = [d.strip() for d in read_text(path).split("\n\n")]
         else:
             rows = _read_json_rows(path)
             if rows and text_key not in rows[0]:

@@ -50,6 +50,7 @@ import torch
 
 import fastweight.losses as _losses
 from fastweight._constants import IGNORE_INDEX
+from fastweight.ops._common import check_token_ids
 
 _STATE = "_fastweight_patch"
 # Forward arguments that concern the logits/loss only and never reach the decoder.
@@ -297,6 +298,8 @@ class FastweightForward:
             name, fn, loss_kwargs = _resolve_loss(per_call_loss, {}, arg="fastweight_loss")
         num_items = call.get("num_items_in_batch")
         shift_labels = call.get("shift_labels")
+        emb = hf.get_input_embeddings()
+        check_token_ids("input_ids", call.get("input_ids"), getattr(emb, "num_embeddings", None))
         decoder = hf.get_decoder()
         outputs = decoder(**{k: v for k, v in call.items() if k not in _HEAD_ONLY})
         hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
@@ -337,6 +340,20 @@ class FastweightForward:
         return cls(loss=value, logits=None, **passed, **extra)
 
 
+def _check_causal_lm(hf: torch.nn.Module) -> None:
+    """Refuse a model that is not a causal LM (a masked LM such as ``BertForMaskedLM``, an encoder-decoder):
+    the patched loss shifts labels by one position, which is the wrong loss for them (issue 22)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    cls = type(hf).__name__
+    config = getattr(hf, "config", None)
+    causal = cls.endswith("ForCausalLM") or cls in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if not causal or getattr(config, "is_encoder_decoder", False) or (
+            cls == "BertLMHeadModel" and not getattr(config, "is_decoder", False)):
+        raise ValueError(f"patch() needs a causal LM (*ForCausalLM); {cls} is not one: the fastweight loss shifts "
+                         "labels by one token, which is not this model's loss")
+
+
 def patch(model: torch.nn.Module, loss: str | Callable[..., torch.Tensor] = "satimp", *,
           backend: str = "auto", **loss_kwargs: Any) -> torch.nn.Module:
     """Make ``model(input_ids, labels=..., ...)`` return a fastweight loss computed without logits.
@@ -367,6 +384,7 @@ def patch(model: torch.nn.Module, loss: str | Callable[..., torch.Tensor] = "sat
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     name, fn, kwargs = _resolve_loss(loss, loss_kwargs)
     _validate_options(name, fn, kwargs)
+    _check_causal_lm(hf)
     out_head = output_head(hf)  # fail now, not at the first training step
     if out_head.logit_scale != 1.0 and not _accepts(fn, "logit_scale"):
         raise ValueError(f"{type(hf).__name__} scales its logits by {out_head.logit_scale} but loss {name!r} has no "

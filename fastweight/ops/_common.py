@@ -131,7 +131,7 @@ def check_labels(labels: Any, lead_shape: torch.Size, device: torch.device, V: i
     """labels: integer tensor of shape ``lead_shape`` on ``device``, each in [0, V) or == ignore_index."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+    if labels.dtype not in (torch.int64, torch.int32):  # int16/uint8 (and floats, bools) are refused
         raise TypeError(f"{name} must be an integer tensor (int64/int32), got {labels.dtype}")
     if labels.shape != lead_shape:
         raise ValueError(f"{name} shape {tuple(labels.shape)} does not match the leading dims {tuple(lead_shape)} of the input")
@@ -149,6 +149,20 @@ def check_labels(labels: Any, lead_shape: torch.Size, device: torch.device, V: i
             f"{name} out of range: {name}.flatten()[{idx}] = {value}, expected 0 <= label < V = {V} "
             f"or ignore_index = {ignore_index}"
         )
+
+
+def check_token_ids(name: str, ids: Any, vocab: int | None) -> None:
+    """``ids``: an int64/int32 tensor of token ids in ``[0, vocab)`` (``vocab`` None: only the dtype and sign are
+    checked). A clear error naming the argument instead of the embedding's raw index error (issue 22)."""
+    if not isinstance(ids, torch.Tensor):
+        return  # the model reports other inputs (inputs_embeds, lists) itself
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an integer tensor (int64/int32), got {ids.dtype}")
+    if ids.numel() == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or (vocab is not None and hi >= vocab):
+        raise ValueError(f"{name} out of range: values from {lo} to {hi}, expected 0 <= id < vocab size {vocab}")
 
 
 def check_finite(name: str, x: torch.Tensor) -> None:

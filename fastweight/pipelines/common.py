@@ -26,15 +26,19 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
 
+from fastweight.data.schema import SEED_MAX, number
+from fastweight.pipelines import runfolder
+from fastweight.pipelines.runfolder import check_before_loading, check_writable
 from fastweight.pipelines.config import MixedPrecision, ReportTo, TorchDtype, opt
 from fastweight.pipelines.ranks import barrier, is_main, main_first
 from fastweight.train.zero3 import gathered_forwards
-from fastweight.pipelines.tracking import Reporter, check_report_to, eval_hook, step_hook
+from fastweight.pipelines.tracking import Reporter, check_report_to, during_from_history, eval_hook, step_hook
 from fastweight.train import models as _models
 from fastweight.train import zero3 as _zero3
 from fastweight.train.config import TrainConfig
 from fastweight.train.jsonlog import move_aside, repair_log
 from fastweight.train.methods import METHODS, build_method
+from fastweight.train.runstate import SETTINGS_FILE
 
 EMBEDDED = _models.EMBEDDED
 _HASH_FULL = 64 << 20   # files up to 64 MiB are hashed whole ...
@@ -88,9 +92,12 @@ class BaseConfig:
     mixed_precision: MixedPrecision = opt("no", "mixed precision of fine-tuning and unlearning")
     output_dir: str = opt("runs/unlearn", "results folder (must be empty or new unless --resume/--overwrite)")
     cache_dir: str = opt("runs/cache", "generated data and fine-tuned models, keyed by content fingerprints")
-    resume: bool = opt(False, "continue the run in --output-dir: unlearning checkpoint and evaluations are reused "
-                              "only when their fingerprints match this configuration")
-    overwrite: bool = opt(False, "move a non-empty --output-dir aside (to <dir>.old-<time>; nothing is deleted)")
+    resume: bool = opt(False, "continue the run in --output-dir (a folder a fastweight run of this benchmark "
+                              "created): unlearning checkpoint and evaluations are reused only when their "
+                              "fingerprints match this configuration")
+    overwrite: bool = opt(False, "move a non-empty --output-dir that a fastweight run created aside (to "
+                                 "<dir>.old-<time>; nothing is deleted); never a folder holding the run's inputs or "
+                                 "the working directory")
     eval_only: bool = opt(False, "evaluate the target (and reference) model only")
     save_every: int = opt(0, "unlearning checkpoint every N steps (0 = only at the end)")
     torch_dtype: TorchDtype = opt("fp32", "dtype the weights are loaded in (bf16 halves a model's memory; "
@@ -108,10 +115,9 @@ class BaseConfig:
                                       "trackers): tensorboard (pip install tensorboard), wandb, none")
 
     def __post_init__(self) -> None:
-        for name in ("lr", "ft_lr"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ValueError(f"{name} must be a number > 0, got {v!r}")
+        for name in ("lr", "ft_lr"):  # finite too: --lr inf is refused here (issue 22)
+            setattr(self, name, number(name, getattr(self, name), float, low=0, low_open=True))
+        number("seed", self.seed, int, low=0, high=SEED_MAX)  # numpy / torch generators take 32-bit seeds
         if self.ft_epochs is not None:
             _check_int("ft_epochs", self.ft_epochs, low=self._min_ft_epochs)
         for name in ("epochs", "batch_size", "grad_accum", "ft_batch_size", "eval_batch_size"):
@@ -264,9 +270,17 @@ class OutputDir:
     STATUS = "status.json"
     RESULTS = "results.json"
 
-    def __init__(self, path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
+                 kind: str = "run", fingerprint: str | None = None, inputs: Mapping[str, str] | None = None) -> None:
         self.path, self.resume, self.overwrite = Path(path), resume, overwrite
+        self.kind, self.fingerprint, self.inputs = kind, fingerprint, dict(inputs or {})  # runfolder.py
         self.messages: list[str] = []
+
+    @classmethod
+    def for_config(cls, cfg: BaseConfig, kind: str) -> "OutputDir":
+        """The run folder of a pipeline config: owned by runs of ``kind`` (``runfolder.py``)."""
+        return cls(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite, kind=kind,
+                   fingerprint=fingerprint(runfolder.run_fingerprint(cfg)), inputs=runfolder.run_inputs(cfg))
 
     def _say(self, msg: str) -> None:
         self.messages.append(msg)
@@ -277,9 +291,7 @@ class OutputDir:
         p = self.path
         if p.exists() and not p.is_dir():
             raise ValueError(f"--output-dir {str(p)!r} exists and is not a folder")
-        if p.is_dir() and any(p.iterdir()) and not (self.resume or self.overwrite):
-            raise ValueError(f"--output-dir {str(p)!r} is not empty: pass --resume to continue that run, --overwrite "
-                             "to move it aside (nothing is deleted), or choose another folder")
+        runfolder.check_reuse(p, self.kind, resume=self.resume, overwrite=self.overwrite, inputs=self.inputs)
         probe = p if p.is_dir() else next((q for q in p.parents if q.exists()), Path("."))
         if not os.access(probe, os.W_OK):
             raise ValueError(f"--output-dir {str(p)!r} is not writable ({str(probe)!r})")
@@ -305,6 +317,7 @@ class OutputDir:
         elif self.resume:
             self._say(f"--resume: nothing to resume in {p} (empty or new); starting a fresh run")
         p.mkdir(parents=True, exist_ok=True)
+        runfolder.claim(p, self.kind, self.fingerprint)
         atomic_write(p / self.STATUS, json.dumps({"state": "running", "started": time.time(), "pid": os.getpid()}))
         return p
 
@@ -337,7 +350,8 @@ class OutputDir:
         barrier()
         if is_main():
             old = json.loads(mark.read_text()).get("fingerprint") if mark.is_file() else None
-            stale = [q for q in (p / "checkpoints", p / "log.jsonl", p / "g_effect.json") if q.exists()]
+            stale = [q for q in (p / "checkpoints", p / "log.jsonl", p / "g_effect.json", p / SETTINGS_FILE)
+                     if q.exists()]
             if stale and old != fp:
                 for q in stale:
                     moved = move_aside(q, "stale")
@@ -445,8 +459,9 @@ def unlearn_train_config(cfg: BaseConfig, out: Path, method_args: Mapping[str, A
 
 def train_key(tc: TrainConfig) -> dict[str, Any]:
     """The unlearning ``TrainConfig`` as a fingerprint key: the options that do not change the trained weights
-    (``resume``, ``eval_every``) are left out, so a resumed run or another evaluation cadence reuses checkpoints."""
-    return tc.to_dict() | {"resume": None, "eval_every": None}
+    (``resume``, ``eval_every``) and the folder path are left out, so a resumed run, another evaluation cadence, a
+    relative path or a moved copy of the folder reuses checkpoints."""
+    return tc.to_dict() | {"resume": None, "eval_every": None, "output_dir": None}  # where is not what
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -530,7 +545,8 @@ def warn(msg: str) -> None:
     warnings.warn(msg, PipelineWarning, stacklevel=2)
 
 
-__all__ = ["BaseConfig", "EMBEDDED", "OutputDir", "Reporter", "Results", "check_model_spec", "check_report_to", "data_fingerprint",
-           "finetune_cached", "fingerprint", "ft_key", "git_commit", "load_model", "markdown_table",
-           "model_fingerprint", "PipelineWarning", "provenance", "repair_log", "resolve_method_args", "step_hook",
-           "eval_hook", "train_key", "unlearn_train_config", "warn", "barrier", "gathered_forwards", "is_main", "main_first"]
+__all__ = ["barrier", "BaseConfig", "check_before_loading", "check_model_spec", "check_report_to", "check_writable",
+           "data_fingerprint", "during_from_history", "EMBEDDED", "eval_hook", "finetune_cached", "fingerprint",
+           "ft_key", "gathered_forwards", "git_commit", "is_main", "load_model", "main_first", "markdown_table",
+           "model_fingerprint", "OutputDir", "PipelineWarning", "provenance", "repair_log", "Reporter",
+           "resolve_method_args", "Results", "step_hook", "train_key", "unlearn_train_config", "warn"]

@@ -132,28 +132,11 @@ def config_from_mapping(cls, values: dict[str, Any], *, source: str = "config"):
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A flat mapping from a ``.yaml``/``.yml`` or ``.json`` file (keys are option names with underscores)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"--config file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+    """A flat mapping from a ``.yaml``/``.yml`` or ``.json`` file (keys are option names with underscores); parse
+    errors and non-UTF-8 bytes name the file and line (``fastweight.data.schema.read_mapping``)."""
+    from fastweight.data.schema import read_mapping
 
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"--config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
-    elif path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--config file {str(path)!r} is not valid JSON: {e}") from None
-    else:
-        raise ValueError(f"--config file must end in .yaml, .yml or .json, got {str(path)!r}")
-    if not isinstance(data, dict):
-        raise ValueError(f"--config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
-    return data
+    return read_mapping(path, "--config file")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -254,8 +237,10 @@ def cli_main(parse, run, show=print_results, argv=None) -> int:
     """Run a pipeline from the command line: ``show(run(parse(argv)))`` (``show`` prints the table by default).
 
     A ValueError / TypeError / OSError / ImportError (bad input; a missing file, unreachable hub or unwritable
-    folder — ConnectionError and FileNotFoundError are OSErrors; a missing extra) prints one line ``error: ...`` to
-    stderr and returns 2; ``--debug`` re-raises it with the traceback.
+    folder — ConnectionError and FileNotFoundError are OSErrors; a missing extra; a corrupt checkpoint is a
+    ``CheckpointError``, a failed checkpoint write a ``CheckpointWriteError``) or the trainer's non-finite stop
+    (``NonFiniteError``, a FloatingPointError) prints one line ``error: ...`` to stderr and returns 2; ``--debug``
+    re-raises it with the traceback.
     """
     import warnings
 
@@ -271,7 +256,7 @@ def cli_main(parse, run, show=print_results, argv=None) -> int:
         results = run(cfg)
         if is_main():  # under a launcher: one report, from the main process
             show(results)
-    except (ValueError, TypeError, OSError, ImportError) as e:
+    except (ValueError, TypeError, OSError, ImportError, FloatingPointError) as e:  # + NonFiniteError (issue 22)
         if debug:
             raise
         msg = " ".join(str(e).split()) or type(e).__name__

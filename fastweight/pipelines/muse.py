@@ -146,13 +146,14 @@ def run(cfg: MuseConfig) -> C.Results:
     """Fine-tune (unless ``finetuned``), unlearn and evaluate; see the module docstring. Configuration errors
     are raised before a model is loaded."""
     t_start, commit = time.time(), C.git_commit()
-    outdir = C.OutputDir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+    outdir = C.OutputDir.for_config(cfg, BENCH)
     outdir.check()
     C.check_model_spec(cfg.model)
     C.check_report_to(cfg.report_to)
     if cfg.retrain_model is not None:
         C.check_model_spec(cfg.retrain_model, "retrain_model")
     method_args = C.resolve_method_args(cfg.method, cfg.method_args, TUNED_METHOD_ARGS)
+    C.check_before_loading(cfg, method_args)
     with C.main_first():  # the main process generates the data; the others read it
         data_src = _data_source(cfg)
     data = load_muse(data_src, retain_split=cfg.retain_split)
@@ -230,6 +231,7 @@ def run(cfg: MuseConfig) -> C.Results:
         res = C.train(target, TextChunkDataset(data.forget_text, tokenizer, window),
                       TextChunkDataset(data.retain_text, tokenizer, window), tc,
                       on_step=C.step_hook(reporter), eval_fn=C.eval_hook(reporter, evaluate_at, during))
+        during = C.during_from_history(res.history, during)  # with the steps before a resume
         history = res.history
         print(f"[{cfg.method}] {res.global_step} steps in {time.time() - t0:.0f} s")
         folder = outdir.keyed("eval/unlearned", {**eval_key, "unlearn": unlearn_key, "retrain_auc": retrain_auc})

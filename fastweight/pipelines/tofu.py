@@ -164,13 +164,14 @@ def run(cfg: TofuConfig) -> C.Results:
     error (method and options, data rows, model path, output folder) is raised before a model is loaded."""
     t_start, commit = time.time(), C.git_commit()
     # ---- everything that can be checked without a model ------------------------------------------------
-    outdir = C.OutputDir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+    outdir = C.OutputDir.for_config(cfg, BENCH)
     outdir.check()
     C.check_model_spec(cfg.model)
     C.check_report_to(cfg.report_to)
     if cfg.retain_model is not None:
         C.check_model_spec(cfg.retain_model, "retain_model")
     method_args = C.resolve_method_args(cfg.method, cfg.method_args, TUNED_METHOD_ARGS)
+    C.check_before_loading(cfg, method_args)
     with C.main_first():  # the main process generates the data; the others read it
         data = _data_source(cfg)
     names = split_configs(cfg.split)
@@ -261,6 +262,7 @@ def run(cfg: TofuConfig) -> C.Results:
         t0 = time.time()
         res = C.train(target, forget_ds, retain_ds, tc_probe,
                       on_step=C.step_hook(reporter), eval_fn=C.eval_hook(reporter, evaluate_at, during))
+        during = C.during_from_history(res.history, during)  # with the steps before a resume
         history, g_effect = res.history, res.g_effect
         print(f"[{cfg.method}] {res.global_step} steps in {time.time() - t0:.0f} s")
         folder = outdir.keyed("eval/unlearned", {**eval_key, "unlearn": unlearn_key, "retain": retain_tr is not None})

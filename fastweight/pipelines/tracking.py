@@ -77,7 +77,7 @@ def step_hook(reporter: Reporter) -> Callable[[int, dict], None]:
     """The ``on_step`` callback given to ``train``: logs each unlearning step's values to the tracker."""
 
     def on_step(step: int, entry: dict) -> None:
-        reporter.log(entry, step, "train")
+        reporter.log({k: v for k, v in entry.items() if not k.startswith("eval_")}, step, "train")  # eval_hook's
 
     return on_step
 
@@ -87,14 +87,30 @@ def eval_hook(reporter: Reporter, evaluate: Callable[[Any, int], dict[str, float
     """The ``eval_fn`` given to ``train`` (called every ``TrainConfig.eval_every`` steps): evaluates the model
     ``train`` passes in (the unwrapped policy being trained, e.g. the ``PeftModel`` of a LoRA run, not the object
     the pipeline handed to ``train``) as ``evaluate(model, step) -> summary``, records it in ``during`` and logs
-    it under ``eval/during``. Returns None, so the summaries stay out of ``log.jsonl`` (``during`` holds them)."""
+    it under ``eval/during``. Returns the numeric values, which ``train`` writes into ``log.jsonl`` as ``eval_*``, so
+    a resumed run rebuilds the whole history from the log (``during_from_history``)."""
 
-    def eval_fn(*, model, step: int, epoch: int) -> None:
+    def eval_fn(*, model, step: int, epoch: int) -> dict[str, float]:
         summary = evaluate(model, step)
         during.append({"step": step, "metrics": summary})
         reporter.log(summary, step, "eval/during")
+        return {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
     return eval_fn
 
 
-__all__ = ["Reporter", "check_report_to", "eval_hook", "step_hook"]
+def during_from_history(history: list[dict], during: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``--eval-every`` history of the whole run: the ``eval_*`` values of the log's steps (the steps before
+    a resume included), with the full summaries of the evaluations this process ran (``during``) where it has
+    them; append-only, in step order (issue 22)."""
+    ran = {d["step"]: d for d in during}
+    out = []
+    for h in history:
+        metrics = {k[len("eval_"):]: v for k, v in h.items() if k.startswith("eval_")}
+        if metrics or h.get("step") in ran:
+            out.append(ran.get(h["step"], {"step": h["step"], "metrics": metrics}))
+    steps = {d["step"] for d in out}
+    return sorted(out + [d for d in during if d["step"] not in steps], key=lambda d: d["step"])
+
+
+__all__ = ["Reporter", "check_report_to", "during_from_history", "eval_hook", "step_hook"]

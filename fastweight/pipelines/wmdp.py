@@ -118,7 +118,7 @@ def run(cfg: WmdpConfig) -> C.Results:
     """(Fine-tune,) unlearn and score; see the module docstring. Configuration errors are raised before a model
     is loaded."""
     t_start, commit = time.time(), C.git_commit()
-    outdir = C.OutputDir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+    outdir = C.OutputDir.for_config(cfg, BENCH)
     outdir.check()
     C.check_model_spec(cfg.model)
     C.check_report_to(cfg.report_to)
@@ -129,6 +129,7 @@ def run(cfg: WmdpConfig) -> C.Results:
             raise ValueError(f"the {name} set is empty")
     tuned = {"rmu": EMBEDDED_RMU} if cfg.model == C.EMBEDDED else {}
     method_args = C.resolve_method_args(cfg.method, cfg.method_args, tuned)
+    C.check_before_loading(cfg, method_args)
     fmt = cfg.answer_format or ("choice" if generated else "letter")
     ft_epochs = cfg.ft_epochs if cfg.ft_epochs is not None else (GENERATED_FT_EPOCHS if generated else 0)
     data_fp = C.data_fingerprint(wmdp, mmlu, forget_text, retain_text, subject)
@@ -181,6 +182,7 @@ def run(cfg: WmdpConfig) -> C.Results:
         res = C.train(model, TextChunkDataset(forget_text, tokenizer, cfg.window),
                       TextChunkDataset(retain_text, tokenizer, cfg.window), tc,
                       on_step=C.step_hook(reporter), eval_fn=C.eval_hook(reporter, evaluate_at, during))
+        during = C.during_from_history(res.history, during)  # with the steps before a resume
         history = res.history
         print(f"[{cfg.method}] {res.global_step} steps in {time.time() - t0:.0f} s")
         folder = outdir.keyed("eval/unlearned", {**eval_key, "unlearn": unlearn_key})

@@ -49,6 +49,28 @@ MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "t
 ZERO_FILE = "zero-{rank}.pt"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed (truncated or empty file, unreadable state, tensors of another model
+    or LoRA rank); the message names the file. Nothing is deleted: the files stay for inspection."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (e.g. disk full); the message names the step and the folder of partial files."""
+
+
+def _reading(path: Path, fn, what: str):
+    """``fn()``, any failure re-raised as a ``CheckpointError`` naming ``path`` (one line)."""
+    try:
+        return fn()
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors / torch / json raise many types for a torn file
+        msg = " ".join(str(e).split())[:200] or type(e).__name__
+        raise CheckpointError(f"checkpoint file {str(path)!r} cannot be read as {what} ({type(e).__name__}: "
+                              f"{msg}); the file is left as it is: resume from another checkpoint or move the "
+                              "checkpoint folder aside") from None
+
+
 def zero3_optimizer(optimizer):
     """The DeepSpeed ZeRO-3 optimizer inside accelerate's wrapper, or None (one process, DDP, ZeRO-1/2)."""
     inner = getattr(optimizer, "optimizer", optimizer)
@@ -103,7 +125,7 @@ def _load_fsdp(ckpt: Path, module, optimizer, rank: int) -> None:
 
     msd, osd = {}, {}
     if rank == 0:
-        msd = load_file(str(ckpt / MODEL_FILE))
+        msd = _reading(ckpt / MODEL_FILE, lambda: load_file(str(ckpt / MODEL_FILE)), "safetensors")
         osd = _load_tensors(ckpt / OPTIMIZER_FILE)
         _check_trainable(ckpt, msd, module)
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
@@ -218,9 +240,8 @@ def save_checkpoint(acc, output_dir: Path, state: dict, *, policy, optimizer, sc
     """Write the checkpoint of ``state['global_step']`` (all processes call this; see the module docstring).
 
     ``module``: the engine-prepared module (the objective); needed to checkpoint FSDP-sharded weights.
+    A failed write raises ``CheckpointWriteError`` naming the step, the partial files left in place.
     """
-    from safetensors.torch import save_file
-
     root = output_dir / "checkpoints"
     final = root / f"step-{state['global_step']:08d}"
     tmp = root / f".tmp-step-{state['global_step']:08d}"
@@ -230,6 +251,29 @@ def save_checkpoint(acc, output_dir: Path, state: dict, *, policy, optimizer, sc
             shutil.rmtree(tmp)  # a torn write of this run; never a finished checkpoint
         tmp.mkdir()
     acc.wait_for_everyone()
+    try:
+        _write_files(acc, tmp, state, policy=policy, optimizer=optimizer, scheduler=scheduler, method=method,
+                     module=module)
+    except Exception as e:  # noqa: BLE001 - disk full shows as OSError, SafetensorError or torch's RuntimeError
+        msg = " ".join(str(e).split())[:200] or type(e).__name__
+        raise CheckpointWriteError(f"writing the checkpoint of step {state['global_step']} failed ({type(e).__name__}"
+                                   f": {msg}); the partial files are left in {str(tmp)!r}; earlier checkpoints "
+                                   "are kept") from e
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # a checkpoint folder exists only once complete
+        older = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))[:-keep]
+        for _, p in older:
+            shutil.rmtree(p)
+    acc.wait_for_everyone()
+    return final
+
+
+def _write_files(acc, tmp: Path, state: dict, *, policy, optimizer, scheduler, method, module) -> None:
+    from safetensors.torch import save_file
+
     save_file(_rng_state(method), str(tmp / f"rng-{acc.process_index}.safetensors"))
     engine = _engine(optimizer, module)
     fsdp_state = _fsdp_full_state(module, optimizer) if engine == "fsdp" else None  # collective
@@ -247,23 +291,13 @@ def save_checkpoint(acc, output_dir: Path, state: dict, *, policy, optimizer, sc
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         full = {**state, "scheduler": scheduler.state_dict(), "world_size": acc.num_processes, "engine": engine}
         (tmp / STATE_FILE).write_text(json.dumps(full))
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)  # a checkpoint folder exists only once complete
-        older = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))[:-keep]
-        for _, p in older:
-            shutil.rmtree(p)
-    acc.wait_for_everyone()
-    return final
 
 
 def _load_tensors(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as e:
-        raise ValueError(f"checkpoint file {str(path)!r} is not a plain tensor file; refusing to unpickle it "
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError, OSError) as e:
+        raise CheckpointError(f"checkpoint file {str(path)!r} is not a plain tensor file; refusing to unpickle it "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
@@ -271,7 +305,12 @@ def load_checkpoint(acc, ckpt: Path, *, policy, optimizer, scheduler, method, mo
     """Restore what ``save_checkpoint`` wrote; returns the trainer state dict. No pickle is executed."""
     from safetensors.torch import load_file
 
-    state = json.loads((ckpt / STATE_FILE).read_text())
+    state = _reading(ckpt / STATE_FILE, lambda: json.loads((ckpt / STATE_FILE).read_text()), "JSON")
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), int) for k in
+                                              ("global_step", "epoch", "batch_in_epoch")) \
+            or not isinstance(state.get("scheduler"), dict):
+        raise CheckpointError(f"checkpoint file {str(ckpt / STATE_FILE)!r} is not a trainer state (a JSON object "
+                              f"with global_step, epoch, batch_in_epoch and scheduler), got {str(state)[:60]!r}")
     if state.get("world_size", acc.num_processes) != acc.num_processes:
         raise ValueError(f"checkpoint {str(ckpt)!r} was written by {state['world_size']} processes; resume with "
                          f"the same number (got {acc.num_processes}) so the data order and RNG streams match")
@@ -290,35 +329,45 @@ def load_checkpoint(acc, ckpt: Path, *, policy, optimizer, scheduler, method, mo
         _load_fsdp(ckpt, module, optimizer, acc.process_index)
     else:
         _load_weights(ckpt, policy)
-        optimizer.load_state_dict(_load_tensors(ckpt / OPTIMIZER_FILE))
-    scheduler.load_state_dict(state.pop("scheduler"))
-    rng = load_file(str(ckpt / f"rng-{acc.process_index}.safetensors"))
-    torch.set_rng_state(rng.pop("torch_cpu"))
+        opt_file = ckpt / OPTIMIZER_FILE
+        opt_state = _load_tensors(opt_file)
+        _reading(opt_file, lambda: optimizer.load_state_dict(opt_state), "this run's optimizer state")
+    _reading(ckpt / STATE_FILE, lambda: scheduler.load_state_dict(state.pop("scheduler")), "a scheduler state")
+    rng_file = ckpt / f"rng-{acc.process_index}.safetensors"
+    rng = _reading(rng_file, lambda: load_file(str(rng_file)), "safetensors")
+    _reading(rng_file, lambda: torch.set_rng_state(rng.pop("torch_cpu")), "a generator state")
     cuda = sorted(k for k in rng if k.startswith("torch_cuda_"))
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([rng[k] for k in cuda])
     if method is not None:
-        method.load_state_dict({k[len("method."):]: v for k, v in rng.items() if k.startswith("method.")})
+        _reading(rng_file, lambda: method.load_state_dict({k[len("method."):]: v for k, v in rng.items()
+                                                           if k.startswith("method.")}), "the method's generators")
     return state
 
 
 def _check_trainable(ckpt: Path, weights: dict, module) -> None:
     want = {n for n, p in module.named_parameters() if p.requires_grad}
     if set(weights) != want:
-        raise ValueError(f"checkpoint {str(ckpt)!r} holds {len(weights)} trainable tensors, the run trains "
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} holds {len(weights)} trainable tensors, the run trains "
                          f"{len(want)} (different trainable_layers, method or LoRA settings?)")
 
 
 def _load_weights(ckpt: Path, policy) -> None:
     from safetensors.torch import load_file
 
-    weights = load_file(str(ckpt / MODEL_FILE))
+    weights = _reading(ckpt / MODEL_FILE, lambda: load_file(str(ckpt / MODEL_FILE)), "safetensors")
     params = dict(policy.named_parameters())
     _check_trainable(ckpt, weights, policy)
+    for n, t in weights.items():
+        if t.shape != params[n].shape:
+            raise CheckpointError(f"checkpoint file {str(ckpt / MODEL_FILE)!r}: {n} has shape {tuple(t.shape)}, this "
+                                  f"run's parameter {tuple(params[n].shape)} (a checkpoint of another model size "
+                                  "or LoRA rank?)")
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t.to(params[n].device))
 
 
-__all__ = ["MODEL_FILE", "OPTIMIZER_FILE", "STATE_FILE", "ZERO_FILE", "latest_checkpoint", "load_checkpoint",
-           "is_fsdp", "save_checkpoint", "trainable_state", "zero12_optimizer", "zero3_optimizer"]
+__all__ = ["CheckpointError", "CheckpointWriteError", "MODEL_FILE", "OPTIMIZER_FILE", "STATE_FILE", "ZERO_FILE",
+           "latest_checkpoint", "load_checkpoint", "is_fsdp", "save_checkpoint", "trainable_state", "zero12_optimizer",
+           "zero3_optimizer"]

@@ -7,10 +7,11 @@ Method hyper-parameters are not defaulted here: ``method_args`` only overrides w
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
+
+from fastweight.data.schema import SEED_MAX, number, read_mapping
 
 MixedPrecision = Literal["no", "bf16", "fp16"]
 MIXED_PRECISIONS: tuple[str, ...] = get_args(MixedPrecision)
@@ -73,6 +74,7 @@ class TrainConfig:
     check_finite: bool = True
 
     def __post_init__(self) -> None:
+        self._coerce_numbers()
         for name in ("epochs", "batch_size", "grad_accum", "log_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
@@ -127,25 +129,34 @@ class TrainConfig:
             except ValueError as e:
                 raise ValueError(f"method={self.method!r}: {e}") from None
 
+    def _coerce_numbers(self) -> None:
+        """Numbers given as strings (as YAML gives ``1e-5``) become numbers, others are refused naming the field;
+        floats must be finite (``lr: inf``), the seed within ``0 .. 2**32 - 1`` (issue 22)."""
+        for name in _INT_FIELDS:
+            setattr(self, name, number(name, getattr(self, name), int, none=name in _OPTIONAL))
+        for name in _FLOAT_FIELDS:
+            setattr(self, name, number(name, getattr(self, name), float, none=name in _OPTIONAL))
+        number("seed", self.seed, int, low=0, high=SEED_MAX)
+        if self.lora_targets is not None and "lm_head" in (self.lora_targets.split(",") if isinstance(
+                self.lora_targets, str) else self.lora_targets):
+            raise ValueError("lora_targets contains lm_head: the fused loss reads lm_head.weight directly, so an "
+                             "adapter there would never train; leave lm_head out")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A flat mapping from a ``.yaml``/``.yml`` or ``.json`` file (keys are CLI/dataclass field names)."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+_INT_FIELDS = ("epochs", "batch_size", "grad_accum", "max_steps", "warmup_steps", "seed", "trainable_layers",
+               "save_every", "log_every", "g_effect_every", "g_effect_probe_size", "lora_r", "eval_every",
+               "eval_every_epochs")
+_FLOAT_FIELDS = ("lr", "weight_decay", "max_grad_norm", "g_effect_ema", "lora_alpha", "lora_dropout")
+_OPTIONAL = ("max_steps", "warmup_steps", "trainable_layers", "max_grad_norm")
 
-        data = yaml.safe_load(text) or {}
-    elif path.suffix == ".json":
-        data = json.loads(text)
-    else:
-        raise ValueError(f"config file must end in .yaml, .yml or .json, got {str(path)!r}")
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
-    return data
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A flat mapping from a ``.yaml``/``.yml`` or ``.json`` file (keys are CLI/dataclass field names); parse
+    errors name the file and line (``fastweight.data.schema.read_mapping``)."""
+    return read_mapping(path)
 
 
 def train_config_from(mapping: dict[str, Any]) -> TrainConfig:

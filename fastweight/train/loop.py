@@ -51,9 +51,10 @@ from fastweight.train.config import TrainConfig
 from fastweight.train.engine import (
     NonFiniteError, build_reference_table, check_engine, is_sharded, make_accelerator, maybe_lora,
 )
-from fastweight.train.jsonlog import repair_log
+from fastweight.train.jsonlog import move_aside, repair_log
 from fastweight.train.objective import UnlearnObjective
 from fastweight.train.precision import make_optimizer, plan_for
+from fastweight.train.runstate import claim_output_dir, restore_g_effect
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _ADDITIVE = frozenset({"loss", "forget_loss", "retain_loss", "nll"})  # logged values that are loss terms
@@ -94,6 +95,15 @@ def layer_filter(model, trainable_layers: int | None) -> Callable[[str], bool]:
         return name.endswith("norm.weight") and "layers." not in name  # the final norm
 
     return keep
+
+
+def check_head_without_adapter(model) -> None:
+    """LoRA on the output layer never trains: the fused loss reads ``lm_head.weight`` directly (issue 22)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and (hasattr(head, "lora_A") or hasattr(head, "base_layer")):
+        raise ValueError("lora_targets puts a LoRA adapter on the output layer (lm_head), which the fused loss "
+                         "bypasses (it reads lm_head.weight directly), so the adapter would never train; leave "
+                         "lm_head out of lora_targets")
 
 
 def _lr_lambda(step: int, warmup: int, total: int) -> float:
@@ -148,6 +158,7 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
         method = build_method(cfg.method, **cfg.method_args)
         if method.needs_retain and retain is None:
             raise ValueError(f"method {method.name!r} needs a retain set; pass retain=")
+    claim_output_dir(out_dir, cfg, write=False)  # every process checks before anything is written
     retain_probe_set = retain  # G-effect probes the retain set even for methods without a retain term
     if method is None or not method.needs_retain:
         retain = None
@@ -159,6 +170,8 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
     needs_idk = method is not None and method.needs_idk
     model = maybe_lora(model, cfg)
     is_peft = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+    if is_peft:
+        check_head_without_adapter(model)
     keep_layer = layer_filter(model, cfg.trainable_layers)
     base = {n for n, p in model.named_parameters() if p.requires_grad} if is_peft else None
     for name, p in model.named_parameters():
@@ -239,6 +252,8 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
     if ckpt is not None:
         state = load_checkpoint(acc, ckpt, policy=policy, optimizer=optimizer, scheduler=scheduler, method=method,
                                 module=objective)
+        if tracker is not None:  # the record of the steps before the checkpoint is kept, not truncated
+            restore_g_effect(tracker, out_dir / "g_effect.json", state["global_step"])
         if log_path.is_file():
             if acc.is_main_process:
                 repair_log(log_path)  # a line torn by a kill: dropped, the original kept beside it
@@ -246,8 +261,12 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
             lines = log_path.read_text().splitlines()
             history = [json.loads(line) for line in lines if line.strip()]
             history = [h for h in history if h["step"] <= state["global_step"]]
+    acc.wait_for_everyone()  # every process has checked the folder (claim_output_dir) before it is written
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
+        claim_output_dir(out_dir, cfg, write=True)
+        if log_path.is_file() and len([x for x in log_path.read_text().splitlines() if x.strip()]) > len(history):
+            move_aside(log_path, "before-resume")  # lines past the checkpoint: kept beside, not truncated away
         tmp = log_path.with_name(log_path.name + ".tmp")
         tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
         os.replace(tmp, log_path)

@@ -47,6 +47,7 @@ from fastweight._constants import IGNORE_INDEX
 from fastweight.integrations.transformers import output_head
 from fastweight.losses._seq import check_number, valid_mask
 from fastweight.losses._weights import shift_weights
+from fastweight.ops._common import check_token_ids
 from fastweight.train.method_configs import (  # noqa: F401 - re-exported: the configs are part of this API
     BetaConfig, FLATConfig, HardSamplingConfig, MethodConfig, RMUConfig, SatImpConfig, SimNPOConfig, WTNPOConfig,
 )
@@ -123,6 +124,11 @@ class AdapterDisabled:
         self.model = peft_model
 
 
+def _vocab_size(model) -> int | None:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return getattr(emb, "num_embeddings", None)
+
+
 def lm_forward(model, batch: dict, prefix: str = "") -> LMHidden:
     """Run the decoder of a Hugging Face causal LM on ``batch[prefix + 'input_ids']`` (and attention mask).
 
@@ -135,6 +141,7 @@ def lm_forward(model, batch: dict, prefix: str = "") -> LMHidden:
             return lm_forward(model.model, batch, prefix)
     input_ids = _batch_get(batch, "input_ids", prefix)
     attention_mask = batch.get(prefix + "attention_mask")
+    check_token_ids(prefix + "input_ids", input_ids, _vocab_size(model))
     head = output_head(model)  # the one reader of the head (weight, bias, softcap, logit scale, refusals)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     if decoder is not None and decoder is not model:

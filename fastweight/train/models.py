@@ -124,19 +124,31 @@ def _drop_gguf_marker(model) -> None:
 
 
 def save_model(model, tokenizer, folder: str | os.PathLike) -> Path:
-    """``save_pretrained`` of model and tokenizer into ``folder`` via a temporary sibling and a rename."""
+    """``save_pretrained`` of model and tokenizer into a fresh temporary sibling of ``folder`` (a new unique name,
+    never an existing folder), then swapped in with a rename. Nothing is deleted that this call did not create:
+    an existing non-empty ``folder`` is moved aside to ``<name>.replaced-<time>-<pid>`` (its path is printed), and
+    a failed save removes only its own temporary folder."""
+    import shutil
+    import tempfile
+
+    from fastweight.train.jsonlog import move_aside
+
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if folder.exists():
-        import shutil
-
-        shutil.rmtree(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))  # ours alone
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the saved model private
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()  # an empty folder holds nothing to keep
+    elif folder.exists():
+        print(f"save_model: moved the previous {folder} to {move_aside(folder, 'replaced')}")
     os.replace(tmp, folder)
     return folder
 
