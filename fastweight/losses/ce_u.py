@@ -78,7 +78,8 @@ def ce_u_loss(x: torch.Tensor, labels: torch.Tensor, *, ignore_first_n: int = 1,
 
 def pdu_loss(x: torch.Tensor, labels: torch.Tensor, *, lm_head: torch.Tensor | None = None,
              bias: torch.Tensor | None = None, softcap: float | None = None, logit_scale: float = 1.0,
-             reduction: str = "mean", shift: bool = False, ignore_index: int = IGNORE_INDEX, backend: str | None = "auto") -> torch.Tensor:
+             reduction: str = "mean", shift: bool = False, ignore_index: int = IGNORE_INDEX,
+             backend: str | None = "auto") -> torch.Tensor:
     """PDU forget term (module docstring) ``mean_t (max_v z_t - mean_v z_t)^2`` over positions with a valid
     label (``shift=False``: labels[t], as open-unlearning). Arguments as ``ce_u_loss``."""
     check_reduction(reduction)

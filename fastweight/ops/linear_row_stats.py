@@ -122,7 +122,8 @@ def linear_row_loss(hidden: torch.Tensor, lm_head: torch.Tensor, labels: torch.T
     if kind == "ceu" and lm_head.shape[0] < 2:
         raise ValueError("CE-U needs a vocabulary of at least 2 tokens (its target excludes the label)")
     if not isinstance(labels, torch.Tensor) or labels.shape != hidden.shape[:1]:
-        raise ValueError(f"labels must be a tensor of shape [{hidden.shape[0]}], got {getattr(labels, 'shape', labels)}")
+        raise ValueError(f"labels must be a tensor of shape [{hidden.shape[0]}], "
+                         f"got {getattr(labels, 'shape', labels)}")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= lm_head.shape[0]):
         raise ValueError(f"labels must be token ids in [0, {lm_head.shape[0]}) on the selected rows")
     if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
