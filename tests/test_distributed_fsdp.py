@@ -198,3 +198,69 @@ def test_fsdp2_checkpoint_resume_is_exact(tmp_path):
             assert torch.equal(res["resumed"][n], t), n
         assert not torch.equal(res["uninterrupted"]["policy.lm_head.weight"], res["at_cut"]["policy.lm_head.weight"])
     assert {k for s in osd["state"].values() for k in s} >= {"exp_avg", "exp_avg_sq", "step"}
+
+
+# --- output layer as its own FSDP2 unit (torchtitan's layout) -----------------------------------------------------
+def _wrapped(layout):
+    """The model sharded as ``layout``: "root" (lm_head in the root unit) or "separate" (fully_shard(lm_head) on
+    its own, then the layers, then the root)."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    if layout == "separate":
+        fully_shard(model.lm_head)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _route_loss(route, model, forget, retain):
+    if route == "patch":  # fastweight.patch: model(..., labels=...).loss
+        return model(**forget).loss
+    # UnlearnTrainer.compute_loss's call on an FSDP2 model: the method inside the root's forward
+    method = build_method("gd", retain_loss="nll")
+    return model(fastweight_run=lambda hf: method(hf, forget, retain).loss)["loss"]
+
+
+def _head_unit_worker(rank, world, out_dir):
+    import fastweight
+
+    forget, retain = _batches(1)[0]
+    out = {}
+    for layout in ("root", "separate"):
+        for route in ("patch", "method"):
+            model = _wrapped(layout)
+            fastweight.patch(model, "satimp")  # the trainer patches too (the fastweight_run hook)
+            for _ in range(2):  # a second step: the lm_head unit was resharded after the first backward
+                model.zero_grad()
+                loss = _route_loss(route, model, forget, retain)
+                loss.backward()
+            out[f"{layout}-{route}"] = {"loss": loss.detach(), "grads": {
+                n: p.grad.full_tensor().detach().clone() for n, p in model.named_parameters()}}
+            del model
+    torch.save(out, os.path.join(out_dir, f"head{rank}.pt"))
+
+
+@pytest.mark.slow
+def test_fsdp2_output_layer_as_its_own_unit(tmp_path):
+    """patch and the method path (what UnlearnTrainer runs) under FSDP2 with lm_head in the root unit and as its
+    own unit: the loss and the gradients gathered from the shards equal one unsharded process (same batch on
+    both ranks, so the averaged gradient is the single-process one). The separate unit failed with 'mixed
+    torch.Tensor and DTensor' before the fused loss gathered lm_head through the unit's own unshard()."""
+    import fastweight
+
+    _spawn(_head_unit_worker, 29565, tmp_path)
+    forget, retain = _batches(1)[0]
+    for route in ("patch", "method"):
+        model = fastweight.patch(_model(), "satimp")
+        loss = _route_loss(route, model, forget, retain)
+        loss.backward()
+        for r in range(2):
+            res = torch.load(tmp_path / f"head{r}.pt", weights_only=True)
+            for layout in ("root", "separate"):
+                got = res[f"{layout}-{route}"]
+                torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+                for n, p in model.named_parameters():
+                    torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-4, atol=1e-6,
+                                               msg=lambda m: f"{layout}-{route} {n}: {m}")

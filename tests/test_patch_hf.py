@@ -104,9 +104,12 @@ def test_patched_loss_and_grads_match_naive(family, tied):
     # beta1 = beta2 = 1 keeps the weights p (1 - p) well away from 0 on a random model.
     ref = _loss_and_grads(model, lambda: naive_satimp(model(input_ids=ids, attention_mask=mask).logits, labels,
                                                       beta1=1.0, beta2=1.0))
+    plain = model(input_ids=ids, attention_mask=mask).logits.detach()
     fastweight.patch(model, "satimp", beta1=1.0, beta2=1.0)
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
-    assert out.logits is None and out.loss.dim() == 0
+    assert "logits" not in out and out.loss.dim() == 0  # not formed by the forward ...
+    torch.testing.assert_close(out.logits, plain.to(out.logits.dtype), rtol=1e-5, atol=1e-6)  # ... but on access
+    assert out["logits"] is out.logits and "logits" in out
     got = _loss_and_grads(model, lambda: model(input_ids=ids, attention_mask=mask, labels=labels).loss)
     _assert_same(got, ref)
     if tied:
@@ -153,7 +156,7 @@ def test_unpatch_restores():
     model = _model("llama")
     ids, _, labels = _batch(seed=5)
     fastweight.patch(model, "ga")
-    assert model(input_ids=ids, labels=labels).logits is None
+    assert "logits" not in model(input_ids=ids, labels=labels)
     fastweight.unpatch(model)
     assert "forward" not in vars(model)
     out = model(input_ids=ids, labels=labels)
@@ -344,7 +347,7 @@ def test_token_logprobs_and_sequence_nll():
     fastweight.patch(model, "ga")
     out = model(input_ids=ids, attention_mask=mask, labels=labels, fastweight_loss="none",
                 fastweight_token_logprobs=True)
-    assert out.loss is None and out.logits is None
+    assert out.loss is None and "logits" not in out
     target = labels[:, 1:]
     valid = target != IGNORE_INDEX
     ref = torch.log_softmax(logits[:, :-1], -1).gather(-1, torch.where(valid, target, 0)[..., None]).squeeze(-1)

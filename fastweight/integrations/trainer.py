@@ -112,7 +112,8 @@ def _precomputed_forget_term(method: UnlearnMethod, model, forget: dict) -> torc
     out = lm_forward(model, forget)
     ref_logp = ref.token_logp(forget)
     if method.name == "npo":
-        return npo_loss(out.hidden, labels, -ref_logp.sum(-1), beta=cfg.beta, shift=True, **out.head())
+        return npo_loss(out.hidden, labels, -ref_logp.sum(-1), beta=cfg.beta, shift=True, empty_rows=cfg.empty_rows,
+                        **out.head())
     if method.name == "idkdpo":
         idk = lm_forward(model, forget, "idk_")
         return idk_dpo_loss(out.hidden, labels, idk.hidden, forget["idk_labels"], -ref_logp.sum(-1),
@@ -124,6 +125,16 @@ def _precomputed_forget_term(method: UnlearnMethod, model, forget: dict) -> torc
 def _zero3_partitioned(module: torch.nn.Module) -> bool:
     """True when DeepSpeed ZeRO-3 has partitioned ``module``'s parameters (they carry a ``ds_id``)."""
     return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def _fsdp2_sharded(module: torch.nn.Module) -> bool:
+    """True when FSDP2 (``fully_shard``, in place: the model is its own wrapper) manages ``module``: the method
+    must then run inside its forward, where the root unit's parameters are gathered."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(module, FSDPModule)
 
 
 def _normalise(inputs: Mapping[str, Any]) -> tuple[dict, dict | None]:
@@ -141,8 +152,11 @@ def _normalise(inputs: Mapping[str, Any]) -> tuple[dict, dict | None]:
     return forget, (dict(retain) if retain is not None else None)
 
 
-class UnlearnTrainer(transformers.Trainer):
-    """``transformers.Trainer`` whose loss is a fastweight unlearning method (see the module docstring).
+class UnlearnMixin:
+    """Mixin turning any ``transformers.Trainer`` subclass into one whose loss is a fastweight unlearning method
+    (``class MyTrainer(UnlearnMixin, SomeTrainer)``; ``UnlearnTrainer`` is ``UnlearnMixin`` + ``Trainer``).
+    The base class keeps its own ``evaluate``, callbacks and constructor arguments (e.g. open-unlearning's
+    ``evaluators``); only ``compute_loss``, ``log`` and the column filtering are the mixin's.
 
     Args:
         method: a name of ``fastweight.train.methods.METHODS`` ("ga", "gd", "wga", "satimp", "npo", "simnpo",
@@ -253,7 +267,7 @@ class UnlearnTrainer(transformers.Trainer):
             result["loss"], result["stats"] = self._run(inner, forget, retain)
             return result["loss"]
 
-        if model is hf or _patch._unwrap(model) is hf:
+        if (model is hf or _patch._unwrap(model) is hf) and not _fsdp2_sharded(hf):
             loss = run(hf)
         else:
             # DDP / FSDP / DeepSpeed wrapper: run inside its forward so its hooks and gradient sync apply, and
@@ -277,4 +291,9 @@ class UnlearnTrainer(transformers.Trainer):
         super().log(logs, *args, **kwargs)
 
 
-__all__ = ["PRECOMPUTABLE", "PrecomputedReference", "UnlearnTrainer", "add_reference_logprobs", "collate_unlearn"]
+class UnlearnTrainer(UnlearnMixin, transformers.Trainer):
+    """``transformers.Trainer`` whose loss is a fastweight unlearning method (``UnlearnMixin``'s arguments)."""
+
+
+__all__ = ["PRECOMPUTABLE", "PrecomputedReference", "UnlearnMixin", "UnlearnTrainer", "add_reference_logprobs",
+           "collate_unlearn"]

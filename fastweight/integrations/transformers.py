@@ -189,6 +189,23 @@ class OutputHead:
         return kw
 
 
+def gather_output_layer(model: torch.nn.Module) -> None:
+    """When the output layer of ``model`` (PEFT unwrapped) is an FSDP2 unit of its own (``fully_shard(lm_head)``
+    before the root, torchtitan's layout), all-gather it through FSDP's own ``unshard()`` so that its weight is
+    the full, plain parameter the fused losses read outside its forward. It stays unsharded until the backward
+    ends: FSDP's root post-backward callback then runs this unit's post-backward (reduce-scatter of its
+    gradient, reshard), as for any unit whose forward did not run. No-op otherwise (with the head in the root
+    unit, the root's forward has gathered it)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return
+    get = getattr(_unwrap(model), "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if isinstance(head, FSDPModule):
+        head.unshard()
+
+
 def output_head(model: torch.nn.Module) -> OutputHead:
     """The output projection of a transformers causal LM (PEFT wrappers unwrapped), with the refusals every
     caller shares: no ``get_output_embeddings()``, a PEFT adapter on the output layer, an unknown logit scale."""
@@ -231,6 +248,39 @@ def _router_aux_loss_fn(model: torch.nn.Module):
 _OUTPUT_CLASS: list[type] = []
 
 
+def head_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The logits the unpatched forward would return for ``hidden`` [B, T, H]: the model's own output layer
+    (its forward, so FSDP / accelerate hooks apply), the family's logit scale and Gemma-2/3's soft-capping."""
+    logits = model.get_output_embeddings()(hidden)
+    scale = logit_scale_of(getattr(model, "config", None))
+    if scale != 1.0:
+        logits = logits * scale
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def _materialise_logits(out) -> None:
+    """Form ``out.logits`` from the kept hidden states (once; differentiable when they are)."""
+    model, hidden = object.__getattribute__(out, "_fastweight_hidden")
+    logits = head_logits(model, hidden)
+    object.__setattr__(out, "_fastweight_hidden", None)
+    out["logits"] = logits  # ModelOutput.__setitem__: the key and the attribute
+
+
+def _lazy_getattribute(self, name: str):
+    if name == "logits" and object.__getattribute__(self, "__dict__").get("_fastweight_hidden") is not None:
+        _materialise_logits(self)
+    return object.__getattribute__(self, name)
+
+
+def _lazy_getitem(self, key):
+    if key == "logits" and self.__dict__.get("_fastweight_hidden") is not None:
+        _materialise_logits(self)
+    return type(self).__mro__[1].__getitem__(self, key)
+
+
 def _output_class() -> type:
     """``FastweightCausalLMOutput``: transformers' MoE causal-LM output (loss, aux_loss, logits, cache, hidden
     states, attentions, router_logits) plus ``token_logprobs``, ``sequence_nll``, ``num_tokens``. Built on first
@@ -241,6 +291,7 @@ def _output_class() -> type:
         namespace = {"__annotations__": {f: "torch.Tensor | None" for f in EXTRA_FIELDS},
                      **{f: None for f in EXTRA_FIELDS}, "__module__": __name__,
                      "__qualname__": "FastweightCausalLMOutput"}
+        namespace.update(__getattribute__=_lazy_getattribute, __getitem__=_lazy_getitem)
         cls = dataclasses.dataclass(type("FastweightCausalLMOutput", (MoeCausalLMOutputWithPast,), namespace))
         globals()["FastweightCausalLMOutput"] = cls  # picklable by its module-level name
         _OUTPUT_CLASS.append(cls)
@@ -303,6 +354,7 @@ class FastweightForward:
         decoder = hf.get_decoder()
         outputs = decoder(**{k: v for k, v in call.items() if k not in _HEAD_ONLY})
         hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+        gather_output_layer(hf)  # FSDP2: an lm_head unit of its own is all-gathered first
         head = dict(output_head(hf).loss_kwargs(), backend=state.backend)
         if shift_labels is not None:  # transformers' pre-shifted labels (context parallelism)
             labels, head["shift"] = shift_labels, False
@@ -337,7 +389,9 @@ class FastweightForward:
         fields = {f.name for f in dataclasses.fields(cls)}
         items = outputs.items() if hasattr(outputs, "items") else ()
         passed = {k: v for k, v in items if k in fields and k not in ("loss", "logits", "aux_loss")}
-        return cls(loss=value, logits=None, **passed, **extra)
+        out = cls(loss=value, logits=None, **passed, **extra)
+        object.__setattr__(out, "_fastweight_hidden", (hf, hidden))  # for logits formed on access
+        return out
 
 
 def _check_causal_lm(hf: torch.nn.Module) -> None:
@@ -420,4 +474,5 @@ def is_patched(model: torch.nn.Module) -> bool:
     return getattr(_unwrap(model), _STATE, None) is not None
 
 
-__all__ = ["CALL_KEYWORDS", "EXTRA_FIELDS", "FastweightForward", "is_patched", "patch", "unpatch"]
+__all__ = ["CALL_KEYWORDS", "EXTRA_FIELDS", "FastweightForward", "gather_output_layer", "head_logits",
+           "is_patched", "patch", "unpatch"]

@@ -33,6 +33,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Literal, Mapping, get_args
 
 from fastweight.losses._input import token_logprobs
+from fastweight.losses.ce_u import ce_u_loss, pdu_loss
 from fastweight.losses.flat import DIVERGENCES, flat_loss, mean_token_prob
 from fastweight.losses.preference import (
     dpo_loss, idk_dpo_loss, npo_loss, sequence_nll, simnpo_loss, tnpo_loss, wtnpo_loss,
@@ -111,7 +112,7 @@ LOSSES: Mapping[str, LossSpec] = MappingProxyType({s.name: s for s in (
           formula="-mean_b(w_b) * mean_b(S_b), w_b = q_b^beta1 (1-q_b)^beta2"),
     _spec("satimp_hard", hard_sampling_loss, ("k", "sampling", "seed"), source=_SATIMP + " (hard sampling)",
           formula="-sum of ell_f over tokens beyond the quantile(ell_b, 1-k) threshold (topk: above)"),
-    _spec("npo", npo_loss, ("beta",), source="Zhang et al., 2024 (NPO)", needs_ref=True,
+    _spec("npo", npo_loss, ("beta", "empty_rows"), source="Zhang et al., 2024 (NPO)", needs_ref=True,
           formula="-(2/beta) mean_b log sigmoid(beta (S_b - S_b^ref))"),
     _spec("simnpo", simnpo_loss, ("beta", "gamma"), source="Fan et al., 2024 (SimNPO)",
           formula="-(2/beta) mean_b log sigmoid(beta (S_b / n_b - gamma))"),
@@ -123,13 +124,21 @@ LOSSES: Mapping[str, LossSpec] = MappingProxyType({s.name: s for s in (
           needs_ref=True, formula="-(2/beta) mean log sigmoid(beta ((S_f - S_f^ref) - (S_idk - S_idk^ref)))"),
     _spec("flat", flat_loss, ("divergence",), source="Wang et al., ICLR 2025 (FLAT); code UCSC-REAL/FLAT",
           formula="mean_b[-g(P_idk) + f*(g(P_f))], P = mean token probability"),
-    _spec("undial", undial_loss, ("beta",), source="Dong et al., 2024 (UNDIAL); open-unlearning", needs_ref=True,
+    _spec("undial", undial_loss, ("beta", "form"), source="Dong et al., 2024 (UNDIAL); open-unlearning",
+          needs_ref=True,
           formula="mean_t KL(softmax(z_ref - beta onehot(y)) || p_theta) over every position"),
     _spec("rmu", rmu_loss, ("alpha",), source="Li et al., 2024 (WMDP / RMU)", needs_ref=True, needs_retain=True,
           formula="MSE(h_l(x_f), c u) + alpha MSE(h_l(x_r), h_l^ref(x_r))",
           method={"steering_coef": inspect.signature(rmu_control_vector).parameters["steering_coef"].default,
                   "layer": 7, "trainable_layers": (5, 6, 7), "param_keys": ("mlp.down_proj",),
-                  "seed": 0, "mask_padding": True}, coefs=False),
+                  "seed": 0, "mask_padding": True, "convention": "wmdp", "gamma": 1.0, "trainable_regex": (".*",)},
+          coefs=False),
+    _spec("ceu", ce_u_loss, ("ignore_first_n",),
+          source="Yang et al., 2025 (CE-U, arXiv:2503.01224); open-unlearning",
+          formula="tokmean_{t > n}(LSE(z_t) - sum_{v != y} sg[softmax(z_t | z_y = -inf)]_v z_t,v)"),
+    _spec("pdu", pdu_loss, (), source="Entesari et al., 2025 (PDU, primal-dual unlearning); open-unlearning",
+          needs_retain=True, formula="tokmean_unshifted((max_v z_t - mean_v z_t)^2) + lambda (ell_r - eps)",
+          method={"retain_loss": "nll", "retain_eps": 0.0, "primal_dual": False, "dual_step_size": 1.0}),
     _spec("nll", nll_loss, (), source="cross-entropy (retain term)", formula="tokmean(ell_r)", is_method=False),
     _spec("kl", kl_loss, ("masked",), source="Maini et al., 2024 (TOFU KL); G-effect; open-unlearning",
           needs_ref=True, formula="batchmean_t KL(p_ref || p_theta)", is_method=False),
@@ -207,7 +216,8 @@ def get(name: str) -> LossSpec:
 
 __all__ = [
     "DIVERGENCES", "GRANULARITIES", "LOSSES", "LossSpec", "METHOD_NAMES", "RETAIN_LOSSES", "SAMPLINGS",
-    "dpo_loss", "flat_loss", "ga_loss", "hard_sampling_loss", "idk_dpo_loss", "kl_loss", "mean_token_prob",
+    "ce_u_loss", "dpo_loss", "pdu_loss",
+    "flat_loss", "ga_loss", "hard_sampling_loss", "idk_dpo_loss", "kl_loss", "mean_token_prob",
     "nll_loss", "npo_loss", "rmu_control_vector", "rmu_loss", "satimp_loss", "sequence_nll", "simimp_loss",
     "simnpo_loss", "tnpo_loss", "token_logprobs", "undial_loss", "wga_loss", "wtnpo_loss",
     "KTO_FORMS", "kto_loss", "llmu_loss", "npo_batch_loss", "npo_hard_loss", "positions_mean_nll",

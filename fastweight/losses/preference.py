@@ -86,11 +86,13 @@ def npo_loss(x: torch.Tensor, labels: torch.Tensor, ref_nll: torch.Tensor, *, be
              logit_scale: float = 1.0,
              reduction: str = "mean", shift: bool = False, ignore_index: int = IGNORE_INDEX,
              backend: str | None = "auto", check_finite: bool = False,
-             token_weights: torch.Tensor | None = None) -> torch.Tensor:
+             token_weights: torch.Tensor | None = None, empty_rows: str = "drop") -> torch.Tensor:
     """NPO ``-(2/beta) mean_b log sigmoid(beta * (S_b - S_b^ref))`` (Zhang et al., 2024; spec NPO).
 
     ref_nll: [B] sequence NLLs of the reference model on the same batch (detached; e.g. ``sequence_nll``
-    under ``torch.no_grad``). "mean" averages over sequences with at least one valid token.
+    under ``torch.no_grad``). "mean" averages over sequences with at least one valid token
+    (``empty_rows="drop"``) or over every sequence (``"keep"``: a sequence without one has S = S_ref = 0 and
+    contributes (2/beta) log 2, as open-unlearning's ``compute_dpo_loss``).
     With S == S_ref every sequence contributes ``(2/beta) log 2``.
     """
     check_number("beta", beta, low=0.0, low_open=True)
@@ -100,7 +102,9 @@ def npo_loss(x: torch.Tensor, labels: torch.Tensor, ref_nll: torch.Tensor, *, be
                         ignore_index=ignore_index, backend=backend, check_finite=check_finite,
                         token_weights=token_weights)
     ref = check_ref("ref_nll", ref_nll, S.shape, S.device).to(S.dtype)
-    return _neg_logsigmoid_loss(S - ref, beta, n > 0, reduction)
+    if empty_rows not in ("drop", "keep"):
+        raise ValueError(f"empty_rows must be 'drop' or 'keep', got {empty_rows!r}")
+    return _neg_logsigmoid_loss(S - ref, beta, (n > 0) | (empty_rows == "keep"), reduction)
 
 
 def simnpo_loss(x: torch.Tensor, labels: torch.Tensor, *, beta: float = 2.5, gamma: float = 0.0,

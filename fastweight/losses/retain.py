@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from fastweight._constants import IGNORE_INDEX
 from fastweight.losses._input import weighted_logprobs
+from fastweight.losses.ce_u import undial_target_entropy
 from fastweight.losses._seq import check_number, reduce_tokens
 from fastweight.losses._weights import check_token_weights, weigh
 from fastweight.ops._common import check_float_tensor, check_logit_scale, check_reduction, flatten_rows
@@ -173,7 +174,7 @@ def undial_loss(x: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, *, bet
                 ref_softcap: float | None = None, ref_logit_scale: float = 1.0, reduction: str = "mean",
                 shift: bool = False,
                 ignore_index: int = IGNORE_INDEX, backend: str | None = "auto", check_finite: bool = False,
-                token_weights: torch.Tensor | None = None) -> torch.Tensor:
+                token_weights: torch.Tensor | None = None, form: str = "kl") -> torch.Tensor:
     """UNDIAL self-distillation (Dong et al., 2024): match the reference with the forget token's logit lowered.
 
     Target ``q_t = softmax(z_ref[t] - beta * onehot(y_t))``; loss ``mean_t KL(q_t || p_theta,t)``. This
@@ -184,6 +185,9 @@ def undial_loss(x: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, *, bet
         last of each sequence), as open-unlearning's ``compute_undial_loss`` (``loss.mean()``); at a position
         whose label is ``ignore_index`` it lowers token ``ignore_index mod V`` (V - 100 for V >= 100), exactly
         as that code's indexing with -100 does (which fails for V < 100; fastweight keeps the modulo). True averages over valid labels only.
+    form: "kl" (default) ``KL(q || p)``; "ce" the soft-label cross-entropy ``-sum q log p`` = KL + H(q), the value
+        open-unlearning's ``compute_undial_loss`` reports (same gradient; H(q) from a chunked no-grad pass over
+        the reference, ``fastweight.losses.ce_u.undial_target_entropy``).
     Other arguments (``token_weights`` included) as in ``kl_loss`` (labels required).
     """
     check_number("beta", beta, low=0.0)
@@ -199,6 +203,12 @@ def undial_loss(x: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, *, bet
                            ignore_index=ignore_index,
                            masked=masked, ref_shift=float(beta), backend=backend, check_finite=check_finite,
                            every_labelled_slot=True)
+    if form not in ("kl", "ce"):
+        raise ValueError(f"form must be 'kl' or 'ce', got {form!r}")
+    if form == "ce":
+        kl = kl + undial_target_entropy(ref, labels, counted, beta=beta, ref_lm_head=ref_lm_head, ref_bias=ref_bias,
+                                        ref_softcap=ref_softcap, ref_logit_scale=ref_logit_scale, shift=shift,
+                                        ignore_index=ignore_index)
     return reduce_tokens(weigh(kl, tw), counted, reduction)
 
 

@@ -92,10 +92,72 @@ class FLATConfig(MethodConfig):
 
 
 @dataclass
+class NPOConfig(BetaConfig):
+    """empty_rows: "drop" (mean over rows with an answer token) or "keep" (mean over every row, a row without
+    one contributing (2/beta) log 2, as open-unlearning's ``compute_dpo_loss``)."""
+
+    empty_rows: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("empty_rows", self.empty_rows, ("drop", "keep"))
+
+
+@dataclass
+class UNDIALConfig(BetaConfig):
+    """form: "kl" reports KL(q || p), "ce" the soft-label cross-entropy (open-unlearning's value)."""
+
+    form: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("form", self.form, ("kl", "ce"))
+
+
+@dataclass
+class CEUConfig(MethodConfig):
+    ignore_first_n: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("ignore_first_n", self.ignore_first_n, low=0)
+
+
+@dataclass
+class PDUConfig(MethodConfig):
+    """retain_eps: the retain loss is shifted by -eps; primal_dual: after each call the retain weight becomes
+    max(0, weight + dual_step_size * (retain - eps)) (open-unlearning's per-step dual update)."""
+
+    retain_eps: float
+    primal_dual: bool
+    dual_step_size: float
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number("retain_eps", self.retain_eps)
+        check_number("dual_step_size", self.dual_step_size, low=0.0)
+        if not isinstance(self.primal_dual, bool):
+            raise ValueError(f"primal_dual must be a bool, got {self.primal_dual!r}")
+        if self.retain_loss == "none":
+            raise ValueError("PDU needs a retain term: retain_loss must be 'nll' or 'kl'")
+
+
+RMU_CONVENTIONS = ("wmdp", "open_unlearning")
+
+
+@dataclass
 class RMUConfig:
     """alpha: retain MSE weight; steering_coef: c; layer: decoder layer whose output is steered;
     trainable_layers / param_keys: only parameters of those layers whose name contains a key are trained;
-    seed: of the random direction u; mask_padding: average the MSEs over attention-mask positions only."""
+    seed: of the random direction u; mask_padding: average the MSEs over attention-mask positions only.
+    convention: "wmdp" (the above) or "open_unlearning" (their ``src/trainer/unlearn/rmu.py``, commit d3d7cf9):
+    positions with ``labels != -100`` (unshifted) count, each MSE is their per-sequence average as their code
+    computes it (``mean_b(S_b) * mean_b(1 / n_b)``, S_b the sum over counted positions of the mean over H, n_b
+    their count: the mean of S_b / n_b when the counts are equal; ``methods._per_sequence_mse``), the loss is
+    ``gamma * forget + alpha * retain``, the control vector is ``torch.rand(1, 1, H)`` from the *global* RNG
+    at the first call (normalised, times steering_coef; ``seed`` unused), and the trained parameters are
+    those whose name fully matches one of ``trainable_regex`` (``layer``'s trainable_layers/param_keys
+    unused). gamma / trainable_regex are only read under that convention."""
 
     alpha: float
     steering_coef: float
@@ -104,8 +166,17 @@ class RMUConfig:
     param_keys: tuple[str, ...]
     seed: int
     mask_padding: bool
+    convention: str
+    gamma: float
+    trainable_regex: tuple[str, ...]
 
     def __post_init__(self) -> None:
+        check_choice("convention", self.convention, RMU_CONVENTIONS)
+        check_number("gamma", self.gamma, low=0.0)
+        self.trainable_regex = (self.trainable_regex,) if isinstance(self.trainable_regex, str) else \
+            tuple(self.trainable_regex)
+        if not all(isinstance(k, str) and k for k in self.trainable_regex):
+            raise ValueError(f"trainable_regex must be non-empty regex strings, got {self.trainable_regex!r}")
         check_number("alpha", self.alpha, low=0.0)
         check_number("steering_coef", self.steering_coef, low=0.0)
         check_int("layer", self.layer, low=0)
@@ -122,8 +193,8 @@ class RMUConfig:
             raise ValueError(f"mask_padding must be a bool, got {self.mask_padding!r}")
 
 
-__all__ = ["BetaConfig", "FLATConfig", "HardSamplingConfig", "MethodConfig", "RMUConfig", "SatImpConfig",
-           "SimNPOConfig", "WTNPOConfig"]
+__all__ = ["BetaConfig", "CEUConfig", "FLATConfig", "HardSamplingConfig", "MethodConfig", "NPOConfig", "PDUConfig",
+           "RMUConfig", "RMU_CONVENTIONS", "SatImpConfig", "SimNPOConfig", "UNDIALConfig", "WTNPOConfig"]
 
 
 # Methods as released by the seeds' code (fastweight.losses.released); appended, same conventions.

@@ -33,6 +33,7 @@ form: it is always the micro-batch mean.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -44,12 +45,13 @@ from fastweight.losses import (
     undial_loss,
 )
 from fastweight._constants import IGNORE_INDEX
-from fastweight.integrations.transformers import output_head
+from fastweight.integrations.transformers import gather_output_layer, output_head
 from fastweight.losses._seq import check_number, valid_mask
 from fastweight.losses._weights import shift_weights
 from fastweight.ops._common import check_token_ids
 from fastweight.train.method_configs import (  # noqa: F401 - re-exported: the configs are part of this API
-    BetaConfig, FLATConfig, HardSamplingConfig, MethodConfig, RMUConfig, SatImpConfig, SimNPOConfig, WTNPOConfig,
+    BetaConfig, FLATConfig, HardSamplingConfig, MethodConfig, NPOConfig, RMUConfig, SatImpConfig, SimNPOConfig,
+    UNDIALConfig, WTNPOConfig,
 )
 
 # beta divides the loss (2 / beta) in these methods, so 0 is not a valid value there
@@ -142,6 +144,7 @@ def lm_forward(model, batch: dict, prefix: str = "") -> LMHidden:
     input_ids = _batch_get(batch, "input_ids", prefix)
     attention_mask = batch.get(prefix + "attention_mask")
     check_token_ids(prefix + "input_ids", input_ids, _vocab_size(model))
+    gather_output_layer(model)  # FSDP2: an lm_head unit of its own is all-gathered first
     head = output_head(model)  # the one reader of the head (weight, bias, softcap, logit scale, refusals)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     if decoder is not None and decoder is not model:
@@ -311,6 +314,16 @@ def _mean_weight(w: torch.Tensor, labels: torch.Tensor) -> float:
     return _f(w.float().mean())
 
 
+def warn_empty_rows(method: str, labels: torch.Tensor, treatment: str, prefix: str = "") -> None:
+    """Warn, naming the rows, when forget sequences have no valid (shifted) answer token: their sequence-level
+    terms (NPO's, SimNPO's S_b / n_b) are undefined there (open-unlearning's SimNPO gives NaN)."""
+    empty = ~valid_mask(labels, True, IGNORE_INDEX).any(-1)
+    if bool(empty.any()):
+        rows = empty.nonzero().flatten().tolist()
+        warnings.warn(f"{method}: forget batch {prefix}row(s) {rows} have no answer token (every shifted label is "
+                      f"{IGNORE_INDEX}); {treatment}", RuntimeWarning, stacklevel=3)
+
+
 class TokenLossMethod(UnlearnMethod):
     """GA, GD, WGA, SimImp, SatImp (all granularities): ``spec.fn(hidden, labels, **hparams)`` on the forget batch."""
 
@@ -352,12 +365,20 @@ class NPOMethod(UnlearnMethod):
     forget_unit = "sequences"
     table_ref = True
 
+    def count_units(self, batch: dict, which: str = "forget") -> int:
+        if which == "forget" and self.config.empty_rows == "keep":
+            return int(_batch_get(batch, "labels").shape[0])
+        return super().count_units(batch, which)
+
     def forget_term(self, model, forget, ref_model, reduction="mean"):
         labels = _batch_get(forget, "labels")
+        keep = self.config.empty_rows == "keep"
+        warn_empty_rows("npo", labels, "counted with S = S_ref = 0, i.e. (2/beta) log 2, as open-unlearning"
+                        if keep else "left out of the mean (empty_rows='drop')")
         ref_nll = ref_sequence_nll(ref_model, forget)
         out = lm_forward(model, forget)
         return npo_loss(out.hidden, labels, ref_nll, beta=self.config.beta, shift=True, reduction=reduction,
-                        token_weights=batch_weights(forget), **out.head()), {}
+                        token_weights=batch_weights(forget), empty_rows=self.config.empty_rows, **out.head()), {}
 
 
 class SimNPOMethod(UnlearnMethod):
@@ -367,6 +388,8 @@ class SimNPOMethod(UnlearnMethod):
 
     def forget_term(self, model, forget, ref_model, reduction="mean"):
         labels = _batch_get(forget, "labels")
+        warn_empty_rows("simnpo", labels, "left out of the mean (S_b / n_b is 0 / 0 there; open-unlearning gives "
+                        "a NaN loss)")
         out = lm_forward(model, forget)
         cfg = self.config
         return simnpo_loss(out.hidden, labels, beta=cfg.beta, gamma=cfg.gamma, shift=True, reduction=reduction,
@@ -437,7 +460,7 @@ class UNDIALMethod(UnlearnMethod):
             ref = lm_forward(ref_model, forget)
         out = lm_forward(model, forget)
         slots = reduction == "sum"  # the trainer's global normalisation: sequence slots only, no batch padding
-        loss = undial_loss(out.hidden, ref.hidden, labels, beta=self.config.beta, shift=True,
+        loss = undial_loss(out.hidden, ref.hidden, labels, beta=self.config.beta, shift=True, form=self.config.form,
                            reduction="none" if slots else reduction, **out.head(), **ref.ref_head())
         return ((loss * sequence_positions(forget, slots=True)).sum() if slots else loss), {}
 
@@ -473,6 +496,18 @@ def layer_output(model: torch.nn.Module, batch: dict, layer: int) -> torch.Tenso
     return captured[0]
 
 
+def _per_sequence_mse(h: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """open-unlearning's ``compute_activation_loss`` (``src/trainer/unlearn/rmu.py``, d3d7cf9) as it computes:
+    per sequence b the sum S_b over positions with labels != -100 of the mean over H of (h - target)^2, and the
+    counts n_b; their ``S / n.sum(-1, keepdim=True)`` broadcasts [B] against [B, 1] to a [B, B] matrix whose
+    mean is ``mean_b(S_b) * mean_b(1 / n_b)`` -- the per-sequence mean ``mean_b(S_b / n_b)`` whenever every
+    sequence has the same count (a sequence with none: n_b clamped to 1 here, inf/NaN there)."""
+    mask = (labels != IGNORE_INDEX).to(h.device)
+    sq = (h.float() - target.float()).pow(2).mean(-1)
+    per_seq = torch.where(mask, sq, 0.0).sum(-1)
+    return per_seq.mean() * (1.0 / mask.sum(-1).clamp(min=1).float()).mean()
+
+
 class RMUMethod(UnlearnMethod):
     """RMU: steer layer ``layer`` on forget data to ``c * u``, hold it at the reference on retain data."""
 
@@ -484,6 +519,8 @@ class RMUMethod(UnlearnMethod):
         self.control: torch.Tensor | None = None
 
     def trainable(self, param_name: str) -> bool:
+        if self.config.convention == "open_unlearning":
+            return any(re.fullmatch(p, param_name) for p in self.config.trainable_regex)
         m = _LAYER_RE.search(param_name)
         return (m is not None and int(m.group(1)) in self.config.trainable_layers
                 and any(k in param_name for k in self.config.param_keys))
@@ -492,6 +529,8 @@ class RMUMethod(UnlearnMethod):
                  norm: dict[str, float] | None = None) -> MethodOutput:
         self._check(retain, ref_model)  # norm is ignored: RMU's MSEs are micro-batch means ("local")
         cfg = self.config
+        if cfg.convention == "open_unlearning":
+            return self._open_unlearning(model, forget, retain, ref_model)
         h_f = layer_output(model, forget, cfg.layer)
         if self.control is None or self.control.shape[-1] != h_f.shape[-1]:
             self.control = rmu_control_vector(h_f.shape[-1], steering_coef=cfg.steering_coef, seed=cfg.seed)
@@ -505,6 +544,21 @@ class RMUMethod(UnlearnMethod):
                                          return_terms=True, **masks)
         return MethodOutput(total, {"forget_loss": _f(f_term), "retain_loss": _f(r_term), "loss": _f(total)})
 
+    def _open_unlearning(self, model, forget, retain, ref_model) -> MethodOutput:
+        cfg = self.config
+        h_f = layer_output(model, forget, cfg.layer)
+        if self.control is None:  # their get_control_vector: the global RNG, drawn once, at the first step
+            u = torch.rand(1, 1, h_f.shape[-1])
+            self.control = (u / torch.norm(u) * cfg.steering_coef).reshape(-1)
+        f_term = _per_sequence_mse(h_f, self.control.to(h_f.device, h_f.dtype).expand_as(h_f),
+                                   _batch_get(forget, "labels"))
+        h_r = layer_output(model, retain, cfg.layer)
+        with torch.no_grad():
+            h_ref = layer_output(ref_model, retain, cfg.layer)
+        r_term = _per_sequence_mse(h_r, h_ref.to(h_r.device).detach(), _batch_get(retain, "labels"))
+        total = cfg.gamma * f_term + cfg.alpha * r_term
+        return MethodOutput(total, {"forget_loss": _f(f_term), "retain_loss": _f(r_term), "loss": _f(total)})
+
 
 _CLASSES: dict[str, tuple[type, type]] = {
     "ga": (TokenLossMethod, MethodConfig), "gd": (TokenLossMethod, MethodConfig),
@@ -512,15 +566,25 @@ _CLASSES: dict[str, tuple[type, type]] = {
     "satimp": (TokenLossMethod, SatImpConfig), "satimp_instance": (TokenLossMethod, SatImpConfig),
     "satimp_group": (TokenLossMethod, SatImpConfig), "satimp_batch": (TokenLossMethod, SatImpConfig),
     "satimp_hard": (HardSamplingMethod, HardSamplingConfig),
-    "npo": (NPOMethod, BetaConfig), "simnpo": (SimNPOMethod, SimNPOConfig),
+    "npo": (NPOMethod, NPOConfig), "simnpo": (SimNPOMethod, SimNPOConfig),
     "tnpo": (TNPOMethod, BetaConfig), "wtnpo": (WTNPOMethod, WTNPOConfig),
     "idkdpo": (IdkDPOMethod, BetaConfig), "flat": (FLATMethod, FLATConfig),
-    "undial": (UNDIALMethod, BetaConfig), "rmu": (RMUMethod, RMUConfig),
+    "undial": (UNDIALMethod, UNDIALConfig), "rmu": (RMUMethod, RMUConfig),
 }
 # Methods as released by the seeds' code: their classes live in methods_released (imported here, after the
 # classes above that they build on).
 from fastweight.train.methods_released import released_method_classes  # noqa: E402
 _CLASSES.update(released_method_classes())
+
+
+def _classes() -> dict[str, tuple[type, type]]:
+    """The method table, with the whole-logit-row methods of ``methods_logit`` (CE-U, PDU) added on first use
+    (that module subclasses ``UnlearnMethod``, so it is imported after this one)."""
+    if "ceu" not in _CLASSES:
+        from fastweight.train.methods_logit import CLASSES
+
+        _CLASSES.update(CLASSES)
+    return _CLASSES
 
 
 def build_method(name: str, **overrides: Any) -> UnlearnMethod:
@@ -529,7 +593,7 @@ def build_method(name: str, **overrides: Any) -> UnlearnMethod:
     Unknown names, unknown override keys and invalid values raise ValueError naming the argument.
     """
     spec = get(name)
-    if name not in _CLASSES:
+    if name not in _classes():
         raise ValueError(f"{name!r} is a regulariser, not an unlearning method; methods: {', '.join(METHODS)}")
     cls, cfg_cls = _CLASSES[name]
     known = {f.name for f in fields(cfg_cls)}
