@@ -133,5 +133,33 @@ def test_eval_stats(benchmark, provider, shape):
                                 device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
 
 
+def table(path: str) -> str:
+    """The Markdown table of a ``--benchmark-json`` file of this module: time (best of the timed rounds) and
+    peak extra memory per size, fused against the logits path."""
+    with open(path) as f:
+        data = json.load(f)
+    rows: dict[str, dict[str, dict]] = {}
+    for b in data["benchmarks"]:
+        if not b["name"].startswith("test_eval_stats["):
+            continue
+        shape, provider = b["name"][len("test_eval_stats["):-1].split("-")
+        rows.setdefault(shape, {})[provider] = b
+    out = ["| size | logits [N, V] | fused time | logits-path time | time ratio | fused peak | logits-path peak | "
+           "memory ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    mib = 2 ** 20
+    for shape, pr in rows.items():
+        f, lg = pr["fused"], pr["logits"]
+        s = SHAPES[shape]
+        ft, lt = f["stats"]["min"], lg["stats"]["min"]
+        fm, lm = f["extra_info"]["peak_extra_bytes"], lg["extra_info"]["peak_extra_bytes"]
+        out.append(f"| N={s.n}, H={s.h}, V={s.v} | {f['extra_info']['logits_bytes'] / mib:.0f} MiB | {ft:.2f} s | "
+                   f"{lt:.2f} s | {ft / lt:.2f}x | {fm / mib:.0f} MiB | {lm / mib:.0f} MiB | {fm / lm:.2f}x |")
+    cpu = data.get("machine_info", {}).get("cpu", {}).get("brand_raw", "?")
+    return "\n".join(out) + f"\n\nMeasured on {cpu}, {data['benchmarks'][0]['extra_info'].get('threads')} threads."
+
+
 if __name__ == "__main__":
-    print(json.dumps(_child(sys.argv[1], sys.argv[2])))
+    if sys.argv[1] == "table":
+        print(table(sys.argv[2]))
+    else:
+        print(json.dumps(_child(sys.argv[1], sys.argv[2])))
