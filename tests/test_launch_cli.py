@@ -121,9 +121,8 @@ def _assert_clean(out: Path) -> None:
 @pytest.mark.slow
 def test_tofu_ddp_two_processes_equal_one_process(tiny, one_process, tmp_path):
     out = tmp_path / "out"
-    proc = _run(_launch_cmd(DDP, "examples/tofu_unlearn.py", ["--model", tiny, "--cache-dir", str(tmp_path / "cache"),
-                                                     "--output-dir", str(out), *DATA, *TWO]),
-                env={"ACCELERATE_USE_CPU": "true"})
+    args = ["--model", tiny, "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(out), *DATA, *TWO]
+    proc = _run(_launch_cmd(DDP, "examples/tofu_unlearn.py", args), env={"ACCELERATE_USE_CPU": "true"})
     _assert_clean(out)
     _assert_same_results(out, one_process)
     assert proc.stdout.count("| forget_es |") == 1  # one table printed: the main process's
@@ -136,8 +135,8 @@ def test_tofu_zero3_hf_auto_config_two_processes_equal_one_process(tiny, one_pro
     one process each fill the "auto" values again."""
     pytest.importorskip("deepspeed")
     out = tmp_path / "out"
-    _run(_launch_cmd(_zero3(tmp_path), "examples/tofu_unlearn.py", ["--model", tiny, "--cache-dir", str(tmp_path / "cache"),
-                                                           "--output-dir", str(out), *DATA, *TWO]))
+    args = ["--model", tiny, "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(out), *DATA, *TWO]
+    _run(_launch_cmd(_zero3(tmp_path), "examples/tofu_unlearn.py", args))
     _assert_clean(out)
     _assert_same_results(out, one_process)
 
@@ -203,9 +202,10 @@ def test_tofu_ddp_resume_after_killing_launcher_and_workers(tiny, one_process, t
     groups), which docs/scale.md says; the test checks that and then kills the workers by pid."""
     out, cache = tmp_path / "out", tmp_path / "cache"
     args = ["--model", tiny, "--cache-dir", str(cache), "--output-dir", str(out), *DATA, *TWO]
-    launcher = subprocess.Popen(_launch_cmd(DDP, "examples/tofu_unlearn.py", args), cwd=ROOT, start_new_session=True,
-                                env={**ENV, "ACCELERATE_USE_CPU": "true"}, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+    launcher = subprocess.Popen(_launch_cmd(DDP, "examples/tofu_unlearn.py", args), cwd=ROOT,
+                                start_new_session=True, env={**ENV, "ACCELERATE_USE_CPU": "true"},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
     try:
         deadline = time.time() + 500
         while not list((out / "checkpoints").glob("step-*")):
@@ -220,7 +220,7 @@ def test_tofu_ddp_resume_after_killing_launcher_and_workers(tiny, one_process, t
         assert all(_alive(w) for w in workers)  # orphaned, still running
         assert all(os.getpgid(w) != launcher.pid for w in workers)  # not in the launcher's process group
     finally:
-        for w in _children(launcher.pid) + locals().get("workers", []):
+        for w in _children(launcher.pid) + workers:  # whatever happened above: no process is left running
             try:
                 os.kill(w, signal.SIGKILL)
             except ProcessLookupError:

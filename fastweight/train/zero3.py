@@ -85,7 +85,7 @@ def gathered_forwards(model, whole: bool = False):
     """Forwards of a ZeRO-3-partitioned ``model`` outside an engine (see the module docstring); a no-op for an
     unpartitioned model or one already inside an engine. ``whole=True`` gathers every parameter for the whole
     block instead (for gradients with respect to the weights, e.g. the gradient-norm membership attack)."""
-    if not is_partitioned(model) or in_engine(model):
+    if not hasattr(model, "parameters") or not is_partitioned(model) or in_engine(model):
         yield model
         return
     import deepspeed
