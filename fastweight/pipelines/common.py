@@ -417,6 +417,20 @@ def finetune_cached(base, tokenizer, dataset, cfg: BaseConfig, folder: Path, key
     return res.model
 
 
+def evaluable(model, tokenizer, cfg: BaseConfig, out: Path):
+    """The trained ``model`` as evaluation reads it. Inside a ZeRO-3 engine (partitioned, the engine's hooks
+    gathering per module) the fused evaluation cannot read the output layer's weight outside a forward, so a
+    fresh partitioned copy of the final weights the engine gathered (``out/model.safetensors``) is loaded
+    from ``out/final-model`` instead; any other model is returned as is."""
+    if not _zero3.in_engine(model):
+        return model
+    folder = out / "final-model"
+    if is_main():
+        _save_gathered_copy(model, tokenizer, out / "model.safetensors", folder)
+    barrier()
+    return load_model(str(folder), cfg.torch_dtype)[0]
+
+
 def _save_gathered_copy(model, tokenizer, weights: Path, folder: Path) -> None:
     """A ``save_pretrained``-style folder from a partitioned model's config and the full weights the engine
     gathered (``weights``), written through a temporary sibling and a rename."""
@@ -431,6 +445,8 @@ def _save_gathered_copy(model, tokenizer, weights: Path, folder: Path) -> None:
         model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     shutil.copyfile(weights, tmp / "model.safetensors")
+    if folder.exists():
+        shutil.rmtree(folder)  # this run's own earlier copy (evaluable) or a stale cache entry moved aside above
     os.replace(tmp, folder)
 
 
@@ -546,7 +562,7 @@ def warn(msg: str) -> None:
 
 
 __all__ = ["barrier", "BaseConfig", "check_before_loading", "check_model_spec", "check_report_to", "check_writable",
-           "data_fingerprint", "during_from_history", "EMBEDDED", "eval_hook", "finetune_cached", "fingerprint",
+           "data_fingerprint", "during_from_history", "EMBEDDED", "eval_hook", "evaluable", "finetune_cached", "fingerprint",
            "ft_key", "gathered_forwards", "git_commit", "is_main", "load_model", "main_first", "markdown_table",
            "model_fingerprint", "OutputDir", "PipelineWarning", "provenance", "repair_log", "Reporter",
            "resolve_method_args", "Results", "step_hook", "train_key", "unlearn_train_config", "warn"]

@@ -235,8 +235,10 @@ def run(cfg: MuseConfig) -> C.Results:
         history = res.history
         print(f"[{cfg.method}] {res.global_step} steps in {time.time() - t0:.0f} s")
         folder = outdir.keyed("eval/unlearned", {**eval_key, "unlearn": unlearn_key, "retrain_auc": retrain_auc})
-        after = evaluate_muse(res.model, tokenizer, data, ecfg, output_dir=folder, retrain_auc=retrain_auc) | \
-            membership_attacks(res.model, tokenizer, data, folder=folder, **mia)
+        final = C.evaluable(res.model, tokenizer, cfg, out)
+        with C.gathered_forwards(final, whole="gradnorm" in cfg.attacks):
+            after = evaluate_muse(final, tokenizer, data, ecfg, output_dir=folder, retrain_auc=retrain_auc) | \
+                membership_attacks(final, tokenizer, data, folder=folder, **mia)
         reporter.log(after, res.global_step, "eval/unlearned")
         columns = {"target (before)": columns.pop("target (before)"), f"{cfg.method} (after)": after, **columns}
         if history and C.is_main():

@@ -266,7 +266,8 @@ def run(cfg: TofuConfig) -> C.Results:
         history, g_effect = res.history, res.g_effect
         print(f"[{cfg.method}] {res.global_step} steps in {time.time() - t0:.0f} s")
         folder = outdir.keyed("eval/unlearned", {**eval_key, "unlearn": unlearn_key, "retain": retain_tr is not None})
-        after = _evaluate(res.model, tokenizer, sets, ecfg, folder, retain_tr, cfg.method)
+        after = _evaluate(C.evaluable(res.model, tokenizer, cfg, out), tokenizer, sets, ecfg, folder, retain_tr,
+                          cfg.method)
         reporter.log(after, res.global_step, "eval/unlearned")
         columns = {"target (before)": columns.pop("target (before)"), f"{cfg.method} (after)": after, **columns}
         if history and C.is_main():

@@ -186,7 +186,9 @@ def run(cfg: WmdpConfig) -> C.Results:
         history = res.history
         print(f"[{cfg.method}] {res.global_step} steps in {time.time() - t0:.0f} s")
         folder = outdir.keyed("eval/unlearned", {**eval_key, "unlearn": unlearn_key})
-        columns[f"{cfg.method} (after)"] = evaluate_mcq_sets(res.model, tokenizer, sets, ecfg, output_dir=folder)
+        final = C.evaluable(res.model, tokenizer, cfg, out)
+        with C.gathered_forwards(final):
+            columns[f"{cfg.method} (after)"] = evaluate_mcq_sets(final, tokenizer, sets, ecfg, output_dir=folder)
         reporter.log(columns[f"{cfg.method} (after)"], res.global_step, "eval/unlearned")
         if history and C.is_main():
             plots.append(str(plot_training(history, out / "training.png",

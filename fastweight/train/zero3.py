@@ -80,45 +80,90 @@ def in_engine(model) -> bool:
     return hasattr(model, "ds_id") or any(hasattr(m, "ds_id") for m in model.modules())
 
 
+def _head_weight(model):
+    """The output layer's weight, which the fused evaluation reads outside any forward (None without one)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if get is not None else None
+    w = getattr(head, "weight", None)
+    return w if hasattr(w, "ds_id") else None
+
+
+@contextmanager
+def _head_gathered(model):
+    """The output layer's weight whole for the block: the fused evaluation (``lm_forward`` + fused statistics)
+    reads it outside the layer's forward. Marked persistent meanwhile, so an engine's hooks (a tied input
+    embedding's forward) do not partition it again under the reader."""
+    w = _head_weight(model)
+    if w is None:
+        yield set()
+        return
+    import deepspeed
+
+    persist = w.ds_persist
+    with deepspeed.zero.GatheredParameters([w]):
+        w.ds_persist = True
+        _forget_release_plans()
+        try:
+            yield {id(w)}
+        finally:
+            w.ds_persist = persist
+            _forget_release_plans()
+
+
+def _forget_release_plans() -> None:
+    """An engine caches which parameters each module releases after its forward (per step, computed before
+    ``ds_persist`` changed): drop that cache so the change is seen (DeepSpeed's coordinator, private name)."""
+    from deepspeed.runtime.zero import partitioned_param_coordinator as ppc
+
+    plan = getattr(ppc.PartitionedParameterCoordinator, "_PartitionedParameterCoordinator__params_to_release", None)
+    if hasattr(plan, "cache_clear"):
+        plan.cache_clear()
+
+
 @contextmanager
 def gathered_forwards(model, whole: bool = False):
-    """Forwards of a ZeRO-3-partitioned ``model`` outside an engine (see the module docstring); a no-op for an
-    unpartitioned model or one already inside an engine. ``whole=True`` gathers every parameter for the whole
-    block instead (for gradients with respect to the weights, e.g. the gradient-norm membership attack)."""
-    if not hasattr(model, "parameters") or not is_partitioned(model) or in_engine(model):
+    """Forwards of a ZeRO-3-partitioned ``model`` outside an engine (see the module docstring); for a model
+    inside an engine only the output layer's weight is gathered (the engine's hooks do the rest); a no-op for an
+    unpartitioned model. ``whole=True`` gathers every parameter for the whole block instead (for gradients with
+    respect to the weights, e.g. the gradient-norm membership attack)."""
+    if not hasattr(model, "parameters") or not is_partitioned(model):
         yield model
         return
     import deepspeed
 
     GatheredParameters = deepspeed.zero.GatheredParameters
-
+    if in_engine(model):
+        with _head_gathered(model):
+            yield model
+        return
     if whole:
         with GatheredParameters(list(model.parameters())):
             yield model
         return
-
     stacks: dict[int, list[ExitStack]] = {}
 
     def pre(module, _args):
-        own = list(module.parameters(recurse=False))
         stack = ExitStack()
-        stack.enter_context(GatheredParameters(own))
+        own = [p for p in module.parameters(recurse=False) if id(p) not in keep]
+        if own:
+            stack.enter_context(GatheredParameters(own))
         stacks.setdefault(id(module), []).append(stack)
 
     def post(module, _args, _out):
         stacks[id(module)].pop().close()
 
     handles = []
-    for m in model.modules():
-        if any(True for _ in m.parameters(recurse=False)):
-            handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
-    try:
-        yield model
-    finally:
-        for h in handles:
-            h.remove()
-        for stack in (s for ss in stacks.values() for s in ss):
-            stack.close()
+    with _head_gathered(model) as keep:
+        for m in model.modules():
+            if any(True for _ in m.parameters(recurse=False)):
+                handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+        try:
+            yield model
+        finally:
+            for h in handles:
+                h.remove()
+            for stack in (s for ss in stacks.values() for s in ss):
+                stack.close()
 
 
 def local_and_full_numel(model) -> tuple[int, int]:
