@@ -91,51 +91,31 @@ def _head_weight(model):
 @contextmanager
 def _head_gathered(model):
     """The output layer's weight whole for the block: the fused evaluation (``lm_forward`` + fused statistics)
-    reads it outside the layer's forward. Marked persistent meanwhile, so an engine's hooks (a tied input
-    embedding's forward) do not partition it again under the reader."""
+    reads it outside the layer's forward. Yields the ids of the parameters it holds gathered."""
     w = _head_weight(model)
     if w is None:
         yield set()
         return
     import deepspeed
 
-    persist = w.ds_persist
     with deepspeed.zero.GatheredParameters([w]):
-        w.ds_persist = True
-        _forget_release_plans()
-        try:
-            yield {id(w)}
-        finally:
-            w.ds_persist = persist
-            _forget_release_plans()
-
-
-def _forget_release_plans() -> None:
-    """An engine caches which parameters each module releases after its forward (per step, computed before
-    ``ds_persist`` changed): drop that cache so the change is seen (DeepSpeed's coordinator, private name)."""
-    from deepspeed.runtime.zero import partitioned_param_coordinator as ppc
-
-    plan = getattr(ppc.PartitionedParameterCoordinator, "_PartitionedParameterCoordinator__params_to_release", None)
-    if hasattr(plan, "cache_clear"):
-        plan.cache_clear()
+        yield {id(w)}
 
 
 @contextmanager
 def gathered_forwards(model, whole: bool = False):
-    """Forwards of a ZeRO-3-partitioned ``model`` outside an engine (see the module docstring); for a model
-    inside an engine only the output layer's weight is gathered (the engine's hooks do the rest); a no-op for an
-    unpartitioned model. ``whole=True`` gathers every parameter for the whole block instead (for gradients with
-    respect to the weights, e.g. the gradient-norm membership attack)."""
-    if not hasattr(model, "parameters") or not is_partitioned(model):
+    """Forwards of a ZeRO-3-partitioned ``model`` outside an engine (see the module docstring), the output
+    layer's weight held whole for the block (the fused evaluation reads it outside a forward); a no-op for an
+    unpartitioned model or one inside an engine (whose hooks gather per module, but which cannot keep the output
+    weight whole: the pipelines evaluate a trained model as a fresh partitioned copy, ``common.evaluable``).
+    ``whole=True`` gathers every parameter for the whole block instead (for gradients with respect to the
+    weights, e.g. the gradient-norm membership attack)."""
+    if not hasattr(model, "parameters") or not is_partitioned(model) or in_engine(model):
         yield model
         return
     import deepspeed
 
     GatheredParameters = deepspeed.zero.GatheredParameters
-    if in_engine(model):
-        with _head_gathered(model):
-            yield model
-        return
     if whole:
         with GatheredParameters(list(model.parameters())):
             yield model
