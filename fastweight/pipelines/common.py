@@ -563,6 +563,6 @@ def warn(msg: str) -> None:
 
 __all__ = ["barrier", "BaseConfig", "check_before_loading", "check_model_spec", "check_report_to", "check_writable",
            "data_fingerprint", "during_from_history", "EMBEDDED", "eval_hook", "evaluable", "finetune_cached",
-           "fingerprint", "ft_key", "gathered_forwards", "git_commit", "is_main", "load_model", "main_first", "markdown_table",
-           "model_fingerprint", "OutputDir", "PipelineWarning", "provenance", "repair_log", "Reporter",
+           "fingerprint", "ft_key", "gathered_forwards", "git_commit", "is_main", "load_model", "main_first",
+           "markdown_table", "model_fingerprint", "OutputDir", "PipelineWarning", "provenance", "repair_log", "Reporter",
            "resolve_method_args", "Results", "step_hook", "train_key", "unlearn_train_config", "warn"]
