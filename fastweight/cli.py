@@ -26,7 +26,7 @@ CACHE_TEXT = "list or clear the cache of generated data and fine-tuned models (s
 
 
 def usage() -> str:
-    width = max(map(len, COMMANDS))
+    width = max(map(len, [*COMMANDS, "cache"]))
     lines = ["usage: fastweight <command> [options]   (fastweight <command> --help lists every option)", "",
              "commands:"]
     lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
