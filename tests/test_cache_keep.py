@@ -130,6 +130,7 @@ def _files(out: Path) -> list[str]:
     return sorted(str(p.relative_to(out / "checkpoints")) for p in (out / "checkpoints").rglob("*") if p.is_file())
 
 
+@pytest.mark.slow  # a TOFU run each (and a resumed one): 4-26 s on the loaded 2-core machine
 @pytest.mark.parametrize("keep", ["final", "last", "none"])
 def test_keep_modes(tiny, shared_cache, tmp_path, keep):
     out = tmp_path / "out"
