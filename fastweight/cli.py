@@ -3,6 +3,7 @@
     fastweight tofu [options]    # = python examples/tofu_unlearn.py [options]
     fastweight muse [options]
     fastweight wmdp [options]
+    fastweight cache list|clear  # the cache of generated data and fine-tuned models (pipelines/cache.py)
     fastweight <command> --help  # every option with its choices and default
 
 Each subcommand parses its options into the pipeline's config dataclass (``fastweight.pipelines.<name>``),
@@ -21,11 +22,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+CACHE_TEXT = "list or clear the cache of generated data and fine-tuned models (sizes, what produced them)"
+
+
 def usage() -> str:
-    width = max(map(len, COMMANDS))
+    width = max(map(len, [*COMMANDS, "cache"]))
     lines = ["usage: fastweight <command> [options]   (fastweight <command> --help lists every option)", "",
              "commands:"]
     lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines.append(f"  {'cache':<{width}}  {CACHE_TEXT}")
     return "\n".join(lines)
 
 
@@ -41,8 +46,15 @@ def main(argv: list[str] | None = None) -> int:
         print("fastweight", version("fastweight"))
         return 0
     name, rest = argv[0], argv[1:]
+    if name == "cache":
+        from fastweight.pipelines.cache import main as cache_main
+
+        try:
+            return cache_main(rest)
+        except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+            return e.code if isinstance(e.code, int) else 2
     if name not in COMMANDS:
-        print(f"fastweight: error: unknown command {name!r}; choose from {', '.join(COMMANDS)} (see --help)",
+        print(f"fastweight: error: unknown command {name!r}; choose from {', '.join([*COMMANDS, 'cache'])} (see --help)",
               file=sys.stderr)
         return 2
     from fastweight.pipelines.config import cli_main

@@ -29,8 +29,12 @@ from typing import Any, ClassVar, Mapping, Sequence
 from fastweight.data.schema import SEED_MAX, number
 from fastweight.pipelines import runfolder
 from fastweight.pipelines.runfolder import check_before_loading, check_writable
+from fastweight.pipelines.cache import resolve_cache_dir
+from fastweight.pipelines.retention import KEEP_MODES, apply_keep
 from fastweight.pipelines.config import MixedPrecision, ReportTo, TorchDtype, opt
 from fastweight.pipelines.ranks import barrier, is_main, main_first
+from fastweight.pipelines.config import Keep
+from fastweight.pipelines.crashed import crash_report
 from fastweight.train.zero3 import gathered_forwards
 from fastweight.pipelines.tracking import Reporter, check_report_to, during_from_history, eval_hook, step_hook
 from fastweight.train import models as _models
@@ -91,7 +95,12 @@ class BaseConfig:
     seed: int = opt(0, "seed")
     mixed_precision: MixedPrecision = opt("no", "mixed precision of fine-tuning and unlearning")
     output_dir: str = opt("runs/unlearn", "results folder (must be empty or new unless --resume/--overwrite)")
-    cache_dir: str = opt("runs/cache", "generated data and fine-tuned models, keyed by content fingerprints")
+    cache_dir: str | None = opt(None, "generated data and fine-tuned models, keyed by content fingerprints; "
+                                      "default: $FASTWEIGHT_CACHE_DIR, else the user cache folder "
+                                      "(~/.cache/fastweight on Linux; see `fastweight cache list`)")
+    keep: Keep = opt("final", "weights kept once the run has finished: final = the final unlearned weights "
+                              "(what --resume needs to re-evaluate), no optimizer state; last = the whole last "
+                              "training checkpoint; none = no weights (results only)")
     resume: bool = opt(False, "continue the run in --output-dir (a folder a fastweight run of this benchmark "
                               "created): unlearning checkpoint and evaluations are reused only when their "
                               "fingerprints match this configuration")
@@ -157,9 +166,12 @@ class BaseConfig:
                              "gradients; load with --torch-dtype bf16 (or fp32)")
         if not isinstance(self.gradient_checkpointing, bool):
             raise TypeError(f"gradient_checkpointing must be a bool, got {self.gradient_checkpointing!r}")
+        self.cache_dir = resolve_cache_dir(self.cache_dir)  # absolute: found again from any working directory
         for name in ("model", "method", "output_dir", "cache_dir"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if self.keep not in KEEP_MODES:
+            raise ValueError(f"keep must be one of {', '.join(KEEP_MODES)}, got {self.keep!r}")
 
 
 def _check_int(name: str, v: Any, low: int) -> None:
@@ -289,6 +301,8 @@ class OutputDir:
     def check(self) -> None:
         """Raise (without touching anything) when the folder cannot be used as configured."""
         p = self.path
+        if not (self.resume or self.overwrite) and (crashed := crash_report(p)) is not None:
+            raise ValueError(crashed)  # instead of "not empty": where it stopped, how to go on (crashed.py)
         if p.exists() and not p.is_dir():
             raise ValueError(f"--output-dir {str(p)!r} exists and is not a folder")
         runfolder.check_reuse(p, self.kind, resume=self.resume, overwrite=self.overwrite, inputs=self.inputs)
@@ -364,8 +378,13 @@ class OutputDir:
             self._say(f"--resume: no unlearning checkpoint in {p}; unlearning starts from the target model")
         return has
 
-    def finish(self, results: Mapping[str, Any]) -> Path:
+    def finish(self, results: Mapping[str, Any], keep: str = "last") -> Path:
+        """Write ``results.json``, then drop the weights ``keep`` does not keep (``retention.py``), then mark the
+        run complete."""
         atomic_write(self.path / self.RESULTS, json.dumps(results, indent=1, default=str))
+        if is_main():
+            for line in apply_keep(self.path, keep):
+                self._say(line)
         atomic_write(self.path / self.STATUS, json.dumps({"state": "complete", "finished": time.time()}))
         barrier()
         return self.path / self.RESULTS

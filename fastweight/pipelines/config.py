@@ -25,6 +25,7 @@ from fastweight.pipelines.ranks import is_main, shutdown
 MixedPrecision = Literal["no", "bf16", "fp16"]
 ReportTo = Literal["none", "tensorboard", "wandb"]
 TorchDtype = Literal["fp32", "bf16", "fp16"]
+Keep = Literal["final", "last", "none"]
 METHOD_SHORTCUTS: tuple[str, ...] = ("beta", "beta1", "beta2", "forget_coef", "retain_coef", "alpha",
                                      "steering_coef")
 

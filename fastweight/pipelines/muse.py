@@ -253,7 +253,7 @@ def run(cfg: MuseConfig) -> C.Results:
                         during=during, note=note, plots=plots,
                         provenance=C.provenance(cfg, commit, data=data_fp, model=model_fp, target=target_fp),
                         extra={"window": window, "method_args": method_args}, seconds=round(time.time() - t_start, 1))
-    outdir.finish(results.to_dict())
+    outdir.finish(results.to_dict(), keep=cfg.keep)
     return results
 
 

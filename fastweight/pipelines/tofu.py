@@ -287,7 +287,7 @@ def run(cfg: TofuConfig) -> C.Results:
                         extra={"template": template, "max_length": max_length, "max_new_tokens": max_new_tokens,
                                "method_args": method_args, "truncation": truncation},
                         seconds=round(time.time() - t_start, 1))
-    outdir.finish(results.to_dict())
+    outdir.finish(results.to_dict(), keep=cfg.keep)
     return results
 
 

@@ -206,7 +206,7 @@ def run(cfg: WmdpConfig) -> C.Results:
                         provenance=C.provenance(cfg, commit, data=data_fp, model=model_fp, target=target_fp),
                         extra={"answer_format": fmt, "method_args": method_args, "ft_epochs": ft_epochs},
                         seconds=round(time.time() - t_start, 1))
-    outdir.finish(results.to_dict())
+    outdir.finish(results.to_dict(), keep=cfg.keep)
     return results
 
 

@@ -9,7 +9,9 @@ renamed once complete, holding:
   * ``rng-<rank>.safetensors`` — the torch CPU (and CUDA) generator states of each process and the state of
     every generator the method owns (e.g. ``satimp_hard`` random sampling), as uint8 tensors;
   * ``trainer_state.json`` — step, epoch, batches consumed, the LR scheduler's state, the world size and the
-    engine layout (``"replicated"``, ``"fsdp"``, ``"zero12"`` or ``"zero3"``).
+    engine layout (``"replicated"``, ``"fsdp"``, ``"zero12"`` or ``"zero3"``); ``"weights_only": true`` when a
+    pipeline's ``--keep final`` removed ``optimizer.pt`` from the finished run's last checkpoint
+    (``fastweight/pipelines/retention.py``): loading it restores the weights, scheduler and RNG states only.
 Under FSDP the engine gathers the trainable weights and the optimizer state as full CPU tensors on the main
 process (``torch.distributed.checkpoint.state_dict.get_state_dict``), which writes them as ``model.safetensors``
 (keyed by the prepared module's names) and ``optimizer.pt``; on resume the main process reads them and the engine
@@ -329,9 +331,10 @@ def load_checkpoint(acc, ckpt: Path, *, policy, optimizer, scheduler, method, mo
         _load_fsdp(ckpt, module, optimizer, acc.process_index)
     else:
         _load_weights(ckpt, policy)
-        opt_file = ckpt / OPTIMIZER_FILE
-        opt_state = _load_tensors(opt_file)
-        _reading(opt_file, lambda: optimizer.load_state_dict(opt_state), "this run's optimizer state")
+        if not state.pop("weights_only", False):  # ``--keep final`` dropped the optimizer of a finished run
+            opt_file = ckpt / OPTIMIZER_FILE
+            opt_state = _load_tensors(opt_file)
+            _reading(opt_file, lambda: optimizer.load_state_dict(opt_state), "this run's optimizer state")
     _reading(ckpt / STATE_FILE, lambda: scheduler.load_state_dict(state.pop("scheduler")), "a scheduler state")
     rng_file = ckpt / f"rng-{acc.process_index}.safetensors"
     rng = _reading(rng_file, lambda: load_file(str(rng_file)), "safetensors")
