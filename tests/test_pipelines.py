@@ -140,7 +140,7 @@ def test_finetuned_with_retain_model_never_fine_tunes(tiny, tmp_path, monkeypatc
     assert not (tmp_path / "c").exists() or not any((tmp_path / "c").glob("target-*"))
 
 
-def test_evaluation_progress_bar_only_on_a_terminal(monkeypatch, capsys):
+def test_evaluation_progress_bar_on_a_terminal_lines_in_a_log(monkeypatch, capsys):
     import io
 
     calls = []
@@ -148,7 +148,8 @@ def test_evaluation_progress_bar_only_on_a_terminal(monkeypatch, capsys):
     sets = {"forget": [1], "retain": [1], "real_authors": [], "world_facts": [1]}
     assert tofu._evaluate(None, None, sets, None, Path("."), None, "target") == {"n": 3}
     assert calls == [["forget"], ["retain"], ["world_facts"]]  # one split per call, empty splits skipped
-    assert "TOFU eval" not in capsys.readouterr().err  # not a terminal: no bar
+    err = capsys.readouterr().err  # not a terminal: [progress] lines, no bar
+    assert "\r" not in err and "[progress] TOFU eval target: 0/3 split" in err and err.rstrip().endswith("done")
 
     class Tty(io.StringIO):
         def isatty(self):

@@ -256,3 +256,25 @@ def test_input_ids_beyond_the_vocabulary_are_refused_by_name():
 
     with pytest.raises(ValueError, match="input_ids out of range"):
         lm_forward(tiny_llama_lm(20), {"input_ids": ids})
+
+
+def test_eval_every_refused_under_zero3_before_loading(monkeypatch, tmp_path, tiny_dir):
+    """--eval-every under a DeepSpeed ZeRO-3 launch fails in one line before any model loads (it used to fail
+    mid-run, after fine-tuning)."""
+    import json as _json
+
+    from fastweight.pipelines import tofu
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(_json.dumps({"zero_optimization": {"stage": 3}}))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds))
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", raising=False)
+    cfg = tofu.TofuConfig(output_dir=str(tmp_path / "out"), eval_every=2, model=str(tiny_dir),
+                          cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="--eval-every is not supported under DeepSpeed ZeRO-3"):
+        tofu.run(cfg)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    from fastweight.train.zero3 import launch_zero_stage
+
+    assert launch_zero_stage() == 2

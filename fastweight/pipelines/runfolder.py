@@ -111,7 +111,12 @@ def check_before_loading(cfg: Any, method_args: Mapping[str, Any]) -> None:
     """What a pipeline checks without weights: a writable ``--cache-dir``; the LoRA targets, gradient
     checkpointing and RMU layers against the model's config (``modelcheck.py``)."""
     from fastweight.pipelines.modelcheck import check_model_settings
+    from fastweight.train.zero3 import launch_zero_stage
 
+    if getattr(cfg, "eval_every", 0) and launch_zero_stage() == 3:
+        raise ValueError("--eval-every is not supported under DeepSpeed ZeRO-3 yet (the model inside the engine keeps "
+                         "its output layer partitioned, which the fused evaluation reads); leave it at 0 (the run "
+                         "still evaluates before and after unlearning) or launch with ZeRO-1/2 or DDP")
     check_writable(cfg.cache_dir, "--cache-dir")
     check_model_settings(cfg, method_args)
 

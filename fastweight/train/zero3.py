@@ -70,6 +70,33 @@ def fill_auto(config: dict[str, Any], model, user: dict[str, Any] | None = None)
             zero[key] = value
 
 
+def launch_zero_stage() -> int | None:
+    """The ZeRO stage of the current ``accelerate launch --use_deepspeed`` (from its environment: the stage
+    variable or the DeepSpeed config file it names), None outside a DeepSpeed launch or when it cannot be read.
+    Reads files only: no process group, no engine."""
+    import json
+
+    from accelerate.utils import parse_flag_from_env
+
+    if not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        return None
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if stage not in (None, "", "auto"):
+        try:
+            return int(stage)
+        except ValueError:
+            return None
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if path and os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                value = json.load(f).get("zero_optimization", {}).get("stage")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return value if isinstance(value, int) else None
+    return None
+
+
 def is_partitioned(model) -> bool:
     """True when ``model``'s parameters were partitioned by ZeRO-3 (``zero.Init`` or an engine)."""
     return any(hasattr(p, "ds_id") for p in model.parameters())
