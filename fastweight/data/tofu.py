@@ -44,6 +44,12 @@ TOFU_CONFIG_FIELDS: dict[str, tuple[str, ...]] = {
     "world_facts": _QA, "world_facts_perturbed": _GENERAL,
     **{f"holdout{p:02d}": _QA for p in FORGET_PERCENTS},
 }
+# Fields some configs carry but not every copy of the data has: TOFU's ``paraphrased_question`` (open-unlearning's
+# ``question_key`` switch evaluates on it); checked only when a run asks for it.
+TOFU_OPTIONAL_FIELDS: dict[str, tuple[str, ...]] = {
+    **{f"forget{p:02d}_perturbed": ("paraphrased_question",) for p in FORGET_PERCENTS},
+    "retain_perturbed": ("paraphrased_question",),
+}
 
 
 def split_configs(split: str) -> dict[str, str]:
@@ -287,4 +293,4 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 __all__ = ["EpochSampler", "FORGET_PERCENTS", "ForgetRetainDataset", "QADataset", "TokenizedDataset", "REFUSALS", "SPLITS", "Split",
-           "TOFU_CONFIG_FIELDS", "answer_cut_tokens", "answer_token_lengths", "encode_prompt", "encode_qa", "load_tofu", "pad_collate", "split_configs"]
+           "TOFU_CONFIG_FIELDS", "TOFU_OPTIONAL_FIELDS", "answer_cut_tokens", "answer_token_lengths", "encode_prompt", "encode_qa", "load_tofu", "pad_collate", "split_configs"]
