@@ -31,6 +31,7 @@ from fastweight.eval.attacks import ATTACKS, AttackConfig, encode_texts, run_att
 from fastweight.eval.muse import MuseEvalConfig, evaluate_muse
 from fastweight.eval.plots import plot_muse, plot_training
 from fastweight.pipelines import common as C
+from fastweight.pipelines import robustness as RB
 from fastweight.pipelines.config import build_parser, config_from_args, opt
 
 BENCH = "muse"
@@ -153,6 +154,7 @@ def run(cfg: MuseConfig) -> C.Results:
     if cfg.retrain_model is not None:
         C.check_model_spec(cfg.retrain_model, "retrain_model")
     method_args = C.resolve_method_args(cfg.method, cfg.method_args, TUNED_METHOD_ARGS)
+    RB.check_supported(cfg, ("relearn", "quant4", "quant8"), "MUSE")
     data_src = _data_source(cfg)
     data = load_muse(data_src, retain_split=cfg.retain_split)
     for name in ("forget_text", "retain_text"):
@@ -236,6 +238,17 @@ def run(cfg: MuseConfig) -> C.Results:
         columns = {"target (before)": columns.pop("target (before)"), f"{cfg.method} (after)": after, **columns}
         if history:
             plots.append(str(plot_training(history, out / "training.png", title=f"{cfg.method} on MUSE forget")))
+    robust_detail = None
+    if cfg.robustness:  # relearning: the first half of the forget documents; metrics: MUSE's forget/retain sets
+        def _eval(m, *_):
+            return evaluate_muse(m, tokenizer, data, ecfg, retrain_auc=retrain_auc)
+
+        attacked = "target (before)" if cfg.eval_only else f"{cfg.method} (after)"
+        half = data.forget_text[:max(1, len(data.forget_text) // 2)]
+        robust, robust_detail = RB.run_robustness(
+            cfg, target if cfg.eval_only else res.model, out, evaluate=_eval, relearn_eval=_eval,
+            relearn_set=TextChunkDataset(half, tokenizer, window), train_fn=C.train)
+        columns = RB.insert_after(columns, attacked, robust)
     plots.append(str(plot_muse(columns, out / "muse.png", reference="retrained" if "retrained" in columns else None)))
     reporter.finish()
     table = C.markdown_table(columns, TABLE_KEYS + tuple(f"mia_{a}" for a in cfg.attacks), fmt=".3f")
@@ -243,7 +256,8 @@ def run(cfg: MuseConfig) -> C.Results:
     results = C.Results(metrics=columns, table=table, output_dir=out, config=vars(cfg).copy(), history=history,
                         during=during, note=note, plots=plots,
                         provenance=C.provenance(cfg, commit, data=data_fp, model=model_fp, target=target_fp),
-                        extra={"window": window, "method_args": method_args}, seconds=round(time.time() - t_start, 1))
+                        extra={"window": window, "method_args": method_args,
+                               **({"robustness": robust_detail} if robust_detail else {})}, seconds=round(time.time() - t_start, 1))
     outdir.finish(results.to_dict())
     return results
 
