@@ -13,6 +13,9 @@ the tokenizer's chat template). Every cut answer or capped generation is reporte
 Outputs (``output_dir``): ``results.json`` (metrics, config, versions, git commit, fingerprints), ``table.md``,
 ``status.json``, ``eval/<model>/TOFU_EVAL.json`` + ``TOFU_SUMMARY.json`` (+ ``FINGERPRINT.json``),
 ``log.jsonl``, ``training.png``, ``es.png``, ``fq_mu.png``; ``eval/step-N/`` with ``eval_every``.
+open-unlearning's TOFU metrics (``metrics``: its default set, "all", or names) are added to every column and
+kept in ``eval/<model>/open-unlearning/`` (``pipelines/tofu_suite.py``); ``robustness`` adds attack columns and
+``robustness.png`` (``pipelines/robustness.py``).
 """
 from __future__ import annotations
 
