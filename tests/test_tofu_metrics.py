@@ -151,9 +151,14 @@ def ou_token_stats(model, tok, q, a, cfg):
     avg_loss = float(nll.sum() / (labels != IGNORE_INDEX).sum())
     idx = (labels != IGNORE_INDEX).nonzero().flatten()[:-1]
     preds = logp[idx - 1].argmax(-1)
-    return avg_loss, preds, labels[idx]
+    return avg_loss, preds, labels[idx], logp[idx - 1].gather(1, labels[idx][:, None]).squeeze(1).numpy()
 
 
+def ou_min_k(lp, k=0.4):  # MinKProbAttack.compute_score
+    return 0 if lp.size == 0 else -np.mean(np.sort(lp)[:max(1, int(len(lp) * k))])
+
+
+@pytest.mark.slow
 def test_suite_matches_transcription_on_a_model(tiny, tmp_path):
     model, tok = tiny
     data = tiny_tofu()
@@ -180,10 +185,25 @@ def test_suite_matches_transcription_on_a_model(tiny, tmp_path):
         assert summary["forget_truth_ratio"] == pytest.approx(agg, rel=1e-5)
         assert summary["forget_quality"] == pytest.approx(
             scipy.stats.ks_2samp(tr, [0.5, 0.9, 1.4]).pvalue, rel=1e-6)
-        es_em = [ou_es_em(p, lb) for _, p, lb in ref]
+        es_em = [ou_es_em(p, lb) for _, p, lb, _ in ref]
         assert summary["extraction_strength"] == pytest.approx(np.mean([e[0] for e in es_em]), abs=1e-12)
         assert summary["exact_memorization"] == pytest.approx(np.mean([e[1] for e in es_em]), abs=1e-12)
         auc = summary["mia_min_k"]
+        from sklearn.metrics import roc_auc_score
+
+        hold = [ou_min_k(ou_token_stats(model, tok, r["question"], r["answer"], cfg)[3]) for r in data["holdout10"]]
+        f_scores = [ou_min_k(r[3]) for r in ref]
+        assert auc == pytest.approx(roc_auc_score([0] * len(f_scores) + [1] * len(hold), f_scores + hold), abs=1e-12)
+        ra = sets["real_authors"]
+        c = np.array([np.exp(-ou_token_stats(model, tok, r["question"], r["answer"], cfg)[0]) for r in ra])
+        w = np.array([sum(np.exp(-ou_token_stats(model, tok, r["question"], p, cfg)[0]) for p in r["perturbed_answer"])
+                      for r in ra])
+        assert summary["ra_Q_A_Prob_normalised"] == pytest.approx(np.mean(c / (c + w + 1e-10)), rel=1e-5)
+        ret = sets["retain"]
+        rpara = [ou_token_stats(model, tok, r[qkey], r["paraphrased_answer"], cfg)[0] for r in ret]
+        rpert = [[ou_token_stats(model, tok, r[qkey], p, cfg)[0] for p in r["perturbed_answer"]] for r in ret]
+        assert summary["retain_Truth_Ratio"] == pytest.approx(ou_truth_ratio(rpara, rpert, "true_better")[1], abs=1e-5)
+        assert summary["retain_Q_A_PERT_Prob"] == pytest.approx(ou_probability(rpert), rel=1e-5)
         assert summary["privleak"] == pytest.approx(((1 - auc) - 0.4) / (0.4 + 1e-10) * 100)
         assert summary["mia_reference"] == 0.5  # the model is its own reference: every score is 0
         assert ev["mia_loss"]["forget"]["value_by_index"]["0"]["score"] == pytest.approx(ref[0][0], rel=1e-5)
