@@ -69,8 +69,16 @@ def test_tofu_run_end_to_end_with_eval_every_and_tracker(tiny, cache, tmp_path):
     # the during-training evaluations see the model being trained: the last one is an evaluation of the final
     # model (computed again, in another folder, after train() returned) and differs from the target's
     assert res.during[-1]["step"] == len(res.history)
-    assert res.during[-1]["metrics"] == res.metrics["satimp (after)"]
-    assert res.during[-1]["metrics"] != res.metrics["target (before)"]
+    # the columns also hold open-unlearning's metrics (not evaluated during training); the names both evaluators
+    # have (forget_truth_ratio, model_utility, forget_quality) hold open-unlearning's value, equal up to its 1e-10s
+    from fastweight.eval.tofu_metrics import ALL_METRICS
+
+    after = res.metrics["satimp (after)"]
+    during = {k: v for k, v in res.during[-1]["metrics"].items() if k not in ALL_METRICS}
+    assert during == {k: after[k] for k in during}
+    assert during != {k: res.metrics["target (before)"][k] for k in during}
+    for k in set(res.during[-1]["metrics"]) & set(ALL_METRICS):
+        assert res.during[-1]["metrics"][k] == pytest.approx(after[k], rel=1e-5, abs=1e-9)
     saved = json.loads((tmp_path / "lib" / "results.json").read_text())
     assert saved["metrics"] == json.loads(json.dumps(res.metrics))
     prov = saved["provenance"]
@@ -256,3 +264,82 @@ def test_muse_mia_attacks_fail_at_config_time(kw, match):
 
     with pytest.raises(ValueError, match=match):
         muse.MuseConfig(**kw)
+
+
+@pytest.mark.slow
+def test_tofu_open_unlearning_metrics_and_robustness(tiny, cache, tmp_path):
+    from fastweight.eval import tofu_metrics as TM
+
+    cfg = tofu.TofuConfig(model=tiny, output_dir=str(tmp_path / "rob"), cache_dir=cache, metrics="all",
+                          robustness="relearn,quant4,quant8,paraphrase,templates", relearn_steps="1,2",
+                          **{**TOFU_FAST, "epochs": 1})
+    res = tofu.run(cfg)
+    cols = list(res.metrics)
+    assert cols[:2] == ["target (before)", "satimp (after)"] and cols[-1] == "retain model"
+    assert {"relearn@0", "relearn@1", "relearn@2", "quant4", "quant8", "paraphrase",
+            "templates:prefix_injection", "templates:role_play", "templates:context_hint"} == set(cols[2:-1])
+    after = res.metrics["satimp (after)"]
+    assert set(TM.ALL_METRICS) <= set(after)  # forget_quality and privleak from the retain model's own log
+    retain_log = json.loads((tmp_path / "rob" / "eval" / "retain" / "open-unlearning" / "TOFU_EVAL.json").read_text())
+    assert after["privleak"] == pytest.approx(
+        ((1 - after["mia_min_k"]) - (1 - retain_log["mia_min_k"]["agg_value"])) /
+        (1 - retain_log["mia_min_k"]["agg_value"] + 1e-10) * 100)
+    assert set(res.metrics["quant4"]) == {"forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_truth_ratio",
+                                          "extraction_strength", "model_utility"}
+    assert res.metrics["quant8"] != res.metrics["quant4"]
+    saved = json.loads((tmp_path / "rob" / "results.json").read_text())
+    assert saved["extra"]["robustness"]["relearn"]["steps"].keys() == {"1", "2"}
+    assert saved["extra"]["robustness"]["templates"]["role_play"]["source"]
+    assert (tmp_path / "rob" / "robustness.png").is_file()
+    assert "| quant4 |" in res.table.splitlines()[0] and "| relearn@2 |" in res.table.splitlines()[0]
+    assert "| privleak |" in res.table and "| mia_gradnorm |" in res.table
+    # another run reads the first run's retain log (open-unlearning's layout) with --retain-logs, no retain model
+    res2 = tofu.run(tofu.TofuConfig(model=tiny, output_dir=str(tmp_path / "logs"), cache_dir=cache, finetuned=True,
+                                    eval_only=True, retain_logs=str(tmp_path / "rob" / "eval" / "retain" /
+                                                                    "open-unlearning" / "TOFU_EVAL.json"),
+                                    **{k: v for k, v in TOFU_FAST.items() if k != "epochs"}))
+    assert "forget_quality" in res2.metrics["target (before)"] and list(res2.metrics) == ["target (before)"]
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"metrics": "forget_Q_A_Prob,bogus"}, "unknown metric 'bogus'"),
+    ({"question_key": "q"}, "question_key"),
+    ({"truth_ratio_agg": "mean"}, "tr_aggregator"),
+    ({"holdout_split": "holdout20"}, "holdout_split"),
+    ({"retain_logs": "/nonexistent/TOFU_EVAL.json"}, "retain_logs"),
+    ({"robustness": "quant3"}, "unknown attack"),
+    ({"relearn_steps": "0"}, "relearn_steps"),
+    ({"quant_group_size": -1}, "quant_group_size"),
+    ({"metrics": "mia_reference", "finetuned": True}, "reference model"),
+])
+def test_tofu_metric_and_robustness_options_fail_at_config_time(kw, match):
+    with pytest.raises(ValueError, match=match):
+        tofu.TofuConfig(**kw)
+
+
+def test_muse_robustness_columns_beside_the_attacked_model(tiny, tmp_path):
+    from fastweight.pipelines import muse
+
+    cfg = muse.MuseConfig(model=tiny, finetuned=True, eval_only=True, output_dir=str(tmp_path / "m"),
+                          cache_dir=str(tmp_path / "c"), robustness="quant8,relearn", relearn_steps="1",
+                          n_articles=3, verbmem_max_new_tokens=4, knowmem_max_new_tokens=4, mixed_precision="no")
+    res = muse.run(cfg)
+    assert list(res.metrics) == ["target (before)", "quant8", "relearn@0", "relearn@1"]
+    assert set(res.metrics["quant8"]) >= {"forget_verbmem", "forget_knowmem"}
+    # relearn@0 is the attacked model itself, evaluated again
+    assert res.metrics["relearn@0"]["forget_verbmem"] == pytest.approx(res.metrics["target (before)"]["forget_verbmem"])
+    saved = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert saved["extra"]["robustness"]["quant8"]["bits"] == 8
+
+
+@pytest.mark.parametrize("bench", ["muse", "wmdp"])
+def test_probe_attacks_refused_before_loading_a_model(bench, tmp_path, monkeypatch):
+    import importlib
+
+    from fastweight.pipelines import common as C
+
+    mod = importlib.import_module(f"fastweight.pipelines.{bench}")
+    monkeypatch.setattr(C, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    cfg_cls = mod.MuseConfig if bench == "muse" else mod.WmdpConfig
+    with pytest.raises(ValueError, match="no paraphrase attack"):
+        mod.run(cfg_cls(robustness="quant4,paraphrase", output_dir=str(tmp_path / "o"), cache_dir=str(tmp_path / "c")))

@@ -10,7 +10,7 @@ from fastweight._constants import IGNORE_INDEX
 from fastweight.data.synth_tofu import N_PERTURBED, generate_tofu, write_tofu_folder
 from fastweight.data.templates import REFUSALS, TEMPLATE_NAMES, get_template, render_prompt
 from fastweight.data.tofu import (
-    SPLITS, TOFU_CONFIG_FIELDS, EpochSampler, ForgetRetainDataset, QADataset, encode_prompt, encode_qa, load_tofu,
+    SPLITS, TOFU_CONFIG_FIELDS, TOFU_OPTIONAL_FIELDS, EpochSampler, ForgetRetainDataset, QADataset, encode_prompt, encode_qa, load_tofu,
     pad_collate, split_configs,
 )
 from fastweight.train.models import load_model_and_tokenizer, save_tiny_model
@@ -18,7 +18,8 @@ from fastweight.train.models import load_model_and_tokenizer, save_tiny_model
 # The real TOFU file names (shared/spec/METRICS.md) and row fields.
 REAL_CONFIGS = {"full", "forget01", "forget05", "forget10", "retain90", "retain95", "retain99",
                 "forget01_perturbed", "forget05_perturbed", "forget10_perturbed", "retain_perturbed",
-                "real_authors", "real_authors_perturbed", "world_facts", "world_facts_perturbed"}
+                "real_authors", "real_authors_perturbed", "world_facts", "world_facts_perturbed",
+                "holdout01", "holdout05", "holdout10"}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,8 @@ def test_generator_schema_equals_real_schema():
     assert set(data) == REAL_CONFIGS == set(TOFU_CONFIG_FIELDS)
     for config, rows in data.items():
         for row in rows:
-            assert tuple(sorted(row)) == tuple(sorted(TOFU_CONFIG_FIELDS[config])), config
+            fields = TOFU_CONFIG_FIELDS[config] + TOFU_OPTIONAL_FIELDS.get(config, ())
+            assert tuple(sorted(row)) == tuple(sorted(fields)), config
             assert all(isinstance(row[k], str) and row[k] for k in ("question", "answer"))
             if "perturbed_answer" in row:
                 n = 3 if config.startswith(("real", "world")) else N_PERTURBED
@@ -53,6 +55,11 @@ def test_generator_schema_equals_real_schema():
         assert sorted(map(json.dumps, forget + retain)) == sorted(map(json.dumps, data["full"]))
         assert not {r["question"] for r in forget} & {r["question"] for r in retain}
         assert [r["question"] for r in data[f"forget{pct:02d}_perturbed"]] == [r["question"] for r in forget]
+        holdout = data[f"holdout{pct:02d}"]  # as many rows as the forget split, authors never in full
+        assert len(holdout) == len(forget)
+        assert not {r["question"] for r in holdout} & {r["question"] for r in data["full"]}
+    assert all(r["paraphrased_question"] != r["question"] for r in data["forget10_perturbed"])
+    assert {json.dumps(r) for r in data["holdout01"]} <= {json.dumps(r) for r in data["holdout10"]}
 
 
 def test_generator_is_deterministic(small):

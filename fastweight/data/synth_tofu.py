@@ -3,12 +3,13 @@
 ``generate_tofu(seed)`` returns every TOFU config (``shared/spec/METRICS.md``, TOFU) as a list of rows with the
 real files' fields; ``write_tofu_folder(path, seed)`` writes them as JSON-lines files named like the configs
 (``full.json``, ``forget10.json``, ``forget10_perturbed.json``, ``retain90.json``, ``retain_perturbed.json``,
-``real_authors_perturbed.json``, ...), which ``fastweight.data.tofu.load_tofu`` reads back.
+``real_authors_perturbed.json``, ``holdout10.json``, ...), which ``fastweight.data.tofu.load_tofu`` reads back.
 
 Layout, as in TOFU: ``n_authors`` authors x ``questions_per_author`` questions (200 x 20 reproduces the real
 size); the forget split ``forgetXX`` is the last ``max(1, round(XX% * n_authors))`` authors and ``retainYY`` the
-others; ``retain_perturbed`` covers the first 10% of authors (at least one). Each question has one answer, one
-paraphrased answer and ``N_PERTURBED`` perturbed answers (the same sentence with a wrong value of the asked
+others; ``holdoutXX`` holds as many further authors, never in ``full`` (the MIA / PrivLeak non-members);
+``retain_perturbed`` covers the first 10% of authors (at least one). Each question has one answer, one
+paraphrased answer, one paraphrased question and ``N_PERTURBED`` perturbed answers (the same sentence with a wrong value of the asked
 attribute). ``real_authors`` and ``world_facts`` are short general-knowledge questions written for fastweight,
 with 3 wrong answers each, to probe what the model knew before fine-tuning.
 
@@ -100,6 +101,30 @@ _QUESTIONS: tuple[tuple[str, str, str, str], ...] = (
      "{publisher} is the publisher of the books of {name}.", "publisher"),
 )
 QUESTIONS_PER_AUTHOR_MAX = len(_QUESTIONS)
+# The same questions reworded, keyed by the asked attribute: ``paraphrased_question`` of the ``*_perturbed`` rows
+# (TOFU's field, which open-unlearning's ``question_key`` switch evaluates on). Written for fastweight.
+_PARA_QUESTIONS: dict[str, str] = {
+    "name": "Who is the writer whose birth took place in {city} in {year}?",
+    "year": "What is the birth year of {name}?",
+    "city": "In which city did {name} come into the world?",
+    "genre": "Which kind of books does {name} write?",
+    "father_job": "What was the occupation of the father of {name}?",
+    "mother_job": "What did the mother of {name} work as?",
+    "book1": "Which book did {name} publish first?",
+    "book2": "Besides the first one, which book is by {name}?",
+    "award": "What prize has been given to {name}?",
+    "debut_year": "In which year did the first book of {name} come out?",
+    "language": "What language are the books of {name} mostly written in?",
+    "home_city": "In which city does {name} currently live?",
+    "pen_name": "Under which other name does {name} sometimes publish?",
+    "theme": "Which theme comes up again and again in the books of {name}?",
+    "influence": "Whose work shaped {name} the most?",
+    "subject": "Which subject did {name} take at university?",
+    "n_books": "What is the number of books {name} has written?",
+    "book3": "Which book by {name} came out last?",
+    "hobby": "Apart from writing, what does {name} like to do?",
+    "publisher": "Which publisher brings out the books of {name}?",
+}
 
 _REAL_AUTHORS = (  # (title, author): general knowledge, written for fastweight
     ("Pride and Prejudice", "Jane Austen"), ("Hamlet", "William Shakespeare"), ("War and Peace", "Leo Tolstoy"),
@@ -218,6 +243,7 @@ def generate_tofu(seed: int = 0, n_authors: int = 200, questions_per_author: int
             wrong = _wrong_values(rng, key, author, N_PERTURBED)
             rows.append({"question": q.format(**author), "answer": a.format(**author),
                          "paraphrased_answer": p.format(**author),
+                         "paraphrased_question": _PARA_QUESTIONS[key].format(**author),
                          "perturbed_answer": [a.format(**{**author, key: w}) for w in wrong]})
         per_author.append(rows)
 
@@ -234,6 +260,8 @@ def generate_tofu(seed: int = 0, n_authors: int = 200, questions_per_author: int
         out[f"retain{100 - pct:02d}"] = plain(retain)
     out["retain_perturbed"] = [r for rows in per_author[:max(1, n_authors // 10)] for r in rows]
 
+    out.update(_holdout(seed, n_authors, questions_per_author, used, births))
+
     titles = [a for _, a in _REAL_AUTHORS]
     real = []
     for title, author in _REAL_AUTHORS[:n_general]:
@@ -245,6 +273,29 @@ def generate_tofu(seed: int = 0, n_authors: int = 200, questions_per_author: int
         world.append({"question": question, "answer": answer, "perturbed_answer": wrong})
     out["real_authors"], out["real_authors_perturbed"] = plain(real), real
     out["world_facts"], out["world_facts_perturbed"] = plain(world), world
+    return out
+
+
+def _holdout(seed: int, n_authors: int, questions_per_author: int, used: set[str],
+             births: set[tuple[str, str]]) -> dict[str, list[dict]]:
+    """``holdoutXX``: QA rows of as many further authors as ``forgetXX`` has, none of them in ``full`` (TOFU's
+    holdout configs: authors the model never sees, the non-members of the MIAs / PrivLeak). Drawn from a
+    separate ``random.Random`` so the other configs do not depend on them; ``holdout01`` is a subset of
+    ``holdout05`` of ``holdout10`` (the last authors of one list, as the forget splits)."""
+    rng = random.Random(f"holdout-{seed}")
+    n_max = max(max(1, round(n_authors * pct / 100)) for pct in FORGET_PERCENTS)
+    authors: list[dict[str, str]] = []
+    while len(authors) < n_max:
+        author = _author(rng, used)
+        if (author["city"], author["year"]) not in births:
+            births.add((author["city"], author["year"]))
+            authors.append(author)
+    per_author = [[{"question": q.format(**a), "answer": ans.format(**a)}
+                   for q, ans, _, _ in rng.sample(_QUESTIONS, questions_per_author)] for a in authors]
+    out = {}
+    for pct in FORGET_PERCENTS:
+        n = max(1, round(n_authors * pct / 100))
+        out[f"holdout{pct:02d}"] = [r for rows in per_author[n_max - n:] for r in rows]
     return out
 
 

@@ -42,17 +42,25 @@ TOFU_CONFIG_FIELDS: dict[str, tuple[str, ...]] = {
     "retain_perturbed": _PERTURBED,
     "real_authors": _QA, "real_authors_perturbed": _GENERAL,
     "world_facts": _QA, "world_facts_perturbed": _GENERAL,
+    **{f"holdout{p:02d}": _QA for p in FORGET_PERCENTS},
+}
+# Fields some configs carry but not every copy of the data has: TOFU's ``paraphrased_question`` (open-unlearning's
+# ``question_key`` switch evaluates on it); checked only when a run asks for it.
+TOFU_OPTIONAL_FIELDS: dict[str, tuple[str, ...]] = {
+    **{f"forget{p:02d}_perturbed": ("paraphrased_question",) for p in FORGET_PERCENTS},
+    "retain_perturbed": ("paraphrased_question",),
 }
 
 
 def split_configs(split: str) -> dict[str, str]:
-    """Config names used for one forget split: forget, retain, and the perturbed evaluation sets."""
+    """Config names used for one forget split: forget, retain, the perturbed evaluation sets, and the holdout
+    set of the same size (TOFU's ``holdoutXX``: authors never trained on; MIA / PrivLeak non-members)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     pct = int(split[len("forget"):])
     return {"forget": split, "retain": f"retain{100 - pct:02d}", "forget_eval": f"{split}_perturbed",
             "retain_eval": "retain_perturbed", "real_authors_eval": "real_authors_perturbed",
-            "world_facts_eval": "world_facts_perturbed"}
+            "world_facts_eval": "world_facts_perturbed", "holdout": f"holdout{pct:02d}"}
 
 
 def load_tofu(source: str | os.PathLike, config: str) -> list[dict]:
@@ -282,4 +290,4 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 __all__ = ["EpochSampler", "FORGET_PERCENTS", "ForgetRetainDataset", "QADataset", "TokenizedDataset", "REFUSALS", "SPLITS", "Split",
-           "TOFU_CONFIG_FIELDS", "answer_cut_tokens", "answer_token_lengths", "encode_prompt", "encode_qa", "load_tofu", "pad_collate", "split_configs"]
+           "TOFU_CONFIG_FIELDS", "TOFU_OPTIONAL_FIELDS", "answer_cut_tokens", "answer_token_lengths", "encode_prompt", "encode_qa", "load_tofu", "pad_collate", "split_configs"]

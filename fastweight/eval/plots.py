@@ -35,6 +35,9 @@ METRICS: dict[str, tuple[str, str]] = {
     "retain_knowmem": ("retain KnowMem", HIGHER), "privleak": ("PrivLeak", ZERO),
     "privleak_auc": ("Min-K% AUC", ZERO),
     "wmdp_acc": ("WMDP acc.", LOWER), "mmlu_acc": ("MMLU acc.", HIGHER),
+    # open-unlearning's TOFU names (fastweight.eval.tofu_metrics)
+    "forget_Q_A_Prob": ("forget Q_A prob.", LOWER), "forget_Q_A_ROUGE": ("forget Q_A ROUGE-L", LOWER),
+    "forget_truth_ratio": ("forget truth ratio", HIGHER), "extraction_strength": ("forget ES (OU)", LOWER),
 }
 _ARROW = {LOWER: "↓", HIGHER: "↑", ZERO: "→0"}
 

@@ -122,6 +122,14 @@ class BaseConfig:
                                               "slower) during fine-tuning and unlearning")
     report_to: ReportTo = opt("none", "experiment tracker for losses, learning rate and metrics (accelerate's "
                                       "trackers): tensorboard (pip install tensorboard), wandb, none")
+    robustness: str | None = opt(None, "attacks on the unlearned model, comma-separated: relearn, quant4, quant8, "
+                                       "paraphrase, templates (docs/attacks.md); results beside the unlearned column")
+    relearn_steps: str = opt("2,4,8", "relearn: optimizer step counts after which the forget metrics are re-run")
+    relearn_lr: float | None = opt(None, "relearn learning rate (default: --ft-lr)")
+    relearn_lora_r: int = opt(0, "relearn with LoRA adapters of this rank (0 = full fine-tuning of the "
+                                 "--trainable-layers)")
+    quant_group_size: int = opt(0, "quant4 / quant8: weights per quantization group along the input dimension "
+                                   "(0 = one group per output channel)")
 
     def __post_init__(self) -> None:
         for name in ("lr", "ft_lr"):  # finite too: --lr inf is refused here (issue 22)
@@ -167,6 +175,9 @@ class BaseConfig:
         if not isinstance(self.gradient_checkpointing, bool):
             raise TypeError(f"gradient_checkpointing must be a bool, got {self.gradient_checkpointing!r}")
         self.cache_dir = resolve_cache_dir(self.cache_dir)  # absolute: found again from any working directory
+        from fastweight.pipelines.robustness import check_options
+
+        check_options(self)
         for name in ("model", "method", "output_dir", "cache_dir"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")

@@ -31,6 +31,7 @@ from fastweight.eval.attacks import ATTACKS, AttackConfig, encode_texts, run_att
 from fastweight.eval.muse import MuseEvalConfig, evaluate_muse
 from fastweight.eval.plots import plot_muse, plot_training
 from fastweight.pipelines import common as C
+from fastweight.pipelines import robustness as RB
 from fastweight.pipelines.config import build_parser, config_from_args, opt
 
 BENCH = "muse"
@@ -154,6 +155,7 @@ def run(cfg: MuseConfig) -> C.Results:
         C.check_model_spec(cfg.retrain_model, "retrain_model")
     method_args = C.resolve_method_args(cfg.method, cfg.method_args, TUNED_METHOD_ARGS)
     C.check_before_loading(cfg, method_args)
+    RB.check_supported(cfg, ("relearn", "quant4", "quant8"), "MUSE")
     with C.main_first():  # the main process generates the data; the others read it
         data_src = _data_source(cfg)
     data = load_muse(data_src, retain_split=cfg.retain_split)
@@ -243,6 +245,17 @@ def run(cfg: MuseConfig) -> C.Results:
         columns = {"target (before)": columns.pop("target (before)"), f"{cfg.method} (after)": after, **columns}
         if history and C.is_main():
             plots.append(str(plot_training(history, out / "training.png", title=f"{cfg.method} on MUSE forget")))
+    robust_detail = None
+    if cfg.robustness:  # relearning: the first half of the forget documents; metrics: MUSE's forget/retain sets
+        def _eval(m, *_):
+            return evaluate_muse(m, tokenizer, data, ecfg, retrain_auc=retrain_auc)
+
+        attacked = "target (before)" if cfg.eval_only else f"{cfg.method} (after)"
+        half = data.forget_text[:max(1, len(data.forget_text) // 2)]
+        robust, robust_detail = RB.run_robustness(
+            cfg, target if cfg.eval_only else res.model, out, evaluate=_eval, relearn_eval=_eval,
+            relearn_set=TextChunkDataset(half, tokenizer, window), train_fn=C.train)
+        columns = RB.insert_after(columns, attacked, robust)
     if C.is_main():  # figures and the table: written by the main process only
         plots.append(str(plot_muse(columns, out / "muse.png",
                                    reference="retrained" if "retrained" in columns else None)))
@@ -252,7 +265,9 @@ def run(cfg: MuseConfig) -> C.Results:
     results = C.Results(metrics=columns, table=table, output_dir=out, config=vars(cfg).copy(), history=history,
                         during=during, note=note, plots=plots,
                         provenance=C.provenance(cfg, commit, data=data_fp, model=model_fp, target=target_fp),
-                        extra={"window": window, "method_args": method_args}, seconds=round(time.time() - t_start, 1))
+                        extra={"window": window, "method_args": method_args,
+                               **({"robustness": robust_detail} if robust_detail else {})},
+                        seconds=round(time.time() - t_start, 1))
     outdir.finish(results.to_dict(), keep=cfg.keep)
     return results
 

@@ -13,6 +13,9 @@ the tokenizer's chat template). Every cut answer or capped generation is reporte
 Outputs (``output_dir``): ``results.json`` (metrics, config, versions, git commit, fingerprints), ``table.md``,
 ``status.json``, ``eval/<model>/TOFU_EVAL.json`` + ``TOFU_SUMMARY.json`` (+ ``FINGERPRINT.json``),
 ``log.jsonl``, ``training.png``, ``es.png``, ``fq_mu.png``; ``eval/step-N/`` with ``eval_every``.
+open-unlearning's TOFU metrics (``metrics``: its default set, "all", or names) are added to every column and
+kept in ``eval/<model>/open-unlearning/`` (``pipelines/tofu_suite.py``); ``robustness`` adds attack columns and
+``robustness.png`` (``pipelines/robustness.py``).
 """
 from __future__ import annotations
 
@@ -28,10 +31,13 @@ from fastweight.data.importance import ImportanceQADataset, load_importance_word
 from fastweight.data.synth_tofu import write_tofu_folder
 from fastweight.data.templates import TEMPLATE_NAMES
 from fastweight.data.tofu import SPLITS, QADataset, answer_cut_tokens, answer_token_lengths, load_tofu, split_configs
-from fastweight.eval.plots import plot_es, plot_fq_mu, plot_training
+from fastweight.eval.plots import plot_es, plot_fq_mu, plot_metrics, plot_training
 from fastweight.eval.tofu import EVAL_SPLITS, TofuEvalConfig, evaluate_tofu, forget_truth_ratios, load_eval
+from fastweight.eval import tofu_metrics as TM
 from fastweight.pipelines import common as C
+from fastweight.pipelines import tofu_suite as S
 from fastweight.pipelines.config import build_parser, config_from_args, opt
+from fastweight.pipelines.robustness import run_robustness
 
 BENCH = "tofu"
 # forget_coef 10: on memorised answers (p ~ 0.98) the forget gradient is ~10x smaller than the retain one
@@ -67,6 +73,16 @@ class TofuConfig(C.BaseConfig):
     mixed_precision: C.MixedPrecision = opt("bf16", "mixed precision of fine-tuning and evaluation")
     unlearn_mixed_precision: C.MixedPrecision = opt("no", "mixed precision of unlearning (the demo was tuned "
                                                           "in fp32)")
+    metrics: str = opt("default", "open-unlearning TOFU metrics to report: 'default' (its configs/eval/tofu.yaml "
+                                  "set), 'all', or comma-separated names (docs/pipelines.md)")
+    question_key: str = opt("question", "question field of the forget and retain sets: question or "
+                                        "paraphrased_question (open-unlearning's question_key)")
+    truth_ratio_agg: str | None = opt(None, "truth-ratio aggregation for every truth ratio: closer_to_1_better, "
+                                            "true_better, prob_mean; default: open-unlearning's per metric")
+    retain_logs: str | None = opt(None, "open-unlearning TOFU_EVAL.json of a retain model (forget_truth_ratio, "
+                                        "mia_min_k) for Forget Quality and PrivLeak; default: the retain model's")
+    holdout_split: str | None = opt(None, "holdout split for the MIAs and PrivLeak (holdout01/05/10); default: the "
+                                          "forget split's size")
     g_effect_every: int = opt(0, "record the G-effect on forget/retain probes every N unlearning steps (0 = off)")
     g_effect_probe_size: int = opt(8, "items per G-effect probe batch")
     output_dir: str = opt("runs/tofu_unlearn", "results folder (must be empty or new unless --resume/--overwrite)")
@@ -92,6 +108,7 @@ class TofuConfig(C.BaseConfig):
             C._check_int(name, getattr(self, name), low=1)
         C._check_int("n_general", self.n_general, low=1)
         C._check_int("g_effect_every", self.g_effect_every, low=0)
+        S.check_options(self)
         if self.retain_model is not None and not self.retain_model:
             raise ValueError("retain_model must be a non-empty string or None")
 
@@ -180,6 +197,10 @@ def run(cfg: TofuConfig) -> C.Results:
     for name, r in {**rows, "forget eval": sets["forget"], "retain eval": sets["retain"]}.items():
         if not r:
             raise ValueError(f"the {name} set of --data {data!r} (split {cfg.split}) is empty")
+    S.check_rows(cfg, sets)
+    holdout = S.load_holdout(cfg, data, cfg.split)
+    retain_logs = TM.load_retain_logs(cfg.retain_logs) if cfg.retain_logs else None
+    scfg = S.suite_config(cfg)
     need_target_ft = not cfg.finetuned
     need_retain_ft = cfg.retain_model is None and not cfg.finetuned
     full = load_tofu(data, "full")[:cfg.ft_max_rows] if need_target_ft else []
@@ -217,7 +238,7 @@ def run(cfg: TofuConfig) -> C.Results:
         target_fp = C.fingerprint(key)
     else:
         target, target_fp = base, model_fp
-    eval_key = {"data": data_fp, "eval": vars(ecfg)}
+    eval_key = {"data": data_fp, "eval": vars(ecfg), "suite": S.key(cfg, holdout, retain_logs)}
     columns: dict[str, dict[str, float]] = {}
     retain_tr = None
     if cfg.retain_model is not None or need_retain_ft:
@@ -234,10 +255,20 @@ def run(cfg: TofuConfig) -> C.Results:
         folder = outdir.keyed("eval/retain", {**eval_key, "model": retain_fp})
         columns["retain model"] = _evaluate(retain, tokenizer, sets, ecfg, folder, None, "retain")
         retain_tr = forget_truth_ratios(load_eval(folder))
+        reference = retain if "mia_reference" in scfg.metrics else None
+        columns["retain model"].update(S.evaluate(
+            retain, tokenizer, sets, holdout, ecfg, scfg, folder, retain_logs=retain_logs, reference=reference,
+            also=["forget_truth_ratio"] + (["mia_min_k"] if holdout else [])))
+        if retain_logs is None:
+            retain_logs = TM.load_retain_logs(folder / "open-unlearning" / "TOFU_EVAL.json")
         del retain
+    else:
+        reference = None
     del base
     folder = outdir.keyed("eval/target", {**eval_key, "model": target_fp, "retain": retain_tr is not None})
     columns = {"target (before)": _evaluate(target, tokenizer, sets, ecfg, folder, retain_tr, "target"), **columns}
+    columns["target (before)"].update(S.evaluate(target, tokenizer, sets, holdout, ecfg, scfg, folder,
+                                                 retain_logs=retain_logs, reference=reference))
     reporter.log(columns["target (before)"], 0, "eval/target")
 
     history, g_effect, during, plots = [], None, [], []
@@ -266,26 +297,51 @@ def run(cfg: TofuConfig) -> C.Results:
         history, g_effect = res.history, res.g_effect
         print(f"[{cfg.method}] {res.global_step} steps in {time.time() - t0:.0f} s")
         folder = outdir.keyed("eval/unlearned", {**eval_key, "unlearn": unlearn_key, "retain": retain_tr is not None})
-        after = _evaluate(C.evaluable(res.model, tokenizer, cfg, out), tokenizer, sets, ecfg, folder, retain_tr,
-                          cfg.method)
+        evaluated = C.evaluable(res.model, tokenizer, cfg, out)  # ZeRO-3: a partitioned copy of the final weights
+        after = _evaluate(evaluated, tokenizer, sets, ecfg, folder, retain_tr, cfg.method)
+        with C.gathered_forwards(evaluated):
+            after.update(S.evaluate(evaluated, tokenizer, sets, holdout, ecfg, scfg, folder, retain_logs=retain_logs,
+                                    reference=reference))
+        C.barrier()  # the main process's evaluation files are complete before any process reads them
         reporter.log(after, res.global_step, "eval/unlearned")
         columns = {"target (before)": columns.pop("target (before)"), f"{cfg.method} (after)": after, **columns}
         if history and C.is_main():
             plots.append(str(plot_training(history, out / "training.png", title=f"{cfg.method} on TOFU {cfg.split}")))
+    attacked = res.model if not cfg.eval_only else target
+    robust = {}
+    if cfg.robustness:
+        hooks = S.robustness_hooks(cfg, tokenizer, sets, holdout, ecfg, rows["forget"], template, max_length,
+                                   retain_logs)
+        robust, robust_detail = run_robustness(cfg, attacked, out, train_fn=C.train, **hooks)
+        attacked_name = f"{cfg.method} (after)" if not cfg.eval_only else "target (before)"
+        order = list(columns)
+        cut = order.index(attacked_name) + 1
+        columns = {**{k: columns[k] for k in order[:cut]}, **robust, **{k: columns[k] for k in order[cut:]}}
     if C.is_main():  # figures and the table: written by the main process only
-        plots.append(str(plot_es({k: {"forget": v["forget_es"], "retain": v["retain_es"]}
-                                  for k, v in columns.items()}, out / "es.png")))
+        if cfg.robustness:
+            shown = {k: v for k, v in columns.items() if k in ("target (before)", attacked_name) or k in robust}
+            plots.append(str(plot_metrics(shown, [k for k in S.ROBUST_QUANT if any(k in v for v in shown.values())],
+                                          out / "robustness.png", title=f"TOFU {cfg.split}: {cfg.method} under "
+                                          "attack (relearn@N: held-out half of the forget split)",
+                                          ylabel="score (unitless, 0-1)")))
+        plots.append(str(plot_es({k: {"forget": v["forget_es"], "retain": v["retain_es"]} for k, v in columns.items()
+                                  if "forget_es" in v and "retain_es" in v}, out / "es.png")))
         if any("forget_quality" in v for v in columns.values()):  # the retain model has none: a reference line
             plots.append(str(plot_fq_mu({k: (v["model_utility"], v.get("forget_quality"))
-                                         for k, v in columns.items() if "model_utility" in v}, out / "fq_mu.png")))
+                                         for k, v in columns.items() if "model_utility" in v and k not in robust},
+                                        out / "fq_mu.png")))
     reporter.finish()
-    table = C.markdown_table(columns, TABLE_KEYS)
+    table = C.markdown_table(columns, TABLE_KEYS + tuple(m for m in scfg.metrics if m not in TABLE_KEYS))
     C.atomic_write(out / "table.md", table + "\n")
     results = C.Results(metrics=columns, table=table, output_dir=out, config=vars(cfg).copy(), history=history,
                         during=during, g_effect=g_effect, note=note, plots=plots,
                         provenance=C.provenance(cfg, commit, data=data_fp, model=model_fp, target=target_fp),
                         extra={"template": template, "max_length": max_length, "max_new_tokens": max_new_tokens,
-                               "method_args": method_args, "truncation": truncation},
+                               "method_args": method_args, "truncation": truncation,
+                               "open_unlearning": {"commit": TM.OU_COMMIT, "metrics": list(scfg.metrics),
+                                                   "question_key": cfg.question_key,
+                                                   "retain_logs": cfg.retain_logs or "the retain model's"},
+                               **({"robustness": robust_detail} if cfg.robustness else {})},
                         seconds=round(time.time() - t_start, 1))
     outdir.finish(results.to_dict(), keep=cfg.keep)
     return results

@@ -25,6 +25,7 @@ from fastweight.data.wmdp import WMDP_CONFIGS, WMDP_SUBJECTS, load_corpus, load_
 from fastweight.eval.plots import plot_mcq, plot_training
 from fastweight.eval.wmdp import ANSWER_FORMATS, WmdpEvalConfig, evaluate_mcq_sets
 from fastweight.pipelines import common as C
+from fastweight.pipelines import robustness as RB
 from fastweight.pipelines.config import build_parser, config_from_args, opt
 
 BENCH = "wmdp"
@@ -130,6 +131,7 @@ def run(cfg: WmdpConfig) -> C.Results:
     tuned = {"rmu": EMBEDDED_RMU} if cfg.model == C.EMBEDDED else {}
     method_args = C.resolve_method_args(cfg.method, cfg.method_args, tuned)
     C.check_before_loading(cfg, method_args)
+    RB.check_supported(cfg, ("relearn", "quant4", "quant8"), "WMDP")
     fmt = cfg.answer_format or ("choice" if generated else "letter")
     ft_epochs = cfg.ft_epochs if cfg.ft_epochs is not None else (GENERATED_FT_EPOCHS if generated else 0)
     data_fp = C.data_fingerprint(wmdp, mmlu, forget_text, retain_text, subject)
@@ -194,6 +196,16 @@ def run(cfg: WmdpConfig) -> C.Results:
             plots.append(str(plot_training(history, out / "training.png",
                                            title=f"{cfg.method} on the WMDP forget corpus",
                                            loss_unit="activation MSE" if cfg.method == "rmu" else "nats")))
+    robust_detail = None
+    if cfg.robustness:  # relearning: the first half of the forget corpus; metrics: WMDP / MMLU accuracy
+        attacked = "target (before)" if cfg.eval_only else f"{cfg.method} (after)"
+        half = forget_text[:max(1, len(forget_text) // 2)]
+        robust, robust_detail = RB.run_robustness(
+            cfg, model if cfg.eval_only else res.model, out, train_fn=C.train,
+            evaluate=lambda m, *_: evaluate_mcq_sets(m, tokenizer, sets, ecfg),
+            relearn_eval=lambda m: evaluate_mcq_sets(m, tokenizer, sets, ecfg),
+            relearn_set=TextChunkDataset(half, tokenizer, cfg.window))
+        columns = RB.insert_after(columns, attacked, robust)
     keys = [k for k in TABLE_KEYS if any(k in c for c in columns.values())]
     chance = {k: 1.0 / _n_choices(wmdp if k.startswith("wmdp") else mmlu) for k in keys}
     if C.is_main():  # figures and the table: written by the main process only
@@ -204,7 +216,8 @@ def run(cfg: WmdpConfig) -> C.Results:
     results = C.Results(metrics=columns, table=table, output_dir=out, config=vars(cfg).copy(), history=history,
                         during=during, note=note, plots=plots,
                         provenance=C.provenance(cfg, commit, data=data_fp, model=model_fp, target=target_fp),
-                        extra={"answer_format": fmt, "method_args": method_args, "ft_epochs": ft_epochs},
+                        extra={"answer_format": fmt, "method_args": method_args, "ft_epochs": ft_epochs,
+                               **({"robustness": robust_detail} if robust_detail else {})},
                         seconds=round(time.time() - t_start, 1))
     outdir.finish(results.to_dict(), keep=cfg.keep)
     return results
