@@ -106,6 +106,8 @@ def test_third_party_bars_silenced_off_a_terminal(monkeypatch):
 
     from fastweight._progress import quiet_third_party_bars
 
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    hf_logging.enable_progress_bar()  # an earlier in-process CLI run may have switched them off
     monkeypatch.setattr(sys, "stderr", Tty())
     assert quiet_third_party_bars() is False and hf_logging.is_progress_bar_enabled()
     monkeypatch.setattr(sys, "stderr", io.StringIO())

@@ -81,7 +81,9 @@ def test_trainer_stopped_mid_accumulation_does_not_skip_later_steps(tiny_dir, tm
         assert torch.equal(a, b), name
 
 
-def test_training_bar_only_on_a_terminal(tiny_dir, tmp_path, capsys):
+def test_training_progress_off_a_terminal_is_lines_not_a_bar(tiny_dir, tmp_path, capsys):
     _run(tiny_dir, tmp_path, capsys, progress=True)
     err = capsys.readouterr().err
-    assert "fine-tune" not in err and "it/s" not in err, err  # stderr is captured: not a terminal, no bar
+    # stderr is captured: not a terminal, so no bar (no it/s, no carriage returns) but [progress] lines
+    assert "it/s" not in err and "\r" not in err, err
+    assert "[progress] fine-tune: 0/" in err and err.rstrip().endswith("done"), err
