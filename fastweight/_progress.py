@@ -135,6 +135,14 @@ def quiet_third_party_bars() -> bool:
             continue
         getattr(mod, fn, lambda: None)()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:  # transformers' GGUF conversion bar is a plain tqdm that ignores its own switch
+        import functools
+
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        return True
+    if hasattr(gguf_utils, "tqdm") and not isinstance(gguf_utils.tqdm, functools.partial):
+        gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
     return True
 
 

@@ -114,6 +114,9 @@ def test_third_party_bars_silenced_off_a_terminal(monkeypatch):
     try:
         assert quiet_third_party_bars() is True
         assert not hf_logging.is_progress_bar_enabled()
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+        assert gguf_utils.tqdm(range(2)).disable  # the GGUF conversion bar, a plain tqdm, is off too
     finally:
         hf_logging.enable_progress_bar()
 
