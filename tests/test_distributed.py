@@ -42,9 +42,11 @@ def _launch(args, tiny_dir, tmp, mode, port, env=()):
     return [json.loads((tmp / f"report-{mode}-{r}.json").read_text()) for r in (0, 1)]
 
 
-def _assert_same_weights(got: dict, want: dict, rtol=1e-4, atol=1e-5):
-    """Equal within 1e-3 of one optimizer step (lr 1e-2): Adam's g / sqrt(v) turns fp32 rounding of tiny
-    gradient entries into ~1e-6 weight differences; the old per-micro-batch means differed by ~5e-2."""
+def _assert_same_weights(got: dict, want: dict, rtol=1e-4, atol=1e-4):
+    """Equal within 1% of one optimizer step (lr 1e-2). Adam's g / sqrt(v) is ~ +-1 for any entry whose gradient
+    is far above eps, so fp32 rounding of near-zero gradient entries moves those weights by up to a few 1e-5
+    after two steps (2.7e-5 on the tiny TOFU set generated since the holdout split was added, with losses and
+    gradient norms equal to 1e-7); the per-micro-batch means this guards against differed by ~5e-2."""
     assert set(got) == set(want)
     for k in want:
         torch.testing.assert_close(got[k].float(), want[k].float(), rtol=rtol, atol=atol, msg=k)
