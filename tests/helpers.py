@@ -184,6 +184,9 @@ def save_tiny_tofu_model(folder) -> str:
     from fastweight.data.templates import REFUSALS
     from fastweight.train.models import save_tiny_model
 
-    texts = [" ".join([r["question"], r["answer"]]) for rows in tiny_tofu().values() for r in rows]
+    # The configs the trainer tests were written on; the holdout authors (added later for the MIAs) stay out of
+    # the vocabulary so the tiny model, and the fp32 rounding its Adam steps depend on, stay as they were.
+    texts = [" ".join([r["question"], r["answer"]]) for name, rows in tiny_tofu().items()
+             if not name.startswith("holdout") for r in rows]
     return str(save_tiny_model(folder, texts + ["Question: Answer:", *REFUSALS], hidden_size=32, num_layers=2,
                                seed=2))

@@ -299,10 +299,8 @@ def run(cfg: TofuConfig) -> C.Results:
         folder = outdir.keyed("eval/unlearned", {**eval_key, "unlearn": unlearn_key, "retain": retain_tr is not None})
         evaluated = C.evaluable(res.model, tokenizer, cfg, out)  # ZeRO-3: a partitioned copy of the final weights
         after = _evaluate(evaluated, tokenizer, sets, ecfg, folder, retain_tr, cfg.method)
-        with C.gathered_forwards(evaluated):
-            after.update(S.evaluate(evaluated, tokenizer, sets, holdout, ecfg, scfg, folder, retain_logs=retain_logs,
-                                    reference=reference))
-        C.barrier()  # the main process's evaluation files are complete before any process reads them
+        after.update(S.evaluate(evaluated, tokenizer, sets, holdout, ecfg, scfg, folder, retain_logs=retain_logs,
+                                reference=reference))
         reporter.log(after, res.global_step, "eval/unlearned")
         columns = {"target (before)": columns.pop("target (before)"), f"{cfg.method} (after)": after, **columns}
         if history and C.is_main():

@@ -76,10 +76,17 @@ def key(cfg, holdout: list[dict], retain_logs: dict | None) -> dict[str, Any]:
 
 def evaluate(model, tokenizer, sets, holdout, ecfg, scfg, folder: Path | None, *, retain_logs=None,
              reference=None, also=()) -> dict[str, float]:
-    """``evaluate_tofu_suite`` into ``folder/open-unlearning`` (None: in memory)."""
+    """``evaluate_tofu_suite`` into ``folder/open-unlearning`` (None: in memory). A ZeRO-3-partitioned model
+    outside an engine runs its forwards with gathered weights (its output layer whole for the fused statistics),
+    and every process waits until the main process's files are complete."""
+    from fastweight.pipelines import common as C
+
     out = None if folder is None else Path(folder) / "open-unlearning"
-    return evaluate_tofu_suite(model, tokenizer, sets, holdout, ecfg, scfg, output_dir=out, retain_logs=retain_logs,
-                               reference_model=reference, also=also)
+    with C.gathered_forwards(model):
+        result = evaluate_tofu_suite(model, tokenizer, sets, holdout, ecfg, scfg, output_dir=out,
+                                     retain_logs=retain_logs, reference_model=reference, also=also)
+    C.barrier()
+    return result
 
 
 def robustness_hooks(cfg, tokenizer, sets, holdout, ecfg, forget_rows, template, max_length,
