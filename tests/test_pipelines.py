@@ -218,7 +218,11 @@ def test_lora_pipeline_run_trains_adapters_only(tiny, tmp_path, monkeypatch):
     res = tofu.run(cfg)
     (trained,) = [r.model for r in runs]
     assert hasattr(trained, "peft_config") and len(res.history) == 2 and [d["step"] for d in res.during] == [2]
-    assert res.during[-1]["metrics"] == res.metrics["satimp (after)"]  # evaluated the PeftModel being trained
+    # evaluated the PeftModel being trained: the during-training metrics (fastweight's set) equal the final
+    # evaluation's, which adds open-unlearning's metrics, up to float32 summation order
+    during, after = res.during[-1]["metrics"], res.metrics["satimp (after)"]
+    assert set(during) <= set(after)
+    assert all(during[k] == pytest.approx(after[k], rel=1e-6, abs=1e-9) for k in during), (during, after)
     fresh = dict(load_model_and_tokenizer(tiny)[0].named_parameters())
     n_lora = 0
     for name, p in trained.named_parameters():
