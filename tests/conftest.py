@@ -57,3 +57,20 @@ def fresh_accelerate_state():
 
     GradientState._reset_state()
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
+def loader(monkeypatch):
+    """``pipelines.common.load_model`` replaced by a recorder that raises ``helpers.Loaded``: a test sees which
+    model specs a run tried to load, and that every check came before the first load. Returns the spec list."""
+    from fastweight.pipelines import common as C
+    from helpers import Loaded
+
+    calls: list[str] = []
+
+    def fake(spec, *args, **kwargs):
+        calls.append(spec)
+        raise Loaded(spec)
+
+    monkeypatch.setattr(C, "load_model", fake)
+    return calls

@@ -190,3 +190,20 @@ def save_tiny_tofu_model(folder) -> str:
              if not name.startswith("holdout") for r in rows]
     return str(save_tiny_model(folder, texts + ["Question: Answer:", *REFUSALS], hidden_size=32, num_layers=2,
                                seed=2))
+
+
+def lm_batch(seed: int, B: int, T: int, V: int, prefix: str = "") -> dict:
+    """A causal-LM batch [B, T] of random ids: row 1 right-padded by 3, the first 3 labels of every row (the
+    prompt) and the padding set to IGNORE_INDEX; keys carry ``prefix`` (e.g. "idk_")."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (B, T), generator=gen)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, -3:] = 0
+    labels = ids.clone()
+    labels[:, :3] = IGNORE_INDEX
+    labels[mask == 0] = IGNORE_INDEX
+    return {prefix + "input_ids": ids, prefix + "attention_mask": mask, prefix + "labels": labels}
+
+
+class Loaded(Exception):
+    """Raised by the recording loader (conftest ``loader``): the run got as far as loading a model."""

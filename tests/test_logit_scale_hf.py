@@ -18,6 +18,7 @@ import fastweight
 from fastweight._constants import IGNORE_INDEX
 
 transformers = pytest.importorskip("transformers")
+from helpers import lm_batch  # noqa: E402
 from fastweight.integrations.transformers import logit_scale_of, output_head  # noqa: E402
 from fastweight.train.methods import build_method, lm_forward  # noqa: E402
 from fastweight.train.objective import UnlearnObjective  # noqa: E402
@@ -49,14 +50,7 @@ def _model(family: str, seed: int = 0):
 
 
 def _batch(seed: int = 1, B: int = 2):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, V, (B, T), generator=gen)
-    mask = torch.ones(B, T, dtype=torch.long)
-    mask[1, -3:] = 0
-    labels = ids.clone()
-    labels[:, :3] = IGNORE_INDEX
-    labels[mask == 0] = IGNORE_INDEX
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return lm_batch(seed, B, T, V)
 
 
 def _grads(model):

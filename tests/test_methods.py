@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from fastweight import LOSSES
-from fastweight._constants import IGNORE_INDEX
 from fastweight.losses import get
 from fastweight.reference import flat as flat_ref
 from fastweight.reference import preference as pref_ref
@@ -18,6 +17,7 @@ from fastweight.reference import reweighted as rw_ref
 from fastweight.reference import reweighted_variants as var_ref
 from fastweight.reference import rmu as rmu_ref
 from fastweight.train.methods import METHODS, build_method
+from helpers import lm_batch
 
 transformers = pytest.importorskip("transformers")
 
@@ -37,14 +37,7 @@ def models():
 
 
 def _batch(seed, prefix=""):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, V, (B, T), generator=gen)
-    mask = torch.ones(B, T, dtype=torch.long)
-    mask[1, -3:] = 0
-    labels = ids.clone()
-    labels[:, :3] = IGNORE_INDEX
-    labels[mask == 0] = IGNORE_INDEX
-    return {prefix + "input_ids": ids, prefix + "attention_mask": mask, prefix + "labels": labels}
+    return lm_batch(seed, B, T, V, prefix)
 
 
 FORGET = {**_batch(0), **_batch(1, "idk_")}

@@ -14,6 +14,7 @@ from fastweight.reference import released as ref
 from fastweight.reference import retain as retain_ref
 from fastweight.reference import reweighted as rw_ref
 from fastweight.train.methods import METHODS, build_method
+from helpers import lm_batch
 
 transformers = pytest.importorskip("transformers")
 
@@ -33,14 +34,7 @@ def models():
 
 
 def _batch(seed, prefix=""):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, V, (B, T), generator=gen)
-    mask = torch.ones(B, T, dtype=torch.long)
-    mask[1, -3:] = 0
-    labels = ids.clone()
-    labels[:, :3] = IGNORE_INDEX
-    labels[mask == 0] = IGNORE_INDEX
-    return {prefix + "input_ids": ids, prefix + "attention_mask": mask, prefix + "labels": labels}
+    return lm_batch(seed, B, T, V, prefix)
 
 
 IMP = (torch.rand(B, T, generator=torch.Generator().manual_seed(7)) < 0.5).float()

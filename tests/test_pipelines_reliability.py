@@ -18,26 +18,13 @@ from fastweight.pipelines import tofu
 from fastweight.pipelines.config import cli_main
 from fastweight.pipelines.config import coerce, config_from_mapping
 from fastweight.train.models import save_tiny_model
+from helpers import Loaded
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(n_authors=6, questions_per_author=2, n_general=6, max_new_tokens=2, mixed_precision="no",
             max_eval_items=1, epochs=1)
 
 
-class Loaded(Exception):
-    """Raised by the recording loader: the run got as far as loading a model."""
-
-
-@pytest.fixture
-def loader(monkeypatch):
-    calls: list[str] = []
-
-    def fake(spec, *args, **kwargs):
-        calls.append(spec)
-        raise Loaded(spec)
-
-    monkeypatch.setattr(C, "load_model", fake)
-    return calls
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import fastweight
 from fastweight.data.synth_tofu import write_tofu_folder
 from fastweight.data.tofu import QADataset, load_tofu
 from fastweight.data.wmdp import check_mcq_rows
-from fastweight.pipelines import common as C
 from fastweight.pipelines import tofu
 from fastweight.pipelines.config import cli_main, read_config_file
 from fastweight.train.checkpoint import CheckpointError, CheckpointWriteError, latest_checkpoint
@@ -31,20 +30,6 @@ FAST = dict(n_authors=6, questions_per_author=2, n_general=6, max_new_tokens=2, 
             max_eval_items=1, epochs=1, finetuned=True)
 
 
-class Loaded(Exception):
-    pass
-
-
-@pytest.fixture
-def loader(monkeypatch):
-    calls: list[str] = []
-
-    def fake(spec, *args, **kwargs):
-        calls.append(spec)
-        raise Loaded(spec)
-
-    monkeypatch.setattr(C, "load_model", fake)
-    return calls
 
 
 def _train(tiny_dir, out, model=None, **kw):

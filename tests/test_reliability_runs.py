@@ -25,20 +25,6 @@ FAST = dict(n_authors=6, questions_per_author=2, n_general=6, max_new_tokens=2, 
 DATA = tiny_tofu()
 
 
-class Loaded(Exception):
-    pass
-
-
-@pytest.fixture
-def loader(monkeypatch):
-    calls: list[str] = []
-
-    def fake(spec, *args, **kwargs):
-        calls.append(spec)
-        raise Loaded(spec)
-
-    monkeypatch.setattr(C, "load_model", fake)
-    return calls
 
 
 @pytest.fixture(scope="module")
