@@ -207,3 +207,16 @@ def lm_batch(seed: int, B: int, T: int, V: int, prefix: str = "") -> dict:
 
 class Loaded(Exception):
     """Raised by the recording loader (conftest ``loader``): the run got as far as loading a model."""
+
+
+def save_tiny_pipeline_model(folder) -> str:
+    """A tiny random Llama whose tokenizer covers every text of the 6-author generated TOFU set the pipeline run
+    tests use (answers, paraphrases, perturbed answers) and the refusals; returns the folder."""
+    from fastweight.data.synth_tofu import generate_tofu
+    from fastweight.data.templates import REFUSALS
+    from fastweight.train.models import save_tiny_model
+
+    rows = generate_tofu(seed=0, n_authors=6, questions_per_author=2, n_general=6)
+    texts = [" ".join([r["question"], r["answer"], r.get("paraphrased_answer", ""), *r.get("perturbed_answer", [])])
+             for rs in rows.values() for r in rs]
+    return str(save_tiny_model(folder, texts + ["Question: Answer:", *REFUSALS]))

@@ -15,12 +15,10 @@ from pathlib import Path
 import pytest
 
 from fastweight.cli import main as cli
-from fastweight.data.synth_tofu import generate_tofu
-from fastweight.data.templates import REFUSALS
 from fastweight.pipelines import cache as K
 from fastweight.pipelines import common as C
 from fastweight.pipelines import tofu
-from fastweight.train.models import save_tiny_model
+from helpers import save_tiny_pipeline_model
 
 FAST = dict(n_authors=6, questions_per_author=2, n_general=6, ft_epochs=1, ft_max_steps=1, max_new_tokens=2,
             mixed_precision="no", max_eval_items=1, epochs=2, max_steps=2)
@@ -28,10 +26,7 @@ FAST = dict(n_authors=6, questions_per_author=2, n_general=6, ft_epochs=1, ft_ma
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    rows = generate_tofu(seed=0, n_authors=6, questions_per_author=2, n_general=6)
-    texts = [" ".join([r["question"], r["answer"], r.get("paraphrased_answer", ""), *r.get("perturbed_answer", [])])
-             for rs in rows.values() for r in rs]
-    return str(save_tiny_model(tmp_path_factory.mktemp("tiny"), texts + ["Question: Answer:", *REFUSALS]))
+    return save_tiny_pipeline_model(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from fastweight.data.synth_tofu import generate_tofu, write_tofu_folder
-from fastweight.data.templates import REFUSALS
+from fastweight.data.synth_tofu import write_tofu_folder
 from fastweight.pipelines import common as C
 from fastweight.pipelines import tofu
 from fastweight.pipelines.config import cli_main
 from fastweight.pipelines.config import coerce, config_from_mapping
-from fastweight.train.models import save_tiny_model
-from helpers import Loaded
+from helpers import Loaded, save_tiny_pipeline_model
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(n_authors=6, questions_per_author=2, n_general=6, max_new_tokens=2, mixed_precision="no",
@@ -29,10 +27,7 @@ FAST = dict(n_authors=6, questions_per_author=2, n_general=6, max_new_tokens=2, 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    rows = generate_tofu(seed=0, n_authors=6, questions_per_author=2, n_general=6)
-    texts = [" ".join([r["question"], r["answer"], r.get("paraphrased_answer", ""), *r.get("perturbed_answer", [])])
-             for rs in rows.values() for r in rs]
-    return str(save_tiny_model(tmp_path_factory.mktemp("tiny"), texts + ["Question: Answer:", *REFUSALS]))
+    return save_tiny_pipeline_model(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture

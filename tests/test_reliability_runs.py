@@ -10,15 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from fastweight.data.synth_tofu import generate_tofu, write_tofu_folder
-from fastweight.data.templates import REFUSALS
+from fastweight.data.synth_tofu import write_tofu_folder
 from fastweight.data.tofu import QADataset
 from fastweight.pipelines import common as C
 from fastweight.pipelines import tofu
 from fastweight.train.config import TrainConfig
 from fastweight.train.loop import train
-from fastweight.train.models import load_model_and_tokenizer, save_model, save_tiny_model
-from helpers import tiny_tofu
+from fastweight.train.models import load_model_and_tokenizer, save_model
+from helpers import save_tiny_pipeline_model, tiny_tofu
 
 FAST = dict(n_authors=6, questions_per_author=2, n_general=6, max_new_tokens=2, mixed_precision="no",
             max_eval_items=1, epochs=1, finetuned=True)
@@ -29,10 +28,7 @@ DATA = tiny_tofu()
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    rows = generate_tofu(seed=0, n_authors=6, questions_per_author=2, n_general=6)
-    texts = [" ".join([r["question"], r["answer"], r.get("paraphrased_answer", ""), *r.get("perturbed_answer", [])])
-             for rs in rows.values() for r in rs]
-    return str(save_tiny_model(tmp_path_factory.mktemp("tiny"), texts + ["Question: Answer:", *REFUSALS]))
+    return save_tiny_pipeline_model(tmp_path_factory.mktemp("tiny"))
 
 
 def _cfg(tmp_path, model, **kw):
