@@ -105,7 +105,8 @@ def test_fused_linear_satimp_feeds_no_subnormal_to_gemms(reduction, gemm_operand
     upstream = None if reduction == "mean" else torch.ones(y.shape[0])
     _, grads = compare_with_reference(impl, naive, [hidden, W], dtype=torch.float32, upstream=upstream,
                                       names=["hidden", "lm_head"])
-    assert len(gemm_operands) >= 3 * 3  # 3 chunks x (logits, d hidden, d lm_head)
+    # 3 chunks' logits; the gradient GEMMs only for chunks with a live row (test_live_rows.py)
+    assert sum(name == "linear" for name, _ in gemm_operands) >= 3 and len(gemm_operands) > 3
     assert [c for c in gemm_operands if c[1]] == []
     assert [n_subnormal(g) for g in grads] == [0, 0]
 

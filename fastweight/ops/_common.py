@@ -278,6 +278,37 @@ def flush_subnormal_rows_(p: torch.Tensor, scale: torch.Tensor, log_min: torch.T
     return p
 
 
+def compact_live_rows_(buf: torch.Tensor, coef: torch.Tensor, *, min_dead: int = 1,
+                       blocks: int = 8) -> torch.Tensor | None:
+    """Move the rows of ``buf [c, V]`` whose per-row factor ``coef [c]`` is nonzero to its front, in place.
+
+    A row whose gradient factor is exactly 0 (SatImp's weight ``p**beta1`` of an unlikely token after
+    ``flush_subnormal_``, a zero token weight) adds exactly nothing to ``d hidden`` or ``d lm_head``, so the
+    gradient GEMMs can skip it: returns the live rows' indices ``keep`` (ascending; ``buf[:len(keep)]`` then
+    holds them in order), or None, moving nothing, when fewer than ``max(1, min_dead)`` rows are dead (the
+    moves cost a pass over the rows that shift; a few saved rows do not pay for it).
+
+    The rows shift down (``keep[i] >= i``) in at most ``blocks`` blocks of rows, each copied through a
+    temporary of its own size: row ``keep[i]`` is read before any row at or above it is written, and the
+    temporary is at most ``1 / blocks`` of the buffer.
+    """
+    if buf.dim() != 2 or coef.shape != buf.shape[:1] or not buf.is_contiguous():
+        raise ValueError(f"compact_live_rows_: buf must be a contiguous [c, V] tensor and coef [c], got "
+                         f"{tuple(buf.shape)} / {tuple(coef.shape)}")
+    live = coef != 0
+    k = int(live.sum())
+    if coef.numel() - k < max(1, min_dead):
+        return None
+    keep = live.nonzero().squeeze(1)
+    moved = (keep != torch.arange(k, device=keep.device)).nonzero()
+    first = int(moved[0]) if moved.numel() else k  # rows before it are already in place
+    step = max(1, -(-buf.shape[0] // max(1, blocks)))
+    for a in range(first, k, step):
+        b = min(k, a + step)
+        buf[a:b].copy_(buf.index_select(0, keep[a:b]))
+    return keep
+
+
 def importance_weight_torch(logp: torch.Tensor, beta1: float, beta2: float) -> torch.Tensor:
     """w = p**beta1 * (1 - p)**beta2 from log p, 0**0 == 1, (1 - p) = -expm1(log p)."""
     w = torch.ones_like(logp)

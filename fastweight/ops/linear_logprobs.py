@@ -33,7 +33,7 @@ from fastweight.ops._common import (
     acc_dtype, autocast_cast, check_finite, check_float_tensor, check_labels, check_logit_scale,
     check_token_weights, check_weight_options, importance_weight_torch, launch_kernel, no_autocast, resolve_backend,
     signature_of, triton_interpret,
-    flush_subnormal_, tiny_factors,
+    compact_live_rows_, flush_subnormal_, tiny_factors,
 )
 from fastweight.ops._gemm import add_linear_t_, gemm_operand, linear, new_products
 
@@ -79,6 +79,12 @@ TORCH_CHUNK_ELEMENTS = 3 << 22
 # d lm_head update reads and writes the whole float32 [V, H] accumulator (1 GB per chunk at Llama-2-7B's head),
 # so on a GPU few large chunks matter more than cache residency (c = 1048 rows at V = 32000).
 CUDA_CHUNK_ELEMENTS = 1 << 25
+
+
+# Rows of a chunk whose gradient factor is 0 are left out of its two gradient GEMMs when they are at least
+# 1/8 of it: moving the live rows costs up to one pass over the buffer, one dead row in 8 saves 1/8 of two
+# GEMMs, about 10x more.
+LIVE_MIN_DEAD_FRACTION = 8
 
 
 def chunk_step(chunk_elements: int, V: int, device: torch.device, default: int = TORCH_CHUNK_ELEMENTS) -> int:
@@ -415,12 +421,21 @@ class _Chunker:
             dh_c = -s coef * (E @ W),   dW += E^T @ (-s coef * h_c),   db += E^T @ (-s coef).
         In chunks with tiny factors (SatImp's weights of unlikely tokens) the scaled [c, H] operands are
         flushed of subnormal values, so no GEMM reads them (``flush_subnormal_``: 6x on an Intel Xeon otherwise).
+        Rows whose factor is then exactly 0 add nothing: when at least 1 / ``LIVE_MIN_DEAD_FRACTION`` of the
+        chunk's rows are such, the live rows are moved to the front of E (``compact_live_rows_``) and only they
+        enter the two gradient GEMMs (the unlearned regime: most forget tokens' SatImp weights are 0 there).
         """
         coef = -coef if self.scale == 1.0 else coef * -self.scale  # a new tensor: the caller's g is not touched
         coef = flush_subnormal_(coef)
         flush = flush_subnormal_ if tiny_factors(coef) else (lambda t: t)
         if deriv is not None:
             E.mul_(deriv)
+        keep = compact_live_rows_(E, coef, min_dead=E.shape[0] // LIVE_MIN_DEAD_FRACTION)
+        if keep is not None:  # rows with a zero factor add nothing: the two GEMMs take the live rows only
+            if keep.numel() == 0:
+                return
+            E, coef, h = E[: keep.numel()], coef[keep], h.index_select(0, keep)
+            idx = keep + idx.start if isinstance(idx, slice) else idx[keep]
         if dh is not None:
             dh[idx] = flush(linear(E, self.W.t()).mul_(coef[:, None]))
         if dW is not None:
