@@ -149,6 +149,11 @@ def upstream_like(shape, dtype: torch.dtype, *, seed: int = 1) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------- tiny Hugging Face model
+# The causal LM of the method tests (test_methods*.py): wider than tiny_llama_lm's default, 4 heads.
+METHOD_LM = dict(hidden_size=24, intermediate_size=40, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=64)
+
+
 def tiny_llama_lm(vocab_size: int, *, seed: int = 0, **config):
     """A random 2-layer ``LlamaForCausalLM`` (hidden 16, eager attention, float32) whose ``lm_head`` has std 0.3,
     so token probabilities are far from uniform and every loss is non-trivial. ``config`` overrides fields."""

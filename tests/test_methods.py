@@ -17,7 +17,7 @@ from fastweight.reference import reweighted as rw_ref
 from fastweight.reference import reweighted_variants as var_ref
 from fastweight.reference import rmu as rmu_ref
 from fastweight.train.methods import METHODS, build_method
-from helpers import lm_batch
+from helpers import METHOD_LM, lm_batch, tiny_llama_lm
 
 transformers = pytest.importorskip("transformers")
 
@@ -25,10 +25,7 @@ B, T, V = 3, 8, 67
 
 
 def _model(seed):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(hidden_size=24, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=V, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama_lm(V, seed=seed, num_hidden_layers=3, **METHOD_LM).eval()
 
 
 @pytest.fixture(scope="module")
