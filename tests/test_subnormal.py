@@ -135,3 +135,22 @@ def test_logits_path_gradient_has_no_subnormal(reduction):
     gt_out.backward(None if reduction == "mean" else torch.ones_like(gt_out))
     assert n_subnormal(logits.grad) == 0
     torch.testing.assert_close(logits.grad.double(), gt.grad, rtol=1e-4, atol=1e-6 * float(gt.grad.abs().max()))
+
+
+def test_flush_tiny_rows_flushes_only_rows_with_tiny_factors():
+    g = torch.Generator().manual_seed(4)
+    factor = torch.tensor([1.0, 1e-37, 0.0, -5e-38, 2.0, 1e-20])
+    t = torch.randn(6, 40, generator=g) * factor[:, None]
+    t[4, 3] = TINY / 4  # a subnormal in a row whose factor is not tiny: left alone (the GEMM operands' rows
+    # are products with their factor; only tiny factors make them subnormal)
+    flagged = torch.tensor([1, 3])
+    assert n_subnormal(t[flagged]) > 0
+    expect = t.clone()
+    expect[flagged] = _common.flush_subnormal_(expect[flagged].clone())
+    out = _common.flush_tiny_rows_(t.clone(), factor)
+    torch.testing.assert_close(out, expect, rtol=0, atol=0)
+    assert n_subnormal(out[flagged]) == 0 and float(out[4, 3]) == TINY / 4
+    every = torch.full((6,), 1e-35)  # every row flagged: the whole operand at once
+    u = torch.randn(6, 40, generator=g) * 1e-5
+    torch.testing.assert_close(_common.flush_tiny_rows_(u.clone() * 1e-35, every),
+                               _common.flush_subnormal_(u.clone() * 1e-35), rtol=0, atol=0)

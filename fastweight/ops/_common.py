@@ -262,6 +262,25 @@ def tiny_factors(scale: torch.Tensor) -> bool:
     return bool((small & (scale != 0)).any())
 
 
+def flush_tiny_rows_(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``flush_subnormal_`` on the rows of ``t [c, H]`` (a product scaled row-wise by ``factor [c]``) whose
+    factor is nonzero and below ``finfo.tiny * 2**24`` (the rows ``tiny_factors`` flags); other rows are left
+    as they are. Returns ``t``.
+
+    Only the flagged rows are gathered, flushed and written back, so in the usual chunk, with a few such rows,
+    the three passes run on a few rows on the calling thread instead of three OpenMP parallel regions over the
+    whole ``[c, H]`` operand, each a barrier that waits a scheduler slice for a descheduled thread on a busy
+    machine (docs/performance.md, "Contended cores").
+    """
+    mag = factor.abs()
+    risky = ((mag < torch.finfo(factor.dtype).tiny * 2.0 ** 24) & (mag != 0)).nonzero().squeeze(1)
+    if risky.numel() == t.shape[0]:
+        return flush_subnormal_(t)
+    if risky.numel():
+        t.index_copy_(0, risky, flush_subnormal_(t.index_select(0, risky)))
+    return t
+
+
 def flush_subnormal_rows_(p: torch.Tensor, scale: torch.Tensor, log_min: torch.Tensor) -> torch.Tensor:
     """``p *= scale[:, None]`` for a ``[c, V]`` block of probabilities p in [0, 1], with no subnormal product.
 
