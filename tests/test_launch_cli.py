@@ -24,7 +24,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", 
 # 6 authors x 4 questions: forget10 = 4 rows, retain90 = 20, full = 24 (multiples of the global batches below)
 DATA = ["--n-authors", "6", "--questions-per-author", "4", "--n-general", "6", "--max-new-tokens", "4",
         "--max-eval-items", "4", "--mixed-precision", "no", "--ft-epochs", "1", "--epochs", "2", "--lr", "1e-2",
-        "--ft-lr", "1e-2", "--save-every", "1"]
+        "--ft-lr", "1e-2", "--save-every", "1", "--eval-every", "2"]
 ONE = ["--ft-batch-size", "4", "--batch-size", "2"]      # one process
 TWO = ["--ft-batch-size", "2", "--batch-size", "1"]      # per process: the same global batches
 DDP = ["--multi_gpu"]
@@ -108,6 +108,14 @@ def _assert_same_results(got: Path, want: Path) -> None:
             assert a[col][k] == pytest.approx(v, rel=1e-4, abs=1e-7), f"{col} / {k}"
     assert _losses(got) == pytest.approx(_losses(want), rel=1e-5)
     assert len(_losses(got)) == 4
+    # --eval-every 2: the evaluations during unlearning (under ZeRO-3 inside the engine) agree too
+    da, db = _results(got)["during"], _results(want)["during"]
+    assert [d["step"] for d in da] == [d["step"] for d in db] == [2, 4]
+    for x, y in zip(da, db):
+        assert set(x["metrics"]) == set(y["metrics"])
+        for k, v in y["metrics"].items():
+            if isinstance(v, (int, float)):
+                assert x["metrics"][k] == pytest.approx(v, rel=1e-4, abs=1e-7), f"during {x['step']} / {k}"
 
 
 def _assert_clean(out: Path) -> None:

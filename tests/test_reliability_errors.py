@@ -243,23 +243,31 @@ def test_input_ids_beyond_the_vocabulary_are_refused_by_name():
         lm_forward(tiny_llama_lm(20), {"input_ids": ids})
 
 
-def test_eval_every_refused_under_zero3_before_loading(monkeypatch, tmp_path, tiny_dir):
-    """--eval-every under a DeepSpeed ZeRO-3 launch fails in one line before any model loads (it used to fail
-    mid-run, after fine-tuning)."""
+def test_launch_zero_stage_reads_accelerate_environment(monkeypatch, tmp_path):
+    """The ZeRO stage of an ``accelerate launch --use_deepspeed`` run, from its config file or the stage variable."""
     import json as _json
 
-    from fastweight.pipelines import tofu
+    from fastweight.train.zero3 import launch_zero_stage
 
     ds = tmp_path / "ds.json"
     ds.write_text(_json.dumps({"zero_optimization": {"stage": 3}}))
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds))
     monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", raising=False)
-    cfg = tofu.TofuConfig(output_dir=str(tmp_path / "out"), eval_every=2, model=str(tiny_dir),
-                          cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(ValueError, match="--eval-every is not supported under DeepSpeed ZeRO-3"):
-        tofu.run(cfg)
+    assert launch_zero_stage() == 3
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
-    from fastweight.train.zero3 import launch_zero_stage
-
     assert launch_zero_stage() == 2
+
+
+def test_eval_every_with_gradnorm_refused_under_zero3_before_loading(monkeypatch, tmp_path, tiny_dir):
+    """--eval-every is supported under ZeRO-3 (tests/test_launch_cli.py), but not with MUSE's gradnorm attack,
+    whose gradients would be taken inside the engine: one line before any model loads."""
+    from fastweight.pipelines import muse
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
+    cfg = muse.MuseConfig(output_dir=str(tmp_path / "out"), eval_every=2, mia_attacks="loss,gradnorm",
+                          model=str(tiny_dir), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="--eval-every with the gradnorm attack"):
+        muse.run(cfg)

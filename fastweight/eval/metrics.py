@@ -40,7 +40,8 @@ import torch
 from fastweight._constants import IGNORE_INDEX
 from fastweight.ops._common import shift_labels
 from fastweight.ops.token_stats import TokenStats, linear_token_stats, token_stats
-from fastweight.train.methods import lm_forward
+from fastweight.train.methods import decoder_hidden, lm_forward, lm_hidden
+from fastweight.train.zero3 import in_engine, within_call
 
 
 class MetricResult(TypedDict):
@@ -289,10 +290,28 @@ def teacher_forced_stats(model, batch: Mapping[str, torch.Tensor], target: torch
     model returning ``.logits`` is scored from those logits with the same op.
     """
     if callable(getattr(model, "get_output_embeddings", None)):
+        if in_engine(model):
+            return _stats_in_engine(model, batch, target)
         hid = lm_forward(model, batch)
         return linear_token_stats(hid.hidden, target.to(hid.hidden.device), **hid.head())
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return token_stats(logits, target.to(logits.device))
+
+
+def _stats_in_engine(model, batch: Mapping[str, torch.Tensor], target: torch.Tensor) -> TokenStats:
+    """``teacher_forced_stats`` of a model inside a DeepSpeed ZeRO-3 engine (``--eval-every`` during training):
+    the engine's hooks hold a module's weights whole only during that module's own call, so the decoder runs
+    as usual and the fused statistics run inside the output layer's call (``zero3.within_call``), where its
+    weight is gathered. Every process runs the same forwards, as the engine needs."""
+    from fastweight.integrations.transformers import output_head
+
+    hidden = decoder_hidden(model, batch)
+
+    def stats(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        hid = lm_hidden(h, output_head(model))
+        return tuple(linear_token_stats(h, target.to(h.device), **hid.head()))
+
+    return TokenStats(*within_call(model.get_output_embeddings(), stats, hidden))
 
 
 def answer_token_stats(model, batch: Mapping[str, torch.Tensor]) -> list[dict]:

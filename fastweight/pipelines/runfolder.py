@@ -113,10 +113,12 @@ def check_before_loading(cfg: Any, method_args: Mapping[str, Any]) -> None:
     from fastweight.pipelines.modelcheck import check_model_settings
     from fastweight.train.zero3 import launch_zero_stage
 
-    if getattr(cfg, "eval_every", 0) and launch_zero_stage() == 3:
-        raise ValueError("--eval-every is not supported under DeepSpeed ZeRO-3 yet (the model inside the engine keeps "
-                         "its output layer partitioned, which the fused evaluation reads); leave it at 0 (the run "
-                         "still evaluates before and after unlearning) or launch with ZeRO-1/2 or DDP")
+    attacks = getattr(cfg, "mia_attacks", None) or ""
+    if getattr(cfg, "eval_every", 0) and "gradnorm" in attacks and launch_zero_stage() == 3:
+        raise ValueError("--eval-every with the gradnorm attack is not supported under DeepSpeed ZeRO-3 (its "
+                         "gradients would be taken inside the training engine, whose hooks own the parameters' "
+                         "gradients); drop gradnorm from --mia-attacks or leave --eval-every at 0 (the final "
+                         "evaluation runs gradnorm on a separate copy of the model)")
     check_writable(cfg.cache_dir, "--cache-dir")
     check_model_settings(cfg, method_args)
 

@@ -141,19 +141,27 @@ def lm_forward(model, batch: dict, prefix: str = "") -> LMHidden:
     if isinstance(model, AdapterDisabled):
         with model.model.disable_adapter():
             return lm_forward(model.model, batch, prefix)
+    gather_output_layer(model)  # FSDP2: an lm_head unit of its own is all-gathered first
+    head = output_head(model)  # the one reader of the head (weight, bias, softcap, logit scale, refusals)
+    return lm_hidden(decoder_hidden(model, batch, prefix), head)
+
+
+def lm_hidden(hidden: torch.Tensor, head) -> LMHidden:
+    """``LMHidden`` from last hidden states and an ``integrations.transformers.OutputHead``."""
+    return LMHidden(hidden, head.weight, head.bias, head.softcap, head.logit_scale)
+
+
+def decoder_hidden(model, batch: dict, prefix: str = "") -> torch.Tensor:
+    """The last hidden states [B, T, H] of ``lm_forward`` (its decoder forward alone; the head is not read)."""
     input_ids = _batch_get(batch, "input_ids", prefix)
     attention_mask = batch.get(prefix + "attention_mask")
     check_token_ids(prefix + "input_ids", input_ids, _vocab_size(model))
-    gather_output_layer(model)  # FSDP2: an lm_head unit of its own is all-gathered first
-    head = output_head(model)  # the one reader of the head (weight, bias, softcap, logit scale, refusals)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     if decoder is not None and decoder is not model:
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    else:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
-        hidden = out.hidden_states[-1]
-    return LMHidden(hidden, head.weight, head.bias, head.softcap, head.logit_scale)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+    return out.hidden_states[-1]
 
 
 # ---------------------------------------------------------------------------------------------------------

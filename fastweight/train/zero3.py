@@ -173,6 +173,27 @@ def gathered_forwards(model, whole: bool = False):
                 stack.close()
 
 
+def within_call(module, fn, *args):
+    """``fn(*args)`` run as ``module``'s forward for one call, so the hooks on ``module`` run around it.
+
+    Inside a ZeRO-3 engine the hooks gather a module's own parameters only for the duration of its call (and
+    parameters read inside another module's call join that call's gathering); a computation that reads them
+    outside any forward, as the fused evaluation reads the output layer's weight, runs through this with the
+    output layer as ``module``. ``fn`` should return a tensor or a plain tuple of tensors (the hooks walk the
+    output). A no-op wrapper for a module without hooks.
+    """
+    had = "forward" in module.__dict__
+    old = module.__dict__.get("forward")
+    module.forward = fn
+    try:
+        return module(*args)
+    finally:
+        if had:
+            module.forward = old
+        else:
+            del module.forward
+
+
 def local_and_full_numel(model) -> tuple[int, int]:
     """(elements this rank holds, elements of the whole model): ``ds_tensor.numel()`` / ``ds_numel`` for a
     partitioned parameter, ``numel()`` twice for an ordinary one."""
@@ -186,4 +207,4 @@ def local_and_full_numel(model) -> tuple[int, int]:
 
 
 __all__ = ["fill_auto", "gathered_forwards", "hidden_size", "in_engine", "is_partitioned", "launch_plugin",
-           "local_and_full_numel"]
+           "local_and_full_numel", "within_call"]
