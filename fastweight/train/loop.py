@@ -151,13 +151,7 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
 
     cfg = config or TrainConfig()
     out_dir = Path(cfg.output_dir)
-    method = None
-    if cfg.method is not None:
-        from fastweight.train.methods import build_method
-
-        method = build_method(cfg.method, **cfg.method_args)
-        if method.needs_retain and retain is None:
-            raise ValueError(f"method {method.name!r} needs a retain set; pass retain=")
+    method = _method(cfg, retain)
     claim_output_dir(out_dir, cfg, write=False)  # every process checks before anything is written
     retain_probe_set = retain  # G-effect probes the retain set even for methods without a retain term
     if method is None or not method.needs_retain:
@@ -167,45 +161,10 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
     # raised) leaves sync_gradients False, which makes the prepared optimizer skip its steps; start synced
     acc.gradient_state._set_sync_gradients(True)
     check_engine(acc, cfg, method, model)
-    needs_idk = method is not None and method.needs_idk
-    model = maybe_lora(model, cfg)
-    is_peft = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-    if is_peft:
-        check_head_without_adapter(model)
-    keep_layer = layer_filter(model, cfg.trainable_layers)
-    base = {n for n, p in model.named_parameters() if p.requires_grad} if is_peft else None
-    for name, p in model.named_parameters():
-        p.requires_grad_((base is None or name in base) and keep_layer(name)
-                         and (method is None or bool(method.trainable(name))))
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("no trainable parameters (check trainable_layers, lora_targets and the method's "
-                         "trainable())")
+    model, params, is_peft = _trainable(model, cfg, method)
     precision = plan_for(acc, {p.dtype for p in params})  # bf16 / fp16 weights: who keeps fp32 masters
-    if cfg.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-
-    ref = None
-    if method is not None and method.ref_kind == "model":
-        if is_peft:
-            from fastweight.train.methods import AdapterDisabled
-
-            ref = AdapterDisabled(model)
-        else:
-            ref = copy.deepcopy(model)  # frozen, prepared (and sharded) together with the policy
-    objective = UnlearnObjective(model, method, ref)
-
-    data = ForgetRetainDataset(forget, retain, seed=cfg.seed, rank=0,  # draws independent of the rank layout
-                               refusals=(refusals or REFUSALS) if needs_idk else None)
-    sampler = EpochSampler(len(data), seed=cfg.seed)
-    pad = forget.tokenizer.pad_token_id if forget.tokenizer.pad_token_id is not None else \
-        forget.tokenizer.eos_token_id
-    collate = partial(pad_collate, pad_token_id=pad)
-    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate)
+    objective = UnlearnObjective(model, method, _reference(model, method, is_peft))
+    data, sampler, collate, loader = _data(forget, retain, cfg, method, refusals)
     optimizer = make_optimizer(params, precision, lr=cfg.lr, weight_decay=cfg.weight_decay)
     objective.train()
     # the schedule needs the per-process batch count, known only once the loader is sharded: a callable that
@@ -218,58 +177,18 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
     policy = inner.policy
 
     n_batches = len(loader)
-    steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
-    total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps,
-                                                                         cfg.epochs * steps_per_epoch)
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(steps_per_epoch, total // 2)
-    # stepped once per optimizer step by this loop (accelerate's prepared scheduler would step it
-    # num_processes times, which ties the schedule to the world size)
-    sched.update(warmup=warmup, total=total)
-    for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
-        group["lr"] = base_lr * _lr_lambda(0, warmup, total)
-    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+    total = _fix_schedule(scheduler, sched, n_batches, cfg)
+    tracker, probes = _g_effect_probes(cfg, method, acc, collate, forget, retain_probe_set)
 
-    tracker = probes = None
-    if cfg.g_effect_every and method is not None:
-        from fastweight.analysis import GEffectTracker
-
-        tracker = GEffectTracker(every=cfg.g_effect_every, ema=cfg.g_effect_ema)
-
-        def probe(ds):
-            if ds is None:
-                return None
-            items = [ds[i] for i in range(min(cfg.g_effect_probe_size, len(ds)))]
-            return {k: v.to(acc.device) for k, v in collate(items).items() if k != "index"}
-
-        probes = (probe(forget), probe(retain_probe_set))
-
-    state = {"global_step": 0, "epoch": 0, "batch_in_epoch": 0}
     log_path = out_dir / "log.jsonl"
-    history: list[dict] = []
-    ckpt = latest_checkpoint(out_dir) if cfg.resume else None
     if method is not None and method.ref_kind == "table":
         inner.set_ref(build_reference_table(acc, objective, data, sampler, collate, cfg, start_epoch=0))
-    if ckpt is not None:
-        state = load_checkpoint(acc, ckpt, policy=policy, optimizer=optimizer, scheduler=scheduler, method=method,
-                                module=objective)
-        if tracker is not None:  # the record of the steps before the checkpoint is kept, not truncated
-            restore_g_effect(tracker, out_dir / "g_effect.json", state["global_step"])
-        if log_path.is_file():
-            if acc.is_main_process:
-                repair_log(log_path)  # a line torn by a kill: dropped, the original kept beside it
-            acc.wait_for_everyone()
-            lines = log_path.read_text().splitlines()
-            history = [json.loads(line) for line in lines if line.strip()]
-            history = [h for h in history if h["step"] <= state["global_step"]]
+    ckpt = latest_checkpoint(out_dir) if cfg.resume else None
+    state, history = _resume(acc, ckpt, log_path, tracker, policy=policy, optimizer=optimizer,
+                             scheduler=scheduler, method=method, module=objective)
     acc.wait_for_everyone()  # every process has checked the folder (claim_output_dir) before it is written
     if acc.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        claim_output_dir(out_dir, cfg, write=True)
-        if log_path.is_file() and len([x for x in log_path.read_text().splitlines() if x.strip()]) > len(history):
-            move_aside(log_path, "before-resume")  # lines past the checkpoint: kept beside, not truncated away
-        tmp = log_path.with_name(log_path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-        os.replace(tmp, log_path)
+        _claim_and_write_log(out_dir, cfg, log_path, history)
 
     def run_eval(step: int, epoch: int) -> dict:
         if eval_fn is None:
@@ -303,36 +222,8 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
             group_start = (i // cfg.grad_accum) * cfg.grad_accum
             if i - group_start + 1 < min(cfg.grad_accum, n_batches - group_start):
                 continue
-            # global counts of this optimizer step: all micro-batches, all processes
-            counts = torch.tensor([sum(c) for c in zip(*(_units(method, b) for b in group))],
-                                  dtype=torch.float64, device=acc.device)
-            counts = acc.reduce(counts, reduction="sum")
-            norm = {"forget": float(counts[0]) / world, "retain": float(counts[1]) / world, "local": len(group)}
-            sums = torch.zeros(0, dtype=torch.float64)
-            names: list[str] = []
-            for m, micro in enumerate(group):
-                last = m == len(group) - 1
-                # what accelerate's accumulate() sets: DeepSpeed's engine steps on the boundary micro-batch
-                acc.gradient_state._set_sync_gradients(last)
-                with (nullcontext() if last else acc.no_sync(objective)), acc.autocast():
-                    out = objective(micro["forget"], micro.get("retain"), norm)
-                    if not names:
-                        names = ["loss", *sorted(k for k in out["stats"] if k != "loss")]
-                        sums = torch.zeros(len(names), dtype=torch.float64)
-                        additive = torch.tensor([n in _ADDITIVE for n in names])
-                    vals = torch.tensor([float(out["loss"].detach())] + [out["stats"][k] for k in names[1:]],
-                                        dtype=torch.float64)
-                    if cfg.check_finite:
-                        seen = acc.reduce(vals.to(acc.device), reduction="sum").cpu()  # NaN anywhere -> here
-                        bad = [n for n, v in zip(names, seen.tolist()) if not math.isfinite(v)]
-                        if bad:
-                            raise NonFiniteError(f"non-finite {', '.join(bad)} at optimizer step {step + 1} "
-                                                 f"(epoch {epoch}, micro-batch {m}); stopped before its "
-                                                 f"backward; last checkpoint: {latest_checkpoint(out_dir)}")
-                    # loss terms are already divided by the global count (they add up over micro-batches);
-                    # other statistics (mean weights, kept tokens) are averaged over the micro-batches
-                    sums += torch.where(additive, vals, vals / len(group))
-                    acc.backward(out["loss"] * acc.gradient_accumulation_steps)
+            names, sums = _forward_backward(acc, objective, method, group, cfg,
+                                            where=f"optimizer step {step + 1} (epoch {epoch}", out_dir=out_dir)
             group = []
             acc.gradient_state._set_sync_gradients(True)
             g_log = {}
@@ -383,17 +274,184 @@ def train(model, forget: QADataset, retain: QADataset | None = None, config: Tra
             save_checkpoint(acc, out_dir, state, **ckpt_args)
     elif state["global_step"] > resumed_step or ckpt is None:
         save_checkpoint(acc, out_dir, state, **ckpt_args)
-    g_record = None
-    if tracker is not None and acc.is_main_process:
-        from fastweight.analysis.plots import save_g_effect_plots
-
-        g_record = tracker.to_dict()
-        tmp = out_dir / "g_effect.json.tmp"
-        tmp.write_text(json.dumps(g_record))
-        os.replace(tmp, out_dir / "g_effect.json")
-        save_g_effect_plots(g_record, out_dir)
+    g_record = _write_g_effect(tracker, out_dir) if tracker is not None and acc.is_main_process else None
     objective.eval()
     return TrainResult(model=policy, global_step=step, history=history, g_effect=g_record)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The steps of train(), in the order it runs them
+def _method(cfg: TrainConfig, retain):
+    """The configured unlearning method (None: plain fine-tuning), with its retain set checked."""
+    if cfg.method is None:
+        return None
+    from fastweight.train.methods import build_method
+
+    method = build_method(cfg.method, **cfg.method_args)
+    if method.needs_retain and retain is None:
+        raise ValueError(f"method {method.name!r} needs a retain set; pass retain=")
+    return method
+
+
+def _trainable(model, cfg: TrainConfig, method):
+    """LoRA (``lora_r``), ``requires_grad`` from the base / adapter, layer and method filters, gradient
+    checkpointing. Returns (model, trainable params, is_peft)."""
+    model = maybe_lora(model, cfg)
+    is_peft = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+    if is_peft:
+        check_head_without_adapter(model)
+    keep_layer = layer_filter(model, cfg.trainable_layers)
+    base = {n for n, p in model.named_parameters() if p.requires_grad} if is_peft else None
+    for name, p in model.named_parameters():
+        p.requires_grad_((base is None or name in base) and keep_layer(name)
+                         and (method is None or bool(method.trainable(name))))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters (check trainable_layers, lora_targets and the method's "
+                         "trainable())")
+    if cfg.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model, params, is_peft
+
+
+def _reference(model, method, is_peft: bool):
+    """The reference model of methods that read its distribution on fresh batches (``ref_kind == "model"``): the
+    PEFT model with adapters disabled, else a frozen copy prepared (and sharded) together with the policy."""
+    if method is None or method.ref_kind != "model":
+        return None
+    if is_peft:
+        from fastweight.train.methods import AdapterDisabled
+
+        return AdapterDisabled(model)
+    return copy.deepcopy(model)
+
+
+def _data(forget: QADataset, retain: QADataset | None, cfg: TrainConfig, method, refusals):
+    """(dataset, sampler, collate, loader): forget items with their retain item / refusal drawn per (seed, epoch,
+    index), independent of the rank layout, in an order that depends only on (seed, epoch)."""
+    needs_idk = method is not None and method.needs_idk
+    data = ForgetRetainDataset(forget, retain, seed=cfg.seed, rank=0,
+                               refusals=(refusals or REFUSALS) if needs_idk else None)
+    sampler = EpochSampler(len(data), seed=cfg.seed)
+    pad = forget.tokenizer.pad_token_id if forget.tokenizer.pad_token_id is not None else \
+        forget.tokenizer.eos_token_id
+    collate = partial(pad_collate, pad_token_id=pad)
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate)
+    return data, sampler, collate, loader
+
+
+def _fix_schedule(scheduler, sched: dict, n_batches: int, cfg: TrainConfig) -> int:
+    """Fill the warm-up / decay schedule once the prepared loader's per-process batch count is known; returns
+    the number of optimizer steps. The loop steps the scheduler once per optimizer step (accelerate's prepared
+    scheduler would step it num_processes times, which ties the schedule to the world size)."""
+    steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
+    total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps,
+                                                                         cfg.epochs * steps_per_epoch)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(steps_per_epoch, total // 2)
+    sched.update(warmup=warmup, total=total)
+    for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base_lr * _lr_lambda(0, warmup, total)
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+    return total
+
+
+def _g_effect_probes(cfg: TrainConfig, method, acc, collate, forget, retain):
+    """(tracker, (forget probe batch, retain probe batch)) for ``g_effect_every``; (None, None) when off."""
+    if not cfg.g_effect_every or method is None:
+        return None, None
+    from fastweight.analysis import GEffectTracker
+
+    def probe(ds):
+        if ds is None:
+            return None
+        items = [ds[i] for i in range(min(cfg.g_effect_probe_size, len(ds)))]
+        return {k: v.to(acc.device) for k, v in collate(items).items() if k != "index"}
+
+    return GEffectTracker(every=cfg.g_effect_every, ema=cfg.g_effect_ema), (probe(forget), probe(retain))
+
+
+def _resume(acc, ckpt, log_path: Path, tracker, **ckpt_args) -> tuple[dict, list[dict]]:
+    """(loop state, logged history up to it): from the checkpoint ``ckpt`` (the G-effect record and the log's
+    lines up to its step kept; a line torn by a kill repaired), or a fresh start when ``ckpt`` is None."""
+    if ckpt is None:
+        return {"global_step": 0, "epoch": 0, "batch_in_epoch": 0}, []
+    state = load_checkpoint(acc, ckpt, **ckpt_args)
+    if tracker is not None:  # the record of the steps before the checkpoint is kept, not truncated
+        restore_g_effect(tracker, log_path.parent / "g_effect.json", state["global_step"])
+    history: list[dict] = []
+    if log_path.is_file():
+        if acc.is_main_process:
+            repair_log(log_path)  # a line torn by a kill: dropped, the original kept beside it
+        acc.wait_for_everyone()
+        lines = log_path.read_text().splitlines()
+        history = [json.loads(line) for line in lines if line.strip()]
+        history = [h for h in history if h["step"] <= state["global_step"]]
+    return state, history
+
+
+def _claim_and_write_log(out_dir: Path, cfg: TrainConfig, log_path: Path, history: list[dict]) -> None:
+    """Main process: create and claim the run folder, and rewrite log.jsonl as ``history`` (lines past a resumed
+    checkpoint are moved aside, not truncated away)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(out_dir, cfg, write=True)
+    if log_path.is_file() and len([x for x in log_path.read_text().splitlines() if x.strip()]) > len(history):
+        move_aside(log_path, "before-resume")
+    tmp = log_path.with_name(log_path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+    os.replace(tmp, log_path)
+
+
+def _forward_backward(acc, objective, method, group: list[dict], cfg: TrainConfig, *, where: str,
+                      out_dir: Path) -> tuple[list[str], torch.Tensor]:
+    """Forward and backward of one optimizer step's micro-batches, each loss term normalised by the step's global
+    count of its units (all micro-batches, all processes). Returns (logged names, their sums over the group:
+    loss terms added up, other statistics averaged)."""
+    world = acc.num_processes
+    counts = torch.tensor([sum(c) for c in zip(*(_units(method, b) for b in group))],
+                          dtype=torch.float64, device=acc.device)
+    counts = acc.reduce(counts, reduction="sum")
+    norm = {"forget": float(counts[0]) / world, "retain": float(counts[1]) / world, "local": len(group)}
+    sums = torch.zeros(0, dtype=torch.float64)
+    names: list[str] = []
+    for m, micro in enumerate(group):
+        last = m == len(group) - 1
+        # what accelerate's accumulate() sets: DeepSpeed's engine steps on the boundary micro-batch
+        acc.gradient_state._set_sync_gradients(last)
+        with (nullcontext() if last else acc.no_sync(objective)), acc.autocast():
+            out = objective(micro["forget"], micro.get("retain"), norm)
+            if not names:
+                names = ["loss", *sorted(k for k in out["stats"] if k != "loss")]
+                sums = torch.zeros(len(names), dtype=torch.float64)
+                additive = torch.tensor([n in _ADDITIVE for n in names])
+            vals = torch.tensor([float(out["loss"].detach())] + [out["stats"][k] for k in names[1:]],
+                                dtype=torch.float64)
+            if cfg.check_finite:
+                seen = acc.reduce(vals.to(acc.device), reduction="sum").cpu()  # NaN anywhere -> here
+                bad = [n for n, v in zip(names, seen.tolist()) if not math.isfinite(v)]
+                if bad:
+                    raise NonFiniteError(f"non-finite {', '.join(bad)} at {where}, micro-batch {m}); stopped "
+                                         f"before its backward; last checkpoint: {latest_checkpoint(out_dir)}")
+            # loss terms are already divided by the global count (they add up over micro-batches);
+            # other statistics (mean weights, kept tokens) are averaged over the micro-batches
+            sums += torch.where(additive, vals, vals / len(group))
+            acc.backward(out["loss"] * acc.gradient_accumulation_steps)
+    return names, sums
+
+
+def _write_g_effect(tracker, out_dir: Path) -> dict:
+    """Main process: the G-effect record as ``g_effect.json`` (written through a rename) and its plots."""
+    from fastweight.analysis.plots import save_g_effect_plots
+
+    g_record = tracker.to_dict()
+    tmp = out_dir / "g_effect.json.tmp"
+    tmp.write_text(json.dumps(g_record))
+    os.replace(tmp, out_dir / "g_effect.json")
+    save_g_effect_plots(g_record, out_dir)
+    return g_record
 
 
 def _save_gathered(acc, objective, out_dir: Path) -> None:
