@@ -66,6 +66,7 @@ def test_memory_model_reproduces_the_ladder():
             assert v < by[("hf", m, g, regime)], (m, g, regime)
 
 
+@pytest.mark.slow  # ~20 s each on a loaded 2-core machine: three probes, two of them 2-process launches
 @pytest.mark.parametrize("provider, method", [("fastweight", "npo"), ("hf", "satimp_nll")])
 def test_distributed_probes_on_a_tiny_rung(provider, method):
     """The FSDP2 and DDP probes (2 gloo CPU ranks, a tiny Llama, seconds): every rank reports a peak, FSDP2

@@ -3,8 +3,9 @@
 Run by ``memory_scale.probe(..., regime="fsdp2x2" | "ddpx2")`` under ``torch.distributed.run``: every rank
 builds the rung's Llama (fp32, full fine-tuning), wraps the module the trainer hands to ``accelerator.prepare``
 (``fastweight``: the ``UnlearnObjective``; ``hf``: the policy with its deep-copied reference and the loss on
-fp32 logits, as in the ZeRO-3 probe) and runs two AdamW steps on the rung's batch (the same batch on every rank,
-so the update is the one-process update). Each rank's peak resident growth is gathered; rank 0 prints them.
+fp32 logits, as in the ZeRO-3 probe) and runs two AdamW steps (DDP: three, below) on the rung's batch (the
+same batch on every rank, so the update is the one-process update; every step's loss is reported).
+Each rank's peak resident growth is gathered; rank 0 prints them.
 
 * ``fsdp``: accelerate's own ``fsdp2_prepare_model`` (``accelerate/utils/fsdp_utils.py``, accelerate 1.16),
   i.e. what ``accelerate launch --use_fsdp --fsdp_version 2 --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP
