@@ -12,8 +12,10 @@ reference, logits, activations and the optimizer step's temporaries, all of it. 
 Methods: ``npo`` (forget only, reference) and ``satimp_nll`` (SatImp + retain NLL, two forwards).
 Regimes (``--regime``, issue 21 item 8; ``REGIMES``): ``fp32`` (the original ladder), ``lora`` (r8 on
 q/k/v/o), ``bf16`` (bf16 weights, fp32 masters through ``fastweight.train.precision.MasterWeightAdamW``),
-``lora_bf16``, ``ckpt`` (gradient checkpointing), ``seq512`` (2 x 512 tokens) and ``zero3x2`` (DeepSpeed
-ZeRO-3 on 2 CPU processes, per-rank peak; ``benchmarks/memory_zero3.py``), measured on the two small rungs.
+``lora_bf16``, ``ckpt`` (gradient checkpointing), ``seq512`` (2 x 512 tokens), ``zero3x2`` (DeepSpeed
+ZeRO-3 on 2 CPU processes, per-rank peak; ``benchmarks/memory_zero3.py``), ``fsdp2x2`` (accelerate's FSDP2
+preparation, torch's ``fully_shard``) and ``ddpx2`` (DistributedDataParallel), both on 2 gloo CPU processes
+(``benchmarks/memory_dist.py``), measured on the small rungs.
 
 Memory model (``predict``), bytes per rank, for P parameters (P_t trainable), N tokens per micro-batch, L
 layers, hidden H, intermediate I, vocabulary V, world size W:
@@ -22,8 +24,10 @@ layers, hidden H, intermediate I, vocabulary V, world size W:
                                     / W under ZeRO-3 and FSDP)
   optimizer 8 * P_t + master, master = 4 * P_t fp32 copy when b_t < 4   (/ W under sharding)
   buffers   the engines' own: DDP's gradient buckets b_t * P_t; ZeRO-3's reduce (H^2) and prefetch (0.9 H^2)
-            buckets and, sharded, the V x H embedding / lm_head gathered whole with its whole gradient
-            ((b_w + b_t) V H); RUNTIME_ZERO3 per ZeRO-3 rank (engine, gloo group)
+            buckets and the V x H embedding / lm_head gathered whole with its whole gradient ((b_w + b_t) V H);
+            FSDP2 (accelerate's units) both V x H matrices, its root unit, gathered with their whole gradients
+            (2 (b_w + b_t) V H; hf NPO: + 2 b_w V H of the reference's root); RUNTIME_ZERO3 per ZeRO-3 rank
+            (engine, gloo group). Measured: zero3x2, fsdp2x2, ddpx2 (fp32, 2 ranks).
   step      (4 * P_t + master) / W: the multi-tensor AdamW step's fp32 temporary list, plus the fp32 gradient
             copies handed to it when there are masters
   reference b_w * P for a deep copy (hf NPO), 4 * N_forget_tokens for the table (fastweight), / W sharded
@@ -85,15 +89,17 @@ class Rung:
 
 LADDER = (Rung("llama-h128", 128, 4, 32000), Rung("llama-h256", 256, 4, 32000), Rung("llama-h384", 384, 6, 32000),
           Rung("llama-h512", 512, 6, 32000))
-BY_NAME = {r.name: r for r in LADDER}
+TINY = Rung("llama-tiny", 64, 2, 512, seq=32)  # the probes' own tests only (seconds), never in the fit
+BY_NAME = {r.name: r for r in (*LADDER, TINY)}
 
 
 @dataclass(frozen=True)
 class Regime:
     """How a probe trains (issue 21 item 8): LoRA rank on q/k/v/o (fp32 adapters, as peft makes them), weight
     bytes (2 = bf16 weights, fp32 masters via ``MasterWeightAdamW``), gradient checkpointing, a longer sequence
-    (tokens per row, replacing the rung's 128), and the engine ("single" or "zero3": DeepSpeed ZeRO-3 on
-    ``world`` CPU processes, HF-style bucket sizes, the model created partitioned under ``zero.Init``)."""
+    (tokens per row, replacing the rung's 128), and the engine on ``world`` CPU processes: "single", "zero3"
+    (DeepSpeed ZeRO-3, HF-style bucket sizes, the model created partitioned under ``zero.Init``), "fsdp"
+    (accelerate's FSDP2 preparation, a unit per decoder layer) or "ddp" (DistributedDataParallel)."""
 
     name: str
     lora_r: int = 0
@@ -107,7 +113,8 @@ class Regime:
 REGIMES = {g.name: g for g in (Regime("fp32"), Regime("lora", lora_r=8), Regime("bf16", weight_bytes=2),
                                Regime("lora_bf16", lora_r=8, weight_bytes=2),
                                Regime("ckpt", gradient_checkpointing=True), Regime("seq512", seq=512),
-                               Regime("zero3x2", engine="zero3", world=2))}
+                               Regime("zero3x2", engine="zero3", world=2), Regime("fsdp2x2", engine="fsdp", world=2),
+                               Regime("ddpx2", engine="ddp", world=2))}
 REGIME_RUNGS = ("llama-h128", "llama-h256")  # the small rungs for the extra regimes (a 2-core shared machine)
 
 
@@ -217,6 +224,10 @@ def run_probe(provider: str, method: str, rung: Rung, regime: Regime = REGIMES["
         from benchmarks.memory_zero3 import run_zero3_probe
 
         return run_zero3_probe(provider, method, rung, regime)
+    if regime.engine in ("fsdp", "ddp"):
+        from benchmarks.memory_dist import run_dist_probe
+
+        return run_dist_probe(provider, method, rung, regime)
     import torch
     from transformers import LlamaForCausalLM
 
@@ -262,13 +273,14 @@ def run_probe(provider: str, method: str, rung: Rung, regime: Regime = REGIMES["
 
 
 def probe(provider: str, method: str, rung: str, regime: str = "fp32", timeout: float = 900) -> dict:
-    """``run_probe`` in a fresh subprocess (so nothing of an earlier case stays resident); a ZeRO-3 regime
-    runs ``world`` processes under ``torch.distributed.run`` and reports the largest per-rank peak."""
+    """``run_probe`` in a fresh subprocess (so nothing of an earlier case stays resident); a multi-process
+    regime (ZeRO-3, FSDP2, DDP) runs ``world`` processes under ``torch.distributed.run`` and reports the
+    largest per-rank peak."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024), MALLOC_TRIM_THRESHOLD_=str(128 * 1024))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
     args = ["-m", "benchmarks.memory_scale", "probe", provider, method, rung, "--regime", regime]
     g = REGIMES[regime]
-    if g.engine == "zero3":
+    if g.world > 1:
         import socket
 
         with socket.socket() as sock:
@@ -330,8 +342,14 @@ def predict(provider: str, method: str, arch, s: Setting, k_logits: float, a_tok
     # bucket (0.9 H^2); FSDP's gathered layers are in "weights"
     out["buffers"] = (bt * Pt if s.engine == "ddp" else
                       bt * h * h + bw * 0.9 * h * h if s.engine == "zero3" else 0)
-    if sharded and not s.lora_r:  # the largest parameter (embedding / lm_head, V x H) gathered whole, and its
-        out["buffers"] += (bw + bt) * v * h  # whole gradient before the reduce-scatter
+    # V x H matrices gathered whole (and their whole gradients before the reduce-scatter): ZeRO-3 the largest
+    # parameter (embedding / lm_head), FSDP2 as accelerate prepares the objective both embed_tokens and
+    # lm_head (its root unit, gathered for the whole forward and backward; the reference's too, hf NPO)
+    n_vh = 2 if s.engine == "fsdp" else 1
+    if sharded and not s.lora_r:
+        out["buffers"] += (bw + bt) * v * h * n_vh
+    if s.engine == "fsdp" and provider == "hf" and method == "npo":
+        out["reference"] += bw * v * h * n_vh
     out["engine_runtime"] = runtime_zero3 if s.engine == "zero3" else 0.0
     fwd, n_logits = _forwards(provider, method)
     n = s.tokens
@@ -392,9 +410,8 @@ def fit(results: list[dict]) -> tuple[float, float, float, float]:
 # of <= 512 tokens per device and micro-batch; TOFU forget10 = 400 answers for the reference table.
 OU_TOKENS, OU_FORGET_TOKENS = 8 * 512, 400 * 512
 PREDICTION_SETTINGS = (  # (label, setting, the measured regimes behind it; "" = none)
-    ("DDP x8", Setting("ddp", 8, 0, 2, OU_TOKENS, OU_FORGET_TOKENS, True), "bf16, ckpt (one process; DDP's buckets "
-     "not measured)"),
-    ("FSDP x8", Setting("fsdp", 8, 0, 2, OU_TOKENS, OU_FORGET_TOKENS, True), ""),
+    ("DDP x8", Setting("ddp", 8, 0, 2, OU_TOKENS, OU_FORGET_TOKENS, True), "ddpx2 (fp32, 2 ranks), bf16, ckpt"),
+    ("FSDP x8", Setting("fsdp", 8, 0, 2, OU_TOKENS, OU_FORGET_TOKENS, True), "fsdp2x2 (fp32, 2 ranks), bf16, ckpt"),
     ("ZeRO-3 x8", Setting("zero3", 8, 0, 2, OU_TOKENS, OU_FORGET_TOKENS, True), "zero3x2 (fp32, 2 ranks), bf16, ckpt"),
     ("ZeRO-3 x2", Setting("zero3", 2, 0, 2, OU_TOKENS, OU_FORGET_TOKENS, True), "zero3x2 (fp32), bf16, ckpt"),
     ("LoRA r16, 1 GPU", Setting("single", 1, 16, 2, OU_TOKENS, OU_FORGET_TOKENS, True), "lora_bf16, ckpt"),
@@ -403,7 +420,9 @@ PREDICTION_SETTINGS = (  # (label, setting, the measured regimes behind it; "" =
 REGIME_NOTES = {"fp32": "fp32 full fine-tuning, 1 process (the original ladder)", "lora": "LoRA r8 on q/k/v/o, fp32",
                 "bf16": "bf16 weights, fp32 masters (MasterWeightAdamW)", "lora_bf16": "LoRA r8 on a bf16 model",
                 "ckpt": "gradient checkpointing, fp32", "seq512": "2 x 512 tokens, fp32",
-                "zero3x2": "DeepSpeed ZeRO-3, 2 CPU ranks, fp32 (largest rank)"}
+                "zero3x2": "DeepSpeed ZeRO-3, 2 CPU ranks, fp32 (largest rank)",
+                "fsdp2x2": "FSDP2 (accelerate's fully_shard units), 2 CPU ranks, fp32 (largest rank)",
+                "ddpx2": "DDP, 2 CPU ranks, fp32 (largest rank)"}
 
 
 def residuals(results: list[dict], k: float, a: float, c: float, z: float = 0.0) -> dict[str, dict]:
@@ -432,14 +451,16 @@ def report(json_path: str | None = None, results: list[dict] | None = None, regi
     summary = residuals(results, k, a, c, z)
     lines = [f"Fit over {len(results)} cases: K_LOGITS={k:.3f}, A_TOK={a:.2f}, RUNTIME={c / 2**20:.0f} MiB, "
              f"RUNTIME_ZERO3={z / 2**20:.0f} MiB", "",
-             "| regime | what | cases | mean abs error | worst error |", "|---|---|---|---|---|"]
+             "| regime | what is measured | cases | mean abs error | worst error |", "|---|---|---|---|---|"]
     lines += [f"| {g} | {REGIME_NOTES.get(g, g)} | {v['cases']} | {v['mean_abs']:.1%} | {v['worst']:+.1%} |"
               for g, v in summary.items()]
-    lines += ["", "| regime | rung | params | method | provider | measured MiB | model MiB | error |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| regime | rung | params | trainable | method | provider | measured MiB | model MiB | error |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         rung, _ = _case(r)
-        lines.append(f"| {r.get('regime', 'fp32')} | {rung.name} | {rung.params() / 1e6:.1f}M | {r['method']} | "
+        seq = REGIMES[r.get("regime", "fp32")].seq
+        lines.append(f"| {r.get('regime', 'fp32')} | {rung.name}{f' x {seq}' if seq else ''} | "
+                     f"{r['params'] / 1e6:.1f}M | {r.get('trainable', r['params']) / 1e6:.2f}M | {r['method']} | "
                      f"{r['provider']} | {r['peak_bytes'] / 2**20:.0f} | {r['model_bytes'] / 2**20:.0f} | "
                      f"{r['error']:+.1%} |")
     lines += ["", "Predicted peak per rank (GiB), bf16 weights, gradient checkpointing unless noted, 8 x 512 tokens "
@@ -478,7 +499,7 @@ def main(argv=None) -> None:
     t.add_argument("--from-json", default=None, nargs="+",
                    help="refit and print from earlier --json files or JSON-lines files of probe results (no probes)")
     t.add_argument("--regimes", action="store_true", help="also measure LoRA, bf16, checkpointing, seq 512 and "
-                   "2-rank ZeRO-3 on the two small rungs (about 45 probes)")
+                   "2-rank ZeRO-3, FSDP2 and DDP on the two small rungs (72 probes)")
     args = ap.parse_args(argv)
     if args.cmd == "probe":
         res = run_probe(args.provider, args.method, BY_NAME[args.rung], REGIMES[args.regime])
