@@ -264,3 +264,20 @@ def test_fsdp2_output_layer_as_its_own_unit(tmp_path):
                 for n, p in model.named_parameters():
                     torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-4, atol=1e-6,
                                                msg=lambda m: f"{layout}-{route} {n}: {m}")
+
+
+def test_transformer_based_wrap_without_a_class_wraps_each_decoder_layer():
+    """``--fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP`` without a layer class: accelerate reads the prepared
+    module's ``_no_split_modules``; the objective carries its policy's, so each decoder layer becomes a unit
+    (before: no attribute, nothing wrapped but the root, the whole model one unit on every rank)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from helpers import tiny_llama_lm
+
+    model = tiny_llama_lm(50)
+    objective = UnlearnObjective(model, build_method("npo"))
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, objective)
+    wrapped = [m for m in objective.modules() if policy(m)]
+    assert wrapped == list(model.model.layers)
+    assert UnlearnObjective(torch.nn.Linear(2, 2)).__dict__.get("_no_split_modules") is None

@@ -103,6 +103,11 @@ class UnlearnObjective(torch.nn.Module):
         super().__init__()
         self.policy = policy
         self.method = method
+        # FSDP's transformer-based auto wrap without a layer class (accelerate: ``--fsdp_auto_wrap_policy
+        # TRANSFORMER_BASED_WRAP``) reads the wrapped module's ``_no_split_modules``: the policy's decoder layers
+        no_split = getattr(policy, "_no_split_modules", None)
+        if no_split:
+            self._no_split_modules = list(no_split)
         self.ref = None
         self._ref_obj = None
         self.set_ref(ref)
