@@ -62,7 +62,7 @@ def fsdp2_shard(module, wrap: str = "transformer_based_wrap"):
 def run_dist_probe(provider: str, method: str, rung, regime) -> dict | None:
     import torch.distributed as dist
 
-    from benchmarks.memory_scale import _batch, _reset_hwm, _rss, llama_config, regime_rung
+    from benchmarks.memory_scale import _batch, _close_ranks, _reset_hwm, _rss, llama_config, regime_rung
 
     if regime.lora_r or regime.weight_bytes != 4 or regime.gradient_checkpointing:
         raise ValueError("the FSDP2 / DDP probes measure fp32 full fine-tuning only")
@@ -111,16 +111,12 @@ def run_dist_probe(provider: str, method: str, rung, regime) -> dict | None:
         opt.step()
         opt.zero_grad(set_to_none=False)
     rss, hwm = _rss()
-    peaks, locals_ = [None] * dist.get_world_size(), [None] * dist.get_world_size()
-    dist.all_gather_object(peaks, hwm - base)
-    dist.all_gather_object(locals_, local)
-    rank = dist.get_rank()
     del wrapped, module, model, opt, params, loss
-    dist.barrier()
-    dist.destroy_process_group()
-    if rank != 0:
+    ranks = _close_ranks(hwm - base, local_params=local)
+    if ranks is None:
         return None
+    peaks = ranks["rank_peaks"]
     return {"provider": provider, "method": method, "rung": rung.name, "regime": regime.name,
             "peak_bytes": max(peaks), "rank_peaks": peaks, "params": numel, "trainable": numel,
-            "local_params": locals_, "steps": steps, "exact_hwm": exact, "loss": losses[-1], "losses": losses,
-            "world": len(peaks), "threads": int(os.environ.get("OMP_NUM_THREADS", "1"))}
+            "local_params": ranks["local_params"], "steps": steps, "exact_hwm": exact, "loss": losses[-1],
+            "losses": losses, "world": len(peaks), "threads": int(os.environ.get("OMP_NUM_THREADS", "1"))}

@@ -55,7 +55,7 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROVIDERS = ("fastweight", "hf")
@@ -144,6 +144,22 @@ def _rss() -> tuple[int, int]:
     text = open("/proc/self/status").read()
     get = lambda k: int(re.search(rf"^{k}:\s+(\d+) kB", text, re.M).group(1)) * 1024  # noqa: E731
     return get("VmRSS"), get("VmHWM")
+
+
+def _close_ranks(peak_delta: int, **per_rank) -> dict | None:
+    """Every rank of a multi-process probe: gather each rank's peak growth (and any ``per_rank`` values), wait
+    for all, tear down the process group. Rank 0 gets ``{"rank_peaks": [...], name: [...]}``; others None."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    out = {"rank_peaks": [None] * world, **{k: [None] * world for k in per_rank}}
+    dist.all_gather_object(out["rank_peaks"], peak_delta)
+    for k, v in per_rank.items():
+        dist.all_gather_object(out[k], v)
+    rank = dist.get_rank()
+    dist.barrier()
+    dist.destroy_process_group()
+    return out if rank == 0 else None
 
 
 def _reset_hwm() -> bool:

@@ -27,7 +27,7 @@ def run_zero3_probe(provider: str, method: str, rung, regime) -> dict | None:
     import torch
     import torch.distributed as dist
 
-    from benchmarks.memory_scale import _batch, _hf_loss, _reset_hwm, _rss, llama_config, regime_rung
+    from benchmarks.memory_scale import _batch, _close_ranks, _hf_loss, _reset_hwm, _rss, llama_config, regime_rung
 
     if regime.lora_r or regime.weight_bytes != 4 or regime.gradient_checkpointing:
         raise ValueError("the ZeRO-3 probe measures fp32 full fine-tuning only")
@@ -76,14 +76,11 @@ def run_zero3_probe(provider: str, method: str, rung, regime) -> dict | None:
         engine.backward(loss)
         engine.step()
     rss, hwm = _rss()
-    peaks = [None] * dist.get_world_size()
-    dist.all_gather_object(peaks, hwm - base)
-    rank = dist.get_rank()
     numel = sum(p.ds_numel for p in model.parameters())
-    dist.barrier()
-    dist.destroy_process_group()
-    if rank != 0:
+    ranks = _close_ranks(hwm - base)
+    if ranks is None:
         return None
+    peaks = ranks["rank_peaks"]
     return {"provider": provider, "method": method, "rung": rung.name, "regime": regime.name,
             "peak_bytes": max(peaks), "rank_peaks": peaks, "params": numel, "trainable": numel,
             "exact_hwm": exact, "loss": float(loss), "world": len(peaks),
