@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from fastweight.ops import _common, linear_logprobs as ll
+from fastweight.ops import _common, _linear_chunks as lc, linear_logprobs as ll
 from fastweight.reference import linear_logprobs as ref
 from helpers import compare_with_reference
 
@@ -70,7 +70,7 @@ def half_dead_inputs(N=64, H=24, V=80, seed=3):
 def gradient_rows(monkeypatch):
     """Rows of every d hidden GEMM operand and of every d lm_head update the chunk loop runs."""
     rows = {"linear": [], "add": []}
-    real_linear, real_add = ll.linear, ll.add_linear_t_
+    real_linear, real_add = lc.linear, lc.add_linear_t_
 
     def spy_linear(x, w, b=None, *, out=None):
         rows["linear"].append(x.shape[0])
@@ -80,8 +80,8 @@ def gradient_rows(monkeypatch):
         rows["add"].append(a.shape[0])
         return real_add(acc, a, h, **kw)
 
-    monkeypatch.setattr(ll, "linear", spy_linear)
-    monkeypatch.setattr(ll, "add_linear_t_", spy_add)
+    monkeypatch.setattr(lc, "linear", spy_linear)
+    monkeypatch.setattr(lc, "add_linear_t_", spy_add)
     return rows
 
 
@@ -111,9 +111,9 @@ def test_dead_rows_skip_gradient_gemms_with_equal_results(reduction, bias, gradi
     assert logits_rows == valid * (1 if reduction == "mean" else 2)
     assert sum(gradient_rows["add"]) <= valid // 2 + 1  # the dead half never reaches the gradient GEMMs
 
-    monkeypatch.setattr(ll, "LIVE_MIN_DEAD_FRACTION", 10 ** 9)  # never compact: every row in every GEMM
+    monkeypatch.setattr(lc, "LIVE_MIN_DEAD_FRACTION", 10 ** 9)  # never compact: every row in every GEMM
     monkeypatch.setattr(_common, "compact_live_rows_", lambda *a, **k: None)
-    monkeypatch.setattr(ll, "compact_live_rows_", lambda *a, **k: None)
+    monkeypatch.setattr(lc, "compact_live_rows_", lambda *a, **k: None)
     out2, grads2 = compare_with_reference(impl, naive, leaves, dtype=torch.float32, upstream=upstream, names=names)
     torch.testing.assert_close(out, out2, rtol=1e-6, atol=0)
     for a, c in zip(grads, grads2):

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from fastweight.ops import _common, linear_kl_div as lkl, linear_logprobs as ll
+from fastweight.ops import _common, _linear_chunks as lc, linear_kl_div as lkl, linear_logprobs as ll
 from fastweight.ops.token_logprobs import TokenLogprobsOptions, weighted_logprobs_2d
 from fastweight.reference import linear_logprobs as ref
 from helpers import compare_with_reference
@@ -73,7 +73,7 @@ def test_flush_subnormal_rows_matches_plain_product():
 def gemm_operands(monkeypatch):
     """Subnormal count of every operand the fused-linear chunk loops pass to a GEMM."""
     counts = []
-    for mod in (ll, lkl):
+    for mod in (lc, lkl):
         real_linear, real_add = mod.linear, mod.add_linear_t_
 
         def spy_linear(x, w, b=None, *, out=None, _real=real_linear):

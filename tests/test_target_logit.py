@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fastweight
-from fastweight.ops import linear_logprobs as ll
+from fastweight.ops import _linear_chunks as lc, linear_logprobs as ll
 from fastweight.reference import linear_logprobs as ref
 
 
@@ -36,7 +36,7 @@ def test_target_logits_are_the_float64_dot_rounded_once():
     b = torch.randn(W.shape[0], generator=torch.Generator().manual_seed(1))
     for scale in (1.0, 0.125):
         opts = ll.LinearLogprobsOptions(logit_scale=scale)
-        ch = ll._Chunker(h, W, b, y, opts)
+        ch = lc._Chunker(h, W, b, y, opts)
         got = ch.target_logits(h, y)
         want = (scale * ((h.double() * W.double()[y]).sum(1) + b.double()[y])).float()
         assert got.dtype == torch.float32 and torch.equal(got, want)

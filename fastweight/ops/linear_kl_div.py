@@ -29,7 +29,8 @@ from fastweight.ops._common import (
     launch_kernel, no_autocast, resolve_backend, signature_of, triton_interpret,
 )
 from fastweight.ops._gemm import add_linear_t_, gemm_operand, linear, new_products
-from fastweight.ops.linear_logprobs import FWD_PROGRAMS, TileConfig, chunk_step, triton_cdiv
+from fastweight.ops._linear_chunks import chunk_step
+from fastweight.ops.linear_logprobs import FWD_PROGRAMS, TileConfig, triton_cdiv
 
 # ---------------------------------------------------------------------------------------------------------
 # Tuning (Triton): two logits tiles (z and r) are live per step, so the float32 tiles have half of
