@@ -77,6 +77,31 @@ def test_overwrite_refuses_inputs_working_directory_and_root(tmp_path, tiny, loa
 
 # ---------------------------------------------------------------------------------------------- resume keeps all
 @pytest.mark.slow  # four TOFU runs (~50 s on the shared 2-core machine)
+def test_resume_removes_partial_files_of_dead_processes_only(tmp_path, capsys):
+    """A run killed mid-write (SIGKILL) leaves ``<file>.tmp-<pid>``; ``--resume`` removes those of processes that
+    are gone, says so, and keeps a live process's temporary and every finished file."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    C.OutputDir(out, kind="tofu").open()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid no process has any more
+    deep = out / "eval" / "unlearned" / "open-unlearning"
+    deep.mkdir(parents=True)
+    (deep / "TOFU_EVAL.json").write_text("{}")
+    dead = [deep / f"TOFU_EVAL.json.tmp-{gone.pid}", out / f".status.json.tmp-{gone.pid}"]
+    live = out / f"unlearn_log.jsonl.tmp-{os.getpid()}"
+    for f in (*dead, live):
+        f.write_text("partial")
+    (out / "notes.tmp-draft").write_text("not ours")
+    C.OutputDir(out, kind="tofu", resume=True).open()
+    assert not any(f.exists() for f in dead)
+    assert live.exists() and (out / "notes.tmp-draft").exists() and (deep / "TOFU_EVAL.json").read_text() == "{}"
+    assert "removed 2 partial file(s)" in capsys.readouterr().out
+
+
 def test_resume_keeps_g_effect_and_the_eval_history(tmp_path, tiny, monkeypatch):
     kw = dict(epochs=3, g_effect_every=1, eval_every=1)
     first = tofu.run(_cfg(tmp_path, tiny, **kw))

@@ -336,9 +336,16 @@ class OutputDir:
         if p.is_dir() and any(p.iterdir()):
             if self.overwrite:
                 self._say(f"--overwrite: moved the previous {p} to {move_aside(p, 'old')}")
-            elif self.resume and (p / self.RESULTS).is_file():
-                # a resumed run that is killed must not leave the old results looking like its own
-                os.replace(p / self.RESULTS, p / "results.previous.json")
+            elif self.resume:
+                if (p / self.RESULTS).is_file():
+                    # a resumed run that is killed must not leave the old results looking like its own
+                    os.replace(p / self.RESULTS, p / "results.previous.json")
+                dead = runfolder.dead_temporaries(p)
+                for q in dead:
+                    q.unlink(missing_ok=True)
+                if dead:
+                    names = ", ".join(str(q.relative_to(p)) for q in dead[:3]) + (" ..." if len(dead) > 3 else "")
+                    self._say(f"--resume: removed {len(dead)} partial file(s) a stopped process left ({names})")
         elif self.resume:
             self._say(f"--resume: nothing to resume in {p} (empty or new); starting a fresh run")
         p.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,8 @@ fastweight run created.
   the marker of the same kind; ``--overwrite`` also refuses a folder that holds the run's inputs
   (``--model``, ``--data``, ``--retain-model``, ``--cache-dir``), the working directory or a filesystem root.
   Every refusal is one line and touches nothing.
+* ``dead_temporaries``: on ``--resume``, the partial files a killed run left behind (``*.tmp-<pid>`` of a
+  process no longer running), which the main process removes before the run goes on.
 * ``check_before_loading``: a writable ``--cache-dir`` and the settings the model's config rules out
   (``modelcheck.py``), before any weights load.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -64,6 +67,35 @@ def claim(folder: Path, kind: str, fingerprint: str | None) -> None:
     """Write (or, on resume, update the fingerprint of) the marker; the folder exists."""
     old = read_marker(folder)
     write_marker(folder, kind, fingerprint, old.get("created") if old else None)
+
+
+# every atomic write here goes through "<name>.tmp-<pid>" then os.replace (store.atomic_json, common.atomic_write,
+# the JSON logs, the marker, the trainer's settings file): a file still so named is a write its process never
+# finished
+_TEMPORARY = re.compile(r"\.tmp-([0-9]+)$")
+
+
+def _pid_running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0 and not isinstance(pid, bool)  # another user's process (or an odd pid): leave the file
+    return True
+
+
+def dead_temporaries(folder: Path) -> list[Path]:
+    """Files under ``folder`` named ``*.tmp-<pid>`` whose process is not running on this machine: half-written
+    results of a killed run (its finished files were already moved into place), safe to remove on resume."""
+    out = []
+    for q in sorted(Path(folder).rglob("*.tmp-*")):
+        m = _TEMPORARY.search(q.name)
+        if m and q.is_file() and not q.is_symlink() and not _pid_running(int(m.group(1))):
+            out.append(q)
+    return out
 
 
 def _contains(outer: Path, inner: Path) -> bool:
@@ -139,4 +171,4 @@ def check_writable(path: str | os.PathLike, flag: str) -> None:
 
 
 __all__ = ["MARKER", "check_before_loading", "check_overwrite_safe", "check_reuse", "check_writable", "claim",
-           "read_marker", "run_fingerprint", "run_inputs", "write_marker"]
+           "dead_temporaries", "read_marker", "run_fingerprint", "run_inputs", "write_marker"]
