@@ -175,7 +175,8 @@ def test_satimp(benchmark, case, bench_context, request):
         providers.run_step(fn, hidden, lm_head, labels, backward)
         ctx.sync()
 
-    with regimes.conditions(regime):  # "loaded": busy processes from the warm-up to the last round
+    # "loaded": busy processes from the warm-up to the last round; a variant's thread count as long
+    with regimes.conditions(regime), providers.threads_for(name):
         out = providers.run_step(fn, hidden, lm_head, labels, backward)  # warm-up and the checked run
         ctx.sync()
         errors = _check(name, out, problem, backward)
@@ -185,6 +186,7 @@ def test_satimp(benchmark, case, bench_context, request):
         rounds = ctx.opts.rounds or _rounds(shape, time.perf_counter() - start)
         benchmark.group = f"{shape.name} {dtype} {mode}" + ("" if regime == "quiet" else f" {regime}")
         benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
+        threads = torch.get_num_threads()
 
     mem = {"peak_extra_bytes": None, "method": "disabled (--bench-memory off)"}
     if regime != "quiet":
@@ -197,7 +199,7 @@ def test_satimp(benchmark, case, bench_context, request):
 
     flops = shape.flops(backward)
     info = {
-        "provider": name, "what": providers.PROVIDERS[name].what,
+        "provider": name, "what": providers.describe(name),
         "shape": shape.name, "N": shape.n, "H": shape.h, "V": shape.v, "source": shape.source,
         "dtype": dtype, "mode": mode, "regime": regime, "beta1": providers.BETA1, "beta2": providers.BETA2,
         "load_processes": regimes.LOAD_PROCESSES if regime == "loaded" else 0,
@@ -209,7 +211,35 @@ def test_satimp(benchmark, case, bench_context, request):
         "floor_s": problem.gemm_s * flops / (2 * shape.n * shape.h * shape.v),
         "floor_flops": flops, "mem_floor_bytes": shape.floor_bytes(torch_dtype, backward),
         "logits_bytes": shape.logits_bytes(torch_dtype), "rounds": rounds,
-        **providers.environment(ctx.device),
+        **providers.environment(ctx.device), "threads": threads,
+        "chunk_rows": providers.parse_variant(name).chunk_rows,
     }
     benchmark.extra_info.update(info)
     request.config.fastweight_results.append((benchmark, info))
+
+
+def test_provider_variants():
+    """``fastweight:c<rows>:t<n>|t-<k>`` parse to chunk rows and a thread count, bad options name themselves, the
+    thread count holds inside ``threads_for`` only, and a variant computes the default provider's loss."""
+    P = providers
+    assert P.parse_variant("cce") == P.Variant("cce")
+    assert P.parse_variant("fastweight:c512") == P.Variant("fastweight", 512, None)
+    assert P.parse_variant("fastweight:t1:c64") == P.Variant("fastweight", 64, 1)
+    if P.DEFAULT_THREADS > 1:
+        assert P.parse_variant("fastweight:t-1").threads == P.DEFAULT_THREADS - 1
+    for bad, match in [("fastweight:x3", "unknown option 'x3'"), ("cce:c64", "only fastweight"),
+                       ("fastweight:c0", "unknown option 'c0'"), (f"fastweight:t-{P.DEFAULT_THREADS}", "leaves 0")]:
+        with pytest.raises(ValueError, match=match):
+            P.parse_variant(bad)
+        assert not P.known(bad)
+    assert P.known("fastweight:c64:t1") and P.known("naive") and not P.known("nothing")
+    before = torch.get_num_threads()
+    with P.threads_for("fastweight:t1"):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    assert "64-row chunks" in P.describe("fastweight:c64")
+    inputs = P.make_inputs(shapes.Shape("tiny", 40, 16, 300, "test"), torch.float32, "cpu")
+    base = P.run_step(P.build("fastweight", "cpu", torch.float32), *inputs, backward=True)
+    small = P.run_step(P.build("fastweight:c7", "cpu", torch.float32), *inputs, backward=True)
+    for (k, a), (_, b) in zip(base.items(), small.items()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=k)

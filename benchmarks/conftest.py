@@ -69,6 +69,20 @@ def _words(value: str | None, default: tuple[str, ...], known, what: str) -> tup
     return words
 
 
+class _ProviderNames:
+    """``in``: a provider or a variant of one (``fastweight:c512:t-1``); listed as the providers."""
+
+    def __contains__(self, name) -> bool:
+        from benchmarks import providers
+
+        return providers.known(name)
+
+    def __iter__(self):
+        from benchmarks import providers
+
+        return iter(list(providers.PROVIDERS) + ["fastweight:c<rows>:t<n>|t-<k>"])
+
+
 def _options(config) -> BenchOptions:
     import torch
 
@@ -92,7 +106,7 @@ def _options(config) -> BenchOptions:
         dtypes=_words(config.getoption("--bench-dtypes"), default_dtype, shapes.DTYPES, "--bench-dtypes"),
         modes=_words(config.getoption("--bench-modes"), DEFAULT_MODES, MODES, "--bench-modes"),
         regimes=_words(config.getoption("--bench-regimes"), default_regimes, regimes.REGIMES, "--bench-regimes"),
-        providers=_words(config.getoption("--bench-providers"), tuple(providers.PROVIDERS), providers.PROVIDERS,
+        providers=_words(config.getoption("--bench-providers"), tuple(providers.PROVIDERS), _ProviderNames(),
                          "--bench-providers"),
         device=device, memory=memory, rounds=int(rounds) if rounds else None,
     )

@@ -25,6 +25,12 @@ liger                       Liger-Kernel ``liger_fused_linear_cross_entropy(redu
                             only), then the weights
 ==========================  =================================================================================
 
+Variants of ``fastweight`` (the contended-cores study of issue 21; not in the default list): options joined
+by ``:``, ``c<rows>`` chunk rows of the torch path (``chunk_elements = rows * V``; default 256 at SmolLM2's
+head), ``t<n>`` n threads, ``t-<k>`` k threads fewer than torch's default here. ``fastweight:c1024:t-1`` runs
+1024-row chunks on one thread fewer; the benchmark sets the thread count for the case's warm-up and timed rounds
+and restores it after (``threads_for``).
+
 The per-token cross-entropy providers get ``log p = -ce`` and apply the same O(N) weighting
 (``satimp_from_logp``). Also here: the deterministic inputs (``make_inputs``), one step (``run_step``) and
 the float64 reference the benchmark checks every provider against (``reference_outputs``).
@@ -32,9 +38,11 @@ the float64 reference the benchmark checks every provider against (``reference_o
 from __future__ import annotations
 
 import importlib.metadata
+import contextlib
 import math
 import os
 import platform
+import re
 import shutil
 from dataclasses import dataclass
 from typing import Callable
@@ -289,11 +297,90 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
 )}
 
 
+DEFAULT_THREADS = torch.get_num_threads()  # torch's default here, before any case changes it
+VARIANT_BASES = ("fastweight",)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A provider name split into its base and options: ``fastweight:c512:t-1``."""
+
+    base: str
+    chunk_rows: int | None = None
+    threads: int | None = None  # absolute thread count
+
+
+def parse_variant(name: str) -> Variant:
+    """``Variant`` of a provider name; ValueError naming the bad part for an unknown option or base."""
+    base, *parts = name.split(":")
+    if not parts:
+        return Variant(base)
+    if base not in VARIANT_BASES:
+        raise ValueError(f"provider {name!r}: only {', '.join(VARIANT_BASES)} takes options (c<rows>, t<n>, t-<k>)")
+    rows = threads = None
+    for part in parts:
+        if re.fullmatch(r"c[1-9][0-9]*", part):
+            rows = int(part[1:])
+        elif re.fullmatch(r"t-?[1-9][0-9]*", part):
+            n = int(part[1:])
+            threads = DEFAULT_THREADS + n if n < 0 else n
+            if threads < 1:
+                raise ValueError(f"provider {name!r}: {part} leaves {threads} threads of {DEFAULT_THREADS}")
+        else:
+            raise ValueError(f"provider {name!r}: unknown option {part!r} (c<rows>, t<n> or t-<k>)")
+    return Variant(base, rows, threads)
+
+
+def known(name: str) -> bool:
+    """True for a provider of ``PROVIDERS`` or a valid variant of one."""
+    try:
+        return parse_variant(name).base in PROVIDERS
+    except ValueError:
+        return False
+
+
+@contextlib.contextmanager
+def threads_for(name: str):
+    """Run the block with the variant's thread count (torch's, which MKL and oneDNN follow), restored after."""
+    threads = parse_variant(name).threads
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def describe(name: str) -> str:
+    """The provider's description, with a variant's options."""
+    v = parse_variant(name)
+    extra = [f"{v.chunk_rows}-row chunks"] * (v.chunk_rows is not None) + [f"{v.threads} threads"] * (v.threads is not None)
+    return PROVIDERS[v.base].what + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _fastweight_chunked(rows: int) -> LossFn:
+    from fastweight.ops import linear_logprobs as ll
+
+    def fn(h, w, y):
+        opts = ll.LinearLogprobsOptions(beta1=BETA1, beta2=BETA2, weighted=True, reduction="mean",
+                                        chunk_elements=rows * w.shape[0])
+        return ll.linear_weighted_logprobs_2d(h, w, None, y, opts)[0]  # tokmean(w log p), as satimp_loss
+
+    return fn
+
+
 def build(name: str, device: torch.device, dtype: torch.dtype) -> LossFn:
     """The provider's loss function, or Unavailable with the reason."""
-    if name not in PROVIDERS:
+    variant = parse_variant(name)
+    if variant.base not in PROVIDERS:
         raise ValueError(f"unknown provider {name!r}; known: {', '.join(PROVIDERS)}")
-    return PROVIDERS[name].build(torch.device(device), dtype)
+    fn = PROVIDERS[variant.base].build(torch.device(device), dtype)
+    if variant.chunk_rows is not None:
+        if torch.device(device).type != "cpu":
+            raise Unavailable(f"{name}: chunk rows are a CPU torch-path option")
+        fn = _fastweight_chunked(variant.chunk_rows)
+    return fn
 
 
 # ------------------------------------------------------------------------------------------------ environment
