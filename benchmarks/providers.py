@@ -355,7 +355,11 @@ def threads_for(name: str):
 def describe(name: str) -> str:
     """The provider's description, with a variant's options."""
     v = parse_variant(name)
-    extra = [f"{v.chunk_rows}-row chunks"] * (v.chunk_rows is not None) + [f"{v.threads} threads"] * (v.threads is not None)
+    extra = []
+    if v.chunk_rows is not None:
+        extra.append(f"{v.chunk_rows}-row chunks")
+    if v.threads is not None:
+        extra.append(f"{v.threads} threads")
     return PROVIDERS[v.base].what + (f" ({', '.join(extra)})" if extra else "")
 
 
@@ -375,12 +379,11 @@ def build(name: str, device: torch.device, dtype: torch.dtype) -> LossFn:
     variant = parse_variant(name)
     if variant.base not in PROVIDERS:
         raise ValueError(f"unknown provider {name!r}; known: {', '.join(PROVIDERS)}")
-    fn = PROVIDERS[variant.base].build(torch.device(device), dtype)
     if variant.chunk_rows is not None:
         if torch.device(device).type != "cpu":
             raise Unavailable(f"{name}: chunk rows are a CPU torch-path option")
-        fn = _fastweight_chunked(variant.chunk_rows)
-    return fn
+        return _fastweight_chunked(variant.chunk_rows)
+    return PROVIDERS[variant.base].build(torch.device(device), dtype)
 
 
 # ------------------------------------------------------------------------------------------------ environment

@@ -76,7 +76,6 @@ def test_overwrite_refuses_inputs_working_directory_and_root(tmp_path, tiny, loa
 
 
 # ---------------------------------------------------------------------------------------------- resume keeps all
-@pytest.mark.slow  # four TOFU runs (~50 s on the shared 2-core machine)
 def test_resume_removes_partial_files_of_dead_processes_only(tmp_path, capsys):
     """A run killed mid-write (SIGKILL) leaves ``<file>.tmp-<pid>``; ``--resume`` removes those of processes that
     are gone, says so, and keeps a live process's temporary and every finished file."""
@@ -102,6 +101,7 @@ def test_resume_removes_partial_files_of_dead_processes_only(tmp_path, capsys):
     assert "removed 2 partial file(s)" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # four TOFU runs (~50 s on the shared 2-core machine)
 def test_resume_keeps_g_effect_and_the_eval_history(tmp_path, tiny, monkeypatch):
     kw = dict(epochs=3, g_effect_every=1, eval_every=1)
     first = tofu.run(_cfg(tmp_path, tiny, **kw))

@@ -49,6 +49,8 @@ def chunk_step(chunk_elements: int, V: int, device: torch.device, default: int =
     if device.type == "cuda" and chunk_elements == default:
         chunk_elements = CUDA_CHUNK_ELEMENTS
     return max(1, chunk_elements // max(V, 1))
+
+
 # exp(z) without max-subtraction is exact to fp32 rounding while the row sum stays in [2**-60, 2**100]
 # (the largest logit then lies in [-42 - log V, 69]); chunks outside fall back to the max-shifted pass.
 _SUM_LO, _SUM_HI = 2.0 ** -60, 2.0 ** 100
@@ -106,8 +108,10 @@ class _Chunker:
             zt *= self.scale
         return zt.to(torch.float32)
 
-    def logits_(self, h, y, *, want_deriv: bool):
-        """Write logits of the chunk into the buffer; returns (z view, z[., y] [c], (1 - t^2) view or None)."""
+    def logits_(self, h, y, *, want_deriv: bool, exact_target: bool = True):
+        """Write logits of the chunk into the buffer; returns (z view, z[., y] [c], (1 - t^2) view or None).
+
+        ``exact_target=False`` keeps the GEMM's target column, for a caller that overwrites it unread."""
         out = None if self.buf is None else self.buf[: h.shape[0]]
         if self.scale == 1.0:
             z = linear(h, self.W, self.b, out=out)
@@ -115,7 +119,7 @@ class _Chunker:
             z = linear(h * self.scale, self.W, self.b_s, out=out)
         else:
             z = linear(h, self.W, self.b, out=out).mul_(self.scale)
-        if z.dtype == torch.float32:
+        if exact_target and z.dtype == torch.float32:
             z.scatter_(1, y[:, None], self.target_logits(h, y)[:, None])
         deriv = None
         if self.cap is not None:
@@ -238,7 +242,8 @@ def linear_logprobs_backward_torch(hidden, lm_head, bias, labels, lse, logp, g, 
     if all(t is None for t in grads):
         return grads
     for idx, h, y in ch:
-        z, _, deriv = ch.logits_(h, y, want_deriv=True)
+        # the target column is replaced below; without softcap nothing reads it before (its derivative does)
+        z, _, deriv = ch.logits_(h, y, want_deriv=True, exact_target=ch.cap is not None)
         lse_c = lse[idx].to(ch.acc)
         z.sub_(lse_c[:, None]).exp_()
         # da = -g * p', p' = p off the target and p'_y = -(1 - p_y) = expm1(log p) from the forward's log p

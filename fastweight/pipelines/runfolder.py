@@ -24,6 +24,8 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from fastweight.pipelines.crashed import pid_alive
+
 MARKER = ".fastweight-run.json"
 # fields that say where files go or how the run proceeds, not what it computes
 _NOT_RESULTS = ("output_dir", "cache_dir", "resume", "overwrite", "report_to")
@@ -71,20 +73,8 @@ def claim(folder: Path, kind: str, fingerprint: str | None) -> None:
 
 # every atomic write here goes through "<name>.tmp-<pid>" then os.replace (store.atomic_json, common.atomic_write,
 # the JSON logs, the marker, the trainer's settings file): a file still so named is a write its process never
-# finished
-_TEMPORARY = re.compile(r"\.tmp-([0-9]+)$")
-
-
-def _pid_running(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return pid > 0 and not isinstance(pid, bool)  # another user's process (or an odd pid): leave the file
-    return True
+# finished (pids as Linux issues them: no leading zero, at most 9 digits)
+_TEMPORARY = re.compile(r"\.tmp-([1-9][0-9]{0,8})$")
 
 
 def dead_temporaries(folder: Path) -> list[Path]:
@@ -93,7 +83,7 @@ def dead_temporaries(folder: Path) -> list[Path]:
     out = []
     for q in sorted(Path(folder).rglob("*.tmp-*")):
         m = _TEMPORARY.search(q.name)
-        if m and q.is_file() and not q.is_symlink() and not _pid_running(int(m.group(1))):
+        if m and q.is_file() and not q.is_symlink() and not pid_alive(int(m.group(1))):
             out.append(q)
     return out
 
