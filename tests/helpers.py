@@ -7,6 +7,7 @@ i.e. be at most k times worse than the naive full-softmax computation, plus a fe
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -225,3 +226,16 @@ def save_tiny_pipeline_model(folder) -> str:
     texts = [" ".join([r["question"], r["answer"], r.get("paraphrased_answer", ""), *r.get("perturbed_answer", [])])
              for rs in rows.values() for r in rs]
     return str(save_tiny_model(folder, texts + ["Question: Answer:", *REFUSALS]))
+
+
+def unlearned_inputs(N=192, H=576, V=4096, seed=0, ignore_every=7):
+    """Hidden rows aimed at their label with a gain that puts log p uniformly in [-25, -5] (as
+    ``benchmarks.providers.make_inputs(likelihood="low")``), so SatImp's weights span normal to 0."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(V, H, generator=g) / math.sqrt(H)
+    y = torch.randint(0, V, (N,), generator=g)
+    logp = torch.rand(N, 1, generator=g) * 20.0 - 25.0
+    h = torch.randn(N, H, generator=g) + W[y] * (logp + math.log(V) + 0.5)
+    if ignore_every:
+        y[::ignore_every] = -100
+    return h, W, y

@@ -8,27 +8,13 @@ on the GEMM column.
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 import fastweight
 from fastweight.ops import _linear_chunks as lc, linear_logprobs as ll
 from fastweight.reference import linear_logprobs as ref
-
-
-def unlearned_inputs(N=192, H=576, V=4096, seed=0, ignore_every=7):
-    """Hidden rows aimed at their label with a gain that puts log p uniformly in [-25, -5] (as
-    ``benchmarks.providers.make_inputs(likelihood="low")``), so SatImp's weights span normal to 0."""
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(V, H, generator=g) / math.sqrt(H)
-    y = torch.randint(0, V, (N,), generator=g)
-    logp = torch.rand(N, 1, generator=g) * 20.0 - 25.0
-    h = torch.randn(N, H, generator=g) + W[y] * (logp + math.log(V) + 0.5)
-    if ignore_every:
-        y[::ignore_every] = -100
-    return h, W, y
+from helpers import unlearned_inputs
 
 
 def test_target_logits_are_the_float64_dot_rounded_once():

@@ -314,18 +314,30 @@ def compact_live_rows_(buf: torch.Tensor, coef: torch.Tensor, *, min_dead: int =
     if buf.dim() != 2 or coef.shape != buf.shape[:1] or not buf.is_contiguous():
         raise ValueError(f"compact_live_rows_: buf must be a contiguous [c, V] tensor and coef [c], got "
                          f"{tuple(buf.shape)} / {tuple(coef.shape)}")
+    keep = live_rows(coef, min_dead=min_dead)
+    if keep is not None:
+        move_rows_(buf, keep, blocks=blocks)
+    return keep
+
+
+def live_rows(coef: torch.Tensor, *, min_dead: int = 1) -> torch.Tensor | None:
+    """The indices of the nonzero entries of ``coef`` (ascending), or None when fewer than ``max(1, min_dead)``
+    entries are 0: the rule by which ``compact_live_rows_`` decides to move rows."""
     live = coef != 0
-    k = int(live.sum())
-    if coef.numel() - k < max(1, min_dead):
+    if coef.numel() - int(live.sum()) < max(1, min_dead):
         return None
-    keep = live.nonzero().squeeze(1)
+    return live.nonzero().squeeze(1)
+
+
+def move_rows_(buf: torch.Tensor, keep: torch.Tensor, *, blocks: int = 8) -> None:
+    """``buf[:len(keep)] = buf[keep]`` in place for ascending ``keep`` (``compact_live_rows_``'s moves)."""
+    k = keep.numel()
     moved = (keep != torch.arange(k, device=keep.device)).nonzero()
     first = int(moved[0]) if moved.numel() else k  # rows before it are already in place
     step = max(1, -(-buf.shape[0] // max(1, blocks)))
     for a in range(first, k, step):
         b = min(k, a + step)
         buf[a:b].copy_(buf.index_select(0, keep[a:b]))
-    return keep
 
 
 def importance_weight_torch(logp: torch.Tensor, beta1: float, beta2: float) -> torch.Tensor:

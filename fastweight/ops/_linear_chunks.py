@@ -59,7 +59,7 @@ _SUM_LO, _SUM_HI = 2.0 ** -60, 2.0 ** 100
 class _Chunker:
     """Valid rows of hidden in chunks, a reused [c, V] float32 buffer and the float32 operands."""
 
-    def __init__(self, hidden, lm_head, bias, labels, opts):
+    def __init__(self, hidden, lm_head, bias, labels, opts, *, buffer: bool = True):
         self.acc = acc_dtype(hidden.dtype)
         # float32 (float64) operands, except 16-bit CUDA ones that stay as they are for the tensor cores
         self.W = gemm_operand(lm_head, self.acc)  # no copy for float32 / float64 / tensor cores
@@ -77,7 +77,9 @@ class _Chunker:
         self.step = chunk_step(opts.chunk_elements, V, hidden.device)
         self.c = c = min(self.step, self.rows.numel())
         # oneDNN returns each chunk's logits as a new tensor; torch.mm writes into one reused buffer.
-        self.buf = None if new_products(self.W) else torch.empty(c, V, dtype=self.acc, device=hidden.device)
+        self.buf = None
+        if buffer and not new_products(self.W):
+            self.buf = torch.empty(c, V, dtype=self.acc, device=hidden.device)
         self.aux = None  # 1 - tanh^2 for the softcap derivative, allocated when a gradient needs it
 
     def __iter__(self):
@@ -106,7 +108,7 @@ class _Chunker:
             zt += self.b.index_select(0, y).to(torch.float64)
         if self.scale != 1.0:
             zt *= self.scale
-        return zt.to(torch.float32)
+        return zt.to(self.acc)
 
     def logits_(self, h, y, *, want_deriv: bool, exact_target: bool = True):
         """Write logits of the chunk into the buffer; returns (z view, z[., y] [c], (1 - t^2) view or None).
@@ -144,8 +146,7 @@ class _Chunker:
         E_y = z.gather(1, y[:, None]).squeeze(1)
         z.scatter_(1, y[:, None], 0.0)
         rest = z.sum(1)
-        ssum = rest + E_y
-        if not bool(((ssum >= _SUM_LO) & (ssum <= _SUM_HI)).all()):
+        if not sums_in_range(rest + E_y):
             # Rare (logits beyond ~ +-40): redo the chunk with the row max subtracted.
             z, z_y, deriv = self.logits_(h, y, want_deriv=want_deriv)
             shift = z.amax(1)
@@ -154,6 +155,11 @@ class _Chunker:
             z.scatter_(1, y[:, None], 0.0)
             rest = z.sum(1)
         return z, z_y, shift, E_y, rest, deriv
+
+    def factor(self, coef):
+        """The gradient GEMMs' per-row factor -s * coef, subnormal entries flushed; a new tensor (the caller's
+        g is not touched)."""
+        return flush_subnormal_(-coef if self.scale == 1.0 else coef * -self.scale)
 
     def grads_(self, E, h, idx, coef, deriv, dh, dW, db):
         """Accumulate the gradients of a chunk whose buffer holds E with da = -coef * E (* deriv).
@@ -168,8 +174,7 @@ class _Chunker:
         chunk's rows are such, the live rows are moved to the front of E (``compact_live_rows_``) and only they
         enter the two gradient GEMMs (the unlearned regime: most forget tokens' SatImp weights are 0 there).
         """
-        coef = -coef if self.scale == 1.0 else coef * -self.scale  # a new tensor: the caller's g is not touched
-        coef = flush_subnormal_(coef)
+        coef = self.factor(coef)
         if deriv is not None:
             E.mul_(deriv)
         keep = compact_live_rows_(E, coef, min_dead=E.shape[0] // LIVE_MIN_DEAD_FRACTION)
@@ -188,6 +193,34 @@ class _Chunker:
             add_linear_t_(dW, E, flush_tiny_rows_(h * coef[:, None], coef), operands=self.W.dtype)
         if db is not None:
             db.addmv_(E.t(), coef)
+
+
+def row_logp(z_y, shift, E_y, rest):
+    """(log p [c], sum [c]) of a chunk from its target logits z_y, the shift its exponentials were taken at,
+    E_y = exp(z_y - shift) and rest, the sum of the other columns' exponentials.
+
+    log p = -log1p(rest / E_y): exact 0 for V = 1, no cancellation for confident rows; z_y - shift - log(sum)
+    only where E_y is tiny (p below ~ 1e-18).
+    """
+    ssum = rest + E_y
+    logp = torch.where(E_y >= _SUM_LO, -torch.log1p(rest / E_y.clamp(min=_SUM_LO)), z_y - shift - torch.log(ssum))
+    return logp, ssum
+
+
+def sums_in_range(ssum) -> bool:
+    """True when every row sum of exponentials taken without a shift is inside [_SUM_LO, _SUM_HI]."""
+    return bool(((ssum >= _SUM_LO) & (ssum <= _SUM_HI)).all())
+
+
+def row_weights(logp, opts):
+    """The importance weights w [c] of the rows (ones for an unweighted op)."""
+    return importance_weight_torch(logp, opts.beta1, opts.beta2) if opts.weighted else torch.ones_like(logp)
+
+
+def grad_factor(grad_scale, w, token_weights, idx):
+    """g [c] of the fused forward: grad_scale * w (* the caller's token weights of the chunk's rows)."""
+    g = grad_scale.to(w.dtype) * w
+    return g if token_weights is None else g * token_weights[idx].to(w.dtype)
 
 
 def _grad_buffers(hidden, lm_head, bias, needs, acc):
@@ -215,18 +248,11 @@ def linear_logprobs_forward_torch(hidden, lm_head, bias, labels, opts, *, grad_s
     any_grad = fused and any(t is not None for t in grads)
     for idx, h, y in ch:
         E, z_y, shift, E_y, rest, deriv = ch.exp_sum_(h, y, want_deriv=any_grad)
-        ssum = rest + E_y
-        # log p = -log1p(rest / E_y): exact 0 for V = 1, no cancellation for confident rows; z_y - lse only
-        # where E_y is tiny (p below ~ 1e-18).
-        logp_c = torch.where(E_y >= _SUM_LO, -torch.log1p(rest / E_y.clamp(min=_SUM_LO)),
-                             z_y - shift - torch.log(ssum))
-        lse_c = z_y - logp_c
-        w_c = importance_weight_torch(logp_c, opts.beta1, opts.beta2) if opts.weighted else torch.ones_like(logp_c)
-        lse[idx], logp[idx], w[idx] = lse_c, logp_c, w_c
+        logp_c, ssum = row_logp(z_y, shift, E_y, rest)
+        w_c = row_weights(logp_c, opts)
+        lse[idx], logp[idx], w[idx] = z_y - logp_c, logp_c, w_c
         if any_grad:
-            g = grad_scale.to(acc) * w_c
-            if token_weights is not None:
-                g = g * token_weights[idx].to(acc)
+            g = grad_factor(grad_scale, w_c, token_weights, idx)
             # da = g * (onehot - p) (* (1 - t^2)) = -(g / sum) * E' with E' = E off the target and
             # E'[t, y_t] = -rest_t, since g * (1 - p_y) = g * rest / sum: no separate one-hot pass or index_add_.
             E.scatter_(1, y[:, None], -rest[:, None])
