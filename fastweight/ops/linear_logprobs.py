@@ -27,6 +27,9 @@ from fastweight.ops._common import (
     check_token_weights, check_weight_options, launch_kernel, no_autocast, resolve_backend, signature_of,
     triton_interpret,
 )
+from fastweight.ops._linear_blocks import (
+    blocked_workers, linear_logprobs_backward_blocked, linear_logprobs_forward_blocked,
+)
 from fastweight.ops._linear_chunks import (
     TORCH_CHUNK_ELEMENTS, _cast_grads, linear_logprobs_backward_torch, linear_logprobs_forward_torch,
 )
@@ -292,8 +295,26 @@ def linear_logprobs_backward_triton(hidden, lm_head, bias, labels, lse, logp, g,
     return _cast_grads(grads, hidden, lm_head, bias) if cast else grads
 
 
-_FORWARD = {"triton": linear_logprobs_forward_triton, "torch": linear_logprobs_forward_torch}
-_BACKWARD = {"triton": linear_logprobs_backward_triton, "torch": linear_logprobs_backward_torch}
+def _forward_torch(hidden, lm_head, bias, labels, opts, **kwargs):
+    """The torch path: vocabulary blocks on a thread each on a multi-core CPU (``_linear_blocks``), else
+    chunks of rows with PyTorch's own ops (``_linear_chunks``)."""
+    workers = blocked_workers(hidden, lm_head)
+    if workers:
+        return linear_logprobs_forward_blocked(hidden, lm_head, bias, labels, opts, workers=workers, **kwargs)
+    return linear_logprobs_forward_torch(hidden, lm_head, bias, labels, opts, **kwargs)
+
+
+def _backward_torch(hidden, lm_head, bias, labels, lse, logp, g, opts, **kwargs):
+    """The torch path's backward, chosen as ``_forward_torch`` chooses."""
+    workers = blocked_workers(hidden, lm_head)
+    if workers:
+        return linear_logprobs_backward_blocked(hidden, lm_head, bias, labels, lse, logp, g, opts,
+                                                workers=workers, **kwargs)
+    return linear_logprobs_backward_torch(hidden, lm_head, bias, labels, lse, logp, g, opts, **kwargs)
+
+
+_FORWARD = {"triton": linear_logprobs_forward_triton, "torch": _forward_torch}
+_BACKWARD = {"triton": linear_logprobs_backward_triton, "torch": _backward_torch}
 
 
 # ---------------------------------------------------------------------------------------------------------
