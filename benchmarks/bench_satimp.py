@@ -22,6 +22,7 @@ and ``bytes * (N*H + V*H)`` memory floor), device name, versions and thread coun
 from __future__ import annotations
 
 import gc
+import os
 import time
 from dataclasses import dataclass
 
@@ -176,7 +177,7 @@ def test_satimp(benchmark, case, bench_context, request):
         ctx.sync()
 
     # "loaded": busy processes from the warm-up to the last round; a variant's thread count as long
-    with regimes.conditions(regime), providers.threads_for(name):
+    with regimes.conditions(regime), providers.settings_for(name):
         out = providers.run_step(fn, hidden, lm_head, labels, backward)  # warm-up and the checked run
         ctx.sync()
         errors = _check(name, out, problem, backward)
@@ -219,12 +220,14 @@ def test_satimp(benchmark, case, bench_context, request):
 
 
 def test_provider_variants():
-    """``fastweight:c<rows>:t<n>|t-<k>`` parse to chunk rows and a thread count, bad options name themselves, the
-    thread count holds inside ``threads_for`` only, and a variant computes the default provider's loss."""
+    """``fastweight:c<rows>:t<n>|t-<k>:omp`` parse to chunk rows, a thread count and the route, bad options name
+    themselves, thread count and route hold inside ``settings_for`` only, and a variant computes the default
+    provider's loss."""
     P = providers
     assert P.parse_variant("cce") == P.Variant("cce")
     assert P.parse_variant("fastweight:c512") == P.Variant("fastweight", 512, None)
     assert P.parse_variant("fastweight:t1:c64") == P.Variant("fastweight", 64, 1)
+    assert P.parse_variant("fastweight:omp") == P.Variant("fastweight", omp=True)
     if P.DEFAULT_THREADS > 1:
         assert P.parse_variant("fastweight:t-1").threads == P.DEFAULT_THREADS - 1
     for bad, match in [("fastweight:x3", "unknown option 'x3'"), ("cce:c64", "only fastweight"),
@@ -234,12 +237,14 @@ def test_provider_variants():
         assert not P.known(bad)
     assert P.known("fastweight:c64:t1") and P.known("naive") and not P.known("nothing")
     before = torch.get_num_threads()
-    with P.threads_for("fastweight:t1"):
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == before
+    route = os.environ.get("FASTWEIGHT_CPU_BLOCKS")
+    with P.settings_for("fastweight:t1:omp"):
+        assert torch.get_num_threads() == 1 and os.environ["FASTWEIGHT_CPU_BLOCKS"] == "0"
+    assert torch.get_num_threads() == before and os.environ.get("FASTWEIGHT_CPU_BLOCKS") == route
     assert "64-row chunks" in P.describe("fastweight:c64")
     inputs = P.make_inputs(shapes.Shape("tiny", 40, 16, 300, "test"), torch.float32, "cpu")
     base = P.run_step(P.build("fastweight", "cpu", torch.float32), *inputs, backward=True)
     small = P.run_step(P.build("fastweight:c7", "cpu", torch.float32), *inputs, backward=True)
     for (k, a), (_, b) in zip(base.items(), small.items()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=k)
+    assert "OpenMP chunk ops" in P.describe("fastweight:omp")

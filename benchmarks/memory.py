@@ -98,6 +98,13 @@ def _child(args: argparse.Namespace) -> dict:
     backward = args.mode == "fwd_bwd"
     hidden, lm_head, labels = providers.make_inputs(shape, dtype, "cpu")
     fn = providers.build(args.provider, torch.device("cpu"), dtype)
+    with providers.settings_for(args.provider):  # a variant's thread count and route, as when it was timed
+        return _peak(fn, hidden, lm_head, labels, backward)
+
+
+def _peak(fn, hidden, lm_head, labels, backward) -> dict:
+    from benchmarks import providers
+
     exact = os.path.exists("/proc/self/clear_refs") and _reset_high_water_mark()
     _release_freed()
     before_warmup = _status_kib("VmRSS")

@@ -27,9 +27,10 @@ liger                       Liger-Kernel ``liger_fused_linear_cross_entropy(redu
 
 Variants of ``fastweight`` (the contended-cores study of issue 21; not in the default list): options joined
 by ``:``, ``c<rows>`` chunk rows of the torch path (``chunk_elements = rows * V``; default 256 at SmolLM2's
-head), ``t<n>`` n threads, ``t-<k>`` k threads fewer than torch's default here. ``fastweight:c1024:t-1`` runs
-1024-row chunks on one thread fewer; the benchmark sets the thread count for the case's warm-up and timed rounds
-and restores it after (``threads_for``).
+head), ``t<n>`` n threads, ``t-<k>`` k threads fewer than torch's default here, ``omp`` the chunk path's OpenMP ops
+instead of the vocabulary blocks on a thread each (``FASTWEIGHT_CPU_BLOCKS=0``). ``fastweight:c1024:t-1`` runs
+1024-row chunks on one thread fewer; the benchmark sets the thread count and route for the case's warm-up and
+timed rounds and restores them after (``settings_for``).
 
 The per-token cross-entropy providers get ``log p = -ce`` and apply the same O(N) weighting
 (``satimp_from_logp``). Also here: the deterministic inputs (``make_inputs``), one step (``run_step``) and
@@ -299,6 +300,7 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
 
 DEFAULT_THREADS = torch.get_num_threads()  # torch's default here, before any case changes it
 VARIANT_BASES = ("fastweight",)
+OPTIONS = "(c<rows>, t<n>, t-<k>, omp)"
 
 
 @dataclass(frozen=True)
@@ -308,6 +310,7 @@ class Variant:
     base: str
     chunk_rows: int | None = None
     threads: int | None = None  # absolute thread count
+    omp: bool = False  # the chunk path's OpenMP ops instead of the vocabulary blocks (FASTWEIGHT_CPU_BLOCKS=0)
 
 
 def parse_variant(name: str) -> Variant:
@@ -316,10 +319,13 @@ def parse_variant(name: str) -> Variant:
     if not parts:
         return Variant(base)
     if base not in VARIANT_BASES:
-        raise ValueError(f"provider {name!r}: only {', '.join(VARIANT_BASES)} takes options (c<rows>, t<n>, t-<k>)")
+        raise ValueError(f"provider {name!r}: only {', '.join(VARIANT_BASES)} takes options {OPTIONS}")
     rows = threads = None
+    omp = False
     for part in parts:
-        if re.fullmatch(r"c[1-9][0-9]*", part):
+        if part == "omp":
+            omp = True
+        elif re.fullmatch(r"c[1-9][0-9]*", part):
             rows = int(part[1:])
         elif re.fullmatch(r"t-?[1-9][0-9]*", part):
             n = int(part[1:])
@@ -327,8 +333,8 @@ def parse_variant(name: str) -> Variant:
             if threads < 1:
                 raise ValueError(f"provider {name!r}: {part} leaves {threads} threads of {DEFAULT_THREADS}")
         else:
-            raise ValueError(f"provider {name!r}: unknown option {part!r} (c<rows>, t<n> or t-<k>)")
-    return Variant(base, rows, threads)
+            raise ValueError(f"provider {name!r}: unknown option {part!r} {OPTIONS}")
+    return Variant(base, rows, threads, omp)
 
 
 def known(name: str) -> bool:
@@ -340,16 +346,23 @@ def known(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def threads_for(name: str):
-    """Run the block with the variant's thread count (torch's, which MKL and oneDNN follow), restored after."""
-    threads = parse_variant(name).threads
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
+def settings_for(name: str):
+    """Run the block with the variant's thread count (torch's, which MKL and oneDNN follow) and CPU route,
+    both restored after."""
+    v = parse_variant(name)
+    before, route = torch.get_num_threads(), os.environ.get("FASTWEIGHT_CPU_BLOCKS")
+    if v.threads is not None:
+        torch.set_num_threads(v.threads)
+    if v.omp:
+        os.environ["FASTWEIGHT_CPU_BLOCKS"] = "0"
     try:
         yield
     finally:
         torch.set_num_threads(before)
+        if route is None:
+            os.environ.pop("FASTWEIGHT_CPU_BLOCKS", None)
+        else:
+            os.environ["FASTWEIGHT_CPU_BLOCKS"] = route
 
 
 def describe(name: str) -> str:
@@ -360,6 +373,8 @@ def describe(name: str) -> str:
         extra.append(f"{v.chunk_rows}-row chunks")
     if v.threads is not None:
         extra.append(f"{v.threads} threads")
+    if v.omp:
+        extra.append("OpenMP chunk ops, no vocabulary blocks")
     return PROVIDERS[v.base].what + (f" ({', '.join(extra)})" if extra else "")
 
 
@@ -379,9 +394,9 @@ def build(name: str, device: torch.device, dtype: torch.dtype) -> LossFn:
     variant = parse_variant(name)
     if variant.base not in PROVIDERS:
         raise ValueError(f"unknown provider {name!r}; known: {', '.join(PROVIDERS)}")
+    if (variant.chunk_rows is not None or variant.omp) and torch.device(device).type != "cpu":
+        raise Unavailable(f"{name}: chunk rows and omp are CPU torch-path options")
     if variant.chunk_rows is not None:
-        if torch.device(device).type != "cpu":
-            raise Unavailable(f"{name}: chunk rows are a CPU torch-path option")
         return _fastweight_chunked(variant.chunk_rows)
     return PROVIDERS[variant.base].build(torch.device(device), dtype)
 
