@@ -7,13 +7,12 @@ import torch
 from fastweight._constants import IGNORE_INDEX
 from fastweight.data.templates import REFUSALS
 from fastweight.data.tofu import EpochSampler, ForgetRetainDataset, QADataset, pad_collate
-from fastweight.losses import token_logprobs
 from fastweight.train.config import TrainConfig
 from fastweight.train.engine import build_reference_table, make_accelerator
 from fastweight.train.loop import _lr_lambda, train
 from fastweight.train.methods import AdapterDisabled, build_method, lm_forward, ref_token_logp
 from fastweight.train.models import load_model_and_tokenizer
-from fastweight.train.objective import RefLogpTable, UnlearnObjective
+from fastweight.train.objective import UnlearnObjective
 from helpers import tiny_tofu
 
 DATA = tiny_tofu()  # the tiny TOFU set that the shared `tiny_dir` model (conftest.py) was built on

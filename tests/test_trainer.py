@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from fastweight._constants import IGNORE_INDEX
-from fastweight.data.synth_tofu import generate_tofu
 from fastweight.data.tofu import QADataset, pad_collate
 from fastweight.train.config import TrainConfig, read_config_file, train_config_from
 from fastweight.train.loop import _lr_lambda, latest_checkpoint, layer_filter, train

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from fastweight._constants import IGNORE_INDEX
 from fastweight.losses._input import token_logprobs
-from fastweight.losses._seq import as_sequences, check_choice, check_number, check_ref, reduce_rows, valid_mask
+from fastweight.losses._seq import check_choice, check_number, check_ref, reduce_rows, valid_mask
 from fastweight.losses._weights import check_token_weights, weigh
 from fastweight.losses.preference import sequence_nll
 from fastweight.losses.retain import nll_loss

