@@ -136,3 +136,18 @@ def test_npo_with_batch_weights_weights_policy_and_reference(models):
     keep = (y[:, 1:] != IGNORE_INDEX).any(-1)
     expected = (-(2 / 0.5) * torch.nn.functional.logsigmoid(0.5 * (S - S_ref)))[keep].mean()
     assert math.isclose(out.loss.item(), expected.item(), rel_tol=2e-5, abs_tol=1e-7)
+
+
+@pytest.mark.parametrize("first", ["methods_released", "methods_logit", "methods", "method_configs"])
+def test_any_methods_module_imports_first(first):
+    """A program may import any of the method modules first (methods_released and methods_logit build on
+    methods' classes): a fresh interpreter imports it, then builds a released, a logit-row and a plain method."""
+    import subprocess
+    import sys
+
+    code = (f"import fastweight.train.{first}\n"
+            "from fastweight.train.methods import build_method\n"
+            "print(*(type(build_method(n)).__name__ for n in ('ga_imp', 'ceu', 'satimp')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["ImpGAMethod", "CEUMethod", "TokenLossMethod"]

@@ -579,18 +579,17 @@ _CLASSES: dict[str, tuple[type, type]] = {
     "idkdpo": (IdkDPOMethod, BetaConfig), "flat": (FLATMethod, FLATConfig),
     "undial": (UNDIALMethod, UNDIALConfig), "rmu": (RMUMethod, RMUConfig),
 }
-# Methods as released by the seeds' code: their classes live in methods_released (imported here, after the
-# classes above that they build on).
-from fastweight.train.methods_released import released_method_classes  # noqa: E402
-_CLASSES.update(released_method_classes())
 
 
 def _classes() -> dict[str, tuple[type, type]]:
-    """The method table, with the whole-logit-row methods of ``methods_logit`` (CE-U, PDU) added on first use
-    (that module subclasses ``UnlearnMethod``, so it is imported after this one)."""
+    """The method table, with the methods as the seeds' code releases them (``methods_released``) and the
+    whole-logit-row methods (``methods_logit``: CE-U, PDU) added on first use. Both modules subclass this one's
+    classes, so they are imported after it, whichever of the three a program imports first."""
     if "ceu" not in _CLASSES:
         from fastweight.train.methods_logit import CLASSES
+        from fastweight.train.methods_released import released_method_classes
 
+        _CLASSES.update(released_method_classes())
         _CLASSES.update(CLASSES)
     return _CLASSES
 
