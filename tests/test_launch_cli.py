@@ -207,7 +207,12 @@ def _alive(pid: int) -> bool:
 def test_tofu_ddp_resume_after_killing_launcher_and_workers(tiny, one_process, tmp_path):
     """Killed mid-unlearning (SIGKILL: no handler runs), then ``--resume``: the run finishes with the results of
     an uninterrupted run. Killing the launcher alone leaves its workers running (they run in their own process
-    groups), which docs/scale.md says; the test checks that and then kills the workers by pid."""
+    groups), which docs/scale.md says; the test checks that and then kills the workers by pid.
+
+    The workers are stopped (SIGSTOP) as soon as the first checkpoint appears: the tiny run's last steps and
+    evaluation take about a second on a fast CPU, and had finished before the kill once. Signals the launcher's
+    death would send them stay pending while they are stopped, so they are let run for 0.1 s (SIGCONT) before
+    the check: a pending SIGTERM or SIGHUP ends them then."""
     out, cache = tmp_path / "out", tmp_path / "cache"
     args = ["--model", tiny, "--cache-dir", str(cache), "--output-dir", str(out), *DATA, *TWO]
     launcher = subprocess.Popen(_launch_cmd(DDP, "examples/tofu_unlearn.py", args), cwd=ROOT,
@@ -222,10 +227,16 @@ def test_tofu_ddp_resume_after_killing_launcher_and_workers(tiny, one_process, t
             time.sleep(0.05)
         workers = _children(launcher.pid)
         assert len(workers) == 2
+        for w in workers:
+            os.kill(w, signal.SIGSTOP)
         launcher.send_signal(signal.SIGKILL)
         launcher.wait()
-        time.sleep(1)
-        assert all(_alive(w) for w in workers)  # orphaned, still running
+        time.sleep(0.5)
+        for sig in (signal.SIGCONT, signal.SIGSTOP):
+            for w in workers:
+                os.kill(w, sig)
+            time.sleep(0.1)
+        assert all(_alive(w) for w in workers)  # orphaned, not ended by the launcher's death
         assert all(os.getpgid(w) != launcher.pid for w in workers)  # not in the launcher's process group
     finally:
         for w in _children(launcher.pid) + workers:  # whatever happened above: no process is left running
