@@ -12,8 +12,6 @@ import pkgutil
 import subprocess
 import sys
 
-import fastweight
-
 _CHILDREN = r"""
 import json, os, sys, traceback
 import torch  # noqa: F401  (shared by the forked children)
@@ -43,7 +41,7 @@ print(json.dumps(failures))
 
 def package_modules() -> list[str]:
     """fastweight and every submodule (fastweight.kernels included), by the installed package's files."""
-    import fastweight.kernels  # installed from the top-level kernels/ folder, so not under fastweight.__path__
+    import fastweight.kernels  # binds fastweight too; kernels/ is installed there, not under fastweight.__path__
 
     names = ["fastweight", "fastweight.kernels"]
     for package in (fastweight, fastweight.kernels):

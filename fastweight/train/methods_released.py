@@ -8,7 +8,6 @@ the released sums and batch-level log-ratios have no global-count form).
 """
 from __future__ import annotations
 
-
 from fastweight.losses import ga_loss, kto_loss, llmu_loss, nll_loss, npo_batch_loss, positions_mean_nll
 from fastweight.train.method_configs import (
     BetaConfig, FLATConfig, HardSamplingConfig, KTOConfig, LLMUConfig, MethodConfig, NPOHardConfig,
